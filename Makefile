@@ -1,0 +1,38 @@
+# fastctx: the two quick-start commands are `make report` and `make test` (see README.md).
+# Both create .venv, install the dependencies, build the extension in place, then run.
+
+PYTHON ?= python3
+VENV   ?= .venv
+# A CUDA 13 build of torch: with it the CUDA sources compile (and link) even on a machine without
+# a GPU, so a broken .cu fails the build. torch==2.13.0 is the CPU-only build.
+TORCH  ?= torch==2.14.1
+PY      = $(VENV)/bin/python
+REPORT ?= fastctx-report
+
+.PHONY: install report report-full test clean
+
+$(VENV)/.deps: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 numpy pytest pytest-benchmark setuptools wheel
+	touch $@
+
+# Build fastctx._C next to the sources (ninja: only what changed is rebuilt) and put the checkout
+# on the venv's path, so `python -m fastctx` and `import fastctx` use this tree.
+install: $(VENV)/.deps
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fastctx-dev.pth"
+
+# The main job: the benchmark-and-parity report on whatever device is present (about a minute).
+report: install
+	$(PY) -m fastctx bench --quick --out $(REPORT)
+
+# The same with full repetitions.
+report-full: install
+	$(PY) -m fastctx bench --out $(REPORT)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf build fastctx/_C*.so $(REPORT)

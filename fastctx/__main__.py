@@ -1,0 +1,5 @@
+import sys
+
+from fastctx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""Input checks shared by every op: clear errors that name the op, the argument and the shapes.
+
+NaN inputs are refused with a ValueError. That check reads the inputs once (and synchronises a
+GPU), so it can be turned off with ``FASTCTX_CHECK_NAN=0``; it is skipped while torch.compile or
+export traces a function.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def tensor(op: str, name: str, t: object, ndim: int, layout: str) -> Tensor:
+    """``t`` must be a floating-point tensor of rank ``ndim`` (``layout`` names the dims)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastctx.{op}: {name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(
+            f"fastctx.{op}: {name} must be a {ndim}-D tensor {layout}, got shape {_shape(t)}"
+        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"fastctx.{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+    if t.numel() == 0:
+        raise ValueError(f"fastctx.{op}: {name} is empty (shape {_shape(t)})")
+    return t
+
+
+def same(op: str, **tensors: Tensor) -> None:
+    """All ``tensors`` share one device and one dtype."""
+    items = list(tensors.items())
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(
+                f"fastctx.{op}: {n} is on {t.device} but {n0} is on {t0.device}; "
+                "all inputs must be on one device"
+            )
+        if t.dtype != t0.dtype:
+            raise TypeError(
+                f"fastctx.{op}: {n} is {t.dtype} but {n0} is {t0.dtype}; all inputs must share a dtype"
+            )
+
+
+def qkv_map(op: str, q: object, k: object, v: object) -> None:
+    """q, k ``[B, Cqk, H, W]`` and v ``[B, Cv, H, W]`` on one map: one device, one dtype."""
+    tensor(op, "q", q, 4, "[B, Cqk, H, W]")
+    tensor(op, "k", k, 4, "[B, Cqk, H, W]")
+    tensor(op, "v", v, 4, "[B, Cv, H, W]")
+    same(op, q=q, k=k, v=v)
+    if q.shape != k.shape:
+        raise ValueError(f"fastctx.{op}: q and k must have the same shape, got {_shape(q)} and {_shape(k)}")
+    if (v.shape[0], v.shape[2], v.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
+        raise ValueError(
+            f"fastctx.{op}: v must match q in batch and spatial size, got q {_shape(q)} and v {_shape(v)}"
+        )
+
+
+def check_nan_enabled() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return os.environ.get("FASTCTX_CHECK_NAN", "1") != "0"
+
+
+def no_nan(op: str, allow_inf: bool = False, **tensors: Tensor) -> None:
+    """No NaN in ``tensors`` (and no infinity unless ``allow_inf``); see the module docstring."""
+    if not check_nan_enabled():
+        return
+    for n, t in tensors.items():
+        bad = torch.isnan(t) if allow_inf else ~torch.isfinite(t)
+        if bool(bad.any()):
+            what = "NaN" if allow_inf else "NaN or infinite values"
+            raise ValueError(f"fastctx.{op}: {n} (shape {_shape(t)}) contains {what}")
+
+
+def scale(op: str, value: object, default: float | None = None) -> float:
+    """A finite python float (``None`` -> ``default``)."""
+    if value is None:
+        if default is None:
+            raise TypeError(f"fastctx.{op}: scale must be a number, got None")
+        return default
+    if isinstance(value, Tensor) or not isinstance(value, (int, float)):
+        raise TypeError(f"fastctx.{op}: scale must be a python number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"fastctx.{op}: scale must be finite, got {value}")
+    return value
+
+
+def autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Under an autocast region, cast the inputs to its lower-precision dtype (as matmul does)."""
+    t0 = tensors[0]
+    dev = t0.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) if t.is_floating_point() else t for t in tensors)
+    return tensors

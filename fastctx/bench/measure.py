@@ -1,0 +1,117 @@
+"""Timing and peak memory, on CPU and CUDA.
+
+* CUDA times: ``triton.testing.do_bench`` (CUDA events, warm-up, median and the 20th/80th
+  percentiles); without triton, CUDA events in a loop.
+* CPU times: ``time.perf_counter`` around single calls after a warm-up call, repeated until
+  ``min_time`` seconds have passed (at least ``min_reps`` calls); median and percentiles.
+* CUDA peak memory: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
+* CPU peak memory: growth of the process's peak resident set (``VmHWM``, reset through
+  ``/proc/self/clear_refs``) above its resident set before the call. glibc's mmap threshold is
+  pinned at 128 KiB first, so that every tensor's memory is mapped when allocated and returned to
+  the system when freed; the figure counts every byte the call touched (scratch included), to
+  the page.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, min_time: float = 1.0, min_reps: int = 5) -> tuple[float, float, float]:
+    """(median, 20th percentile, 80th percentile) of one call of ``fn``, in milliseconds."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            med, p20, p80 = do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), quantiles=[0.5, 0.2, 0.8])
+            return float(med), float(p20), float(p80)
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(max(min_reps, 20)):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        fn()  # warm-up
+        samples = []
+        t_end = time.perf_counter() + min_time
+        while len(samples) < min_reps or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+    return statistics.median(samples), q[1], q[7]
+
+
+_pinned = False
+
+
+def _pin_malloc() -> None:
+    global _pinned
+    if _pinned:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (pinning it also stops its growth)
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+    _pinned = True
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def cpu_peak_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status("VmHWM:")
+    except OSError:
+        return False
+    return True
+
+
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory that one call of ``fn`` adds above what was in use before it, in MiB."""
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if not cpu_peak_supported():
+        return None
+    _pin_malloc()
+    fn()  # warm-up: first-call allocations (thread pools, caches) are not the op's memory
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status("VmRSS:")
+    fn()
+    return max(0, _status("VmHWM:") - base) / 2**20

@@ -1,0 +1,221 @@
+"""The benchmark-and-parity report: every candidate of every case, side by side in one run.
+
+For each case and dtype: a float64 ground truth (python_ref on upcast inputs, output and input
+gradients for one random upstream gradient); each candidate is first checked against it (a
+candidate that fails parity is reported as failed and not timed), then timed forward (no grad),
+backward (``torch.autograd.grad`` on a retained graph) and forward+backward, with its peak memory
+for forward and for forward+backward. Ratios are against the reference and the strongest
+plain-PyTorch formulation of the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from collections.abc import Callable, Iterable
+
+import torch
+
+import fastctx
+from fastctx.bench.cases import CASES, Case
+from fastctx.bench.measure import peak_mib, time_ms
+from fastctx.testing import mismatch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def metadata(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "fastctx": fastctx.__version__,
+        "commit": commit,
+        "python": platform.python_version(),
+        "nan_checks": "off (FASTCTX_CHECK_NAN=0) for every candidate",
+    }
+
+
+def _fwd_bwd(fn: Callable, inputs: tuple, dout: torch.Tensor):
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, dout)
+    return out, grads
+
+
+def _truth(case: Case, inputs: tuple, dtype: torch.dtype):
+    """float64 output and gradients, and the upstream gradient (drawn in ``dtype``) they used."""
+    x64 = tuple(t.detach().double().requires_grad_(True) for t in inputs)
+    out = case.truth(*x64)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(out.device, dtype)
+    return out.detach(), torch.autograd.grad(out, x64, dout.double()), dout
+
+
+def _row(case: Case, dtype: torch.dtype, device: torch.device, cand: str, mode: str, **kw) -> dict:
+    return {
+        "op": case.op, "case": case.name, "config": case.config, "device_type": device.type,
+        "dtype": DTYPE_NAMES[dtype], "candidate": cand, "mode": mode,
+        "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mib": None, "status": "ok", **kw,
+    }
+
+
+def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, log: Callable[[str], None]) -> list[dict]:
+    min_time = 0.2 if quick else 1.0
+    min_reps = 3 if quick else 5
+    base = case.make_inputs(dtype, device)
+    inputs = tuple(t.detach().requires_grad_(True) for t in base)
+    truth_out, truth_grads, dout = _truth(case, inputs, dtype)
+    rows = []
+    for cand, fn in case.candidates.items():
+        if cand in case.backends:
+            why = fastctx.explain(case.op, inputs[0])[cand]
+            if why != "ok":
+                rows.append(_row(case, dtype, device, cand, "-", status=f"unavailable: {why}"))
+                continue
+        try:
+            out, grads = _fwd_bwd(fn, inputs, dout)
+        except Exception as e:  # a crash is reported, not hidden
+            rows.append(_row(case, dtype, device, cand, "-", status=f"error: {type(e).__name__}: {e}"))
+            continue
+        problems = [mismatch(out, truth_out, dtype, "out")]
+        problems += [mismatch(g, t, dtype, f"grad{i}") for i, (g, t) in enumerate(zip(grads, truth_grads))]
+        problems = [p for p in problems if p]
+        if problems:
+            rows.append(_row(case, dtype, device, cand, "-", status="FAILED parity: " + problems[0].splitlines()[0]))
+            log(f"  {cand:10s} FAILED parity: {problems[0].splitlines()[0]}")
+            continue
+        del out, grads
+
+        def fwd():
+            with torch.no_grad():
+                return fn(*inputs)
+
+        def full():
+            return _fwd_bwd(fn, inputs, dout)
+
+        out = fn(*inputs)
+
+        def bwd():
+            return torch.autograd.grad(out, inputs, dout, retain_graph=True)
+
+        timings = {
+            "fwd": time_ms(fwd, device, min_time, min_reps),
+            "bwd": time_ms(bwd, device, min_time, min_reps),
+            "fwd+bwd": time_ms(full, device, min_time, min_reps),
+        }
+        del out
+        peaks = {"fwd": peak_mib(fwd, device), "bwd": None, "fwd+bwd": peak_mib(full, device)}
+        for mode in MODES:
+            med, p20, p80 = timings[mode]
+            rows.append(_row(case, dtype, device, cand, mode, median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=peaks[mode]))
+        log(
+            f"  {cand:10s} fwd {timings['fwd'][0]:9.3f} ms  bwd {timings['bwd'][0]:9.3f} ms  "
+            f"fwd+bwd {timings['fwd+bwd'][0]:9.3f} ms  peak {peaks['fwd+bwd'] if peaks['fwd+bwd'] is None else round(peaks['fwd+bwd'], 1)} MiB"
+        )
+    _ratios(rows, case)
+    return rows
+
+
+def _ratios(rows: list[dict], case: Case) -> None:
+    by = {(r["candidate"], r["mode"]): r for r in rows if r["median_ms"] is not None}
+    for r in rows:
+        if r["median_ms"] is None:
+            continue
+        for key, base in (("speedup_vs_reference", case.reference), ("speedup_vs_strongest", case.strongest)):
+            b = by.get((base, r["mode"]))
+            r[key] = b["median_ms"] / r["median_ms"] if b else None
+        b = by.get((case.reference, r["mode"]))
+        r["memory_vs_reference"] = (
+            r["peak_mib"] / b["peak_mib"] if b and r["peak_mib"] is not None and b["peak_mib"] else None
+        )
+
+
+def check_targets(cases: Iterable[Case], rows: list[dict], device: torch.device) -> list[dict]:
+    """Each target of each case: "pass", "miss" or "not measured" with the figure."""
+    results = []
+    for case in cases:
+        for t in case.targets:
+            if t.device != device.type:
+                continue
+            for dtype in t.dtypes:
+                dn = DTYPE_NAMES[dtype]
+                pick = lambda cand: next(  # noqa: E731
+                    (r for r in rows if r["case"] == case.name and r["op"] == case.op and r["dtype"] == dn and r["candidate"] == cand and r["mode"] == t.mode),
+                    None,
+                )
+                mine, base = pick(t.backend), pick(t.baseline)
+                entry = {"target": t.text, "case": case.name, "dtype": dn}
+                if mine is None or base is None:
+                    failed = next((r["status"] for r in rows if r["case"] == case.name and r["dtype"] == dn and r["candidate"] == t.backend and r["status"] != "ok"), "not run")
+                    entry.update(result="not measured", detail=failed)
+                elif t.kind == "speed":
+                    ratio = base["median_ms"] / mine["median_ms"]
+                    entry.update(result="pass" if ratio >= t.factor else "miss", detail=f"{ratio:.2f}x (needs >= {t.factor:g}x)")
+                else:
+                    if mine["peak_mib"] is None or not base["peak_mib"]:
+                        entry.update(result="not measured", detail="peak memory not measurable here")
+                    else:
+                        ratio = mine["peak_mib"] / base["peak_mib"]
+                        entry.update(result="pass" if ratio <= t.factor else "miss", detail=f"{ratio:.2f}x of the reference's peak (needs <= {t.factor:g}x)")
+                results.append(entry)
+    return results
+
+
+def run(
+    ops: Iterable[str] | None = None,
+    device: str | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    quick: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run the report; returns ``{"meta": ..., "rows": [...], "targets": [...]}``."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtypes is None:
+        dtypes = (torch.float32, torch.float16) if dev.type == "cuda" else (torch.float32,)
+    os.environ["FASTCTX_CHECK_NAN"] = "0"  # the baselines do not check either: time the kernels
+    ops = list(ops or CASES)
+    unknown = [o for o in ops if o not in CASES]
+    if unknown:
+        raise ValueError(f"fastctx bench: unknown op(s) {unknown}; choose from {list(CASES)}")
+    meta = metadata(dev)
+    log(f"fastctx bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})")
+    rows, all_cases = [], []
+    for op in ops:
+        for case in CASES[op](quick):
+            all_cases.append(case)
+            for dtype in dtypes:
+                log(f"{case.op} {case.name} {DTYPE_NAMES[dtype]}")
+                rows += run_case(case, dtype, dev, quick, log)
+    return {"meta": meta, "rows": rows, "targets": check_targets(all_cases, rows, dev)}

@@ -1,0 +1,92 @@
+"""OCR: spatial gather (soft region pooling) and pixel-region attention.
+
+Only the "reference" backend so far.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import python_ref
+from fastctx import _validate
+from fastctx.backends import OpSupport, choose_backend, register_op
+
+register_op("spatial_gather", OpSupport())
+register_op("region_attention", OpSupport())
+
+
+def spatial_gather(feats: Tensor, logits: Tensor, scale: float = 1.0, *, backend: str | None = None) -> Tensor:
+    """OCR's soft region pooling: per class, a softmax over the PIXELS weights the features.
+
+    Args:
+        feats (Tensor): ``[B, C, H, W]``.
+        logits (Tensor): ``[B, K, H, W]`` raw class logits (``-inf`` allowed; a class whose
+            logits are all ``-inf`` gets a zero region).
+        scale (float): multiplies the logits. Default: ``1.0``.
+        backend (str | None): see :mod:`fastctx.backends`. Default: None.
+
+    Returns:
+        Tensor: ``[B, C, K]`` (mmseg returns it as ``[B, C, K, 1]``).
+    """
+    op = "spatial_gather"
+    _validate.tensor(op, "feats", feats, 4, "[B, C, H, W]")
+    _validate.tensor(op, "logits", logits, 4, "[B, K, H, W]")
+    _validate.same(op, feats=feats, logits=logits)
+    if (feats.shape[0], *feats.shape[2:]) != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"fastctx.{op}: feats and logits must agree in batch and spatial size, got feats "
+            f"{tuple(feats.shape)} and logits {tuple(logits.shape)}"
+        )
+    scale = _validate.scale(op, scale)
+    _validate.no_nan(op, feats=feats)
+    _validate.no_nan(op, allow_inf=True, logits=logits)
+    feats, logits = _validate.autocast(feats, logits)
+    choose_backend(op, feats, backend)
+    return python_ref.spatial_gather(feats, logits, scale)
+
+
+def region_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float | None = None,
+    bias: Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Every pixel attends to a few keys (OCR's regions, ANN's pooled positions, ISNet's classes).
+
+    Args:
+        q (Tensor): pixels ``[B, Cqk, H, W]``.
+        k (Tensor): keys ``[B, Cqk, S]``; v (Tensor): values ``[B, Cv, S]``.
+        scale (float | None): Default: ``Cqk ** -0.5``.
+        bias (Tensor | None): ``[B, S]`` added to the logits; ``-inf`` masks a key, and a pixel
+            whose keys are all masked gets zeros. Default: None.
+        backend (str | None): see :mod:`fastctx.backends`. Default: None.
+
+    Returns:
+        Tensor: ``[B, Cv, H, W]``.
+    """
+    op = "region_attention"
+    _validate.tensor(op, "q", q, 4, "[B, Cqk, H, W]")
+    _validate.tensor(op, "k", k, 3, "[B, Cqk, S]")
+    _validate.tensor(op, "v", v, 3, "[B, Cv, S]")
+    _validate.same(op, q=q, k=k, v=v)
+    if q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"fastctx.{op}: q and k must agree in batch and channels, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if (v.shape[0], v.shape[2]) != (k.shape[0], k.shape[2]):
+        raise ValueError(f"fastctx.{op}: v must match k in batch and number of keys, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if bias is not None:
+        _validate.tensor(op, "bias", bias, 2, "[B, S]")
+        _validate.same(op, q=q, bias=bias)
+        if tuple(bias.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"fastctx.{op}: bias must be [B, S] = {(k.shape[0], k.shape[2])}, got {tuple(bias.shape)}")
+        _validate.no_nan(op, allow_inf=True, bias=bias)
+        if _validate.check_nan_enabled() and bool(torch.isposinf(bias).any()):
+            raise ValueError(f"fastctx.{op}: bias (shape {tuple(bias.shape)}) contains +inf; only -inf masks a key")
+    scale = _validate.scale(op, scale, q.shape[1] ** -0.5)
+    _validate.no_nan(op, q=q, k=k, v=v)
+    q, k, v = _validate.autocast(q, k, v)
+    choose_backend(op, q, backend)
+    return python_ref.region_attention(q, k, v, scale, bias)

@@ -1,0 +1,89 @@
+"""Backend choice: stated order, explicit requests never fall back, the choice is reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastctx
+from fastctx import _ext, backends
+
+
+def _qkv(dtype=torch.float32):
+    return torch.randn(1, 4, 5, 6, dtype=dtype), torch.randn(1, 4, 5, 6, dtype=dtype), torch.randn(1, 8, 5, 6, dtype=dtype)
+
+
+def test_auto_choice_on_cpu_is_the_compiled_kernel():
+    fastctx.criss_cross_attention(*_qkv())
+    assert fastctx.last_backend("criss_cross_attention") == "cpu"
+    assert fastctx.last_backend() == "cpu"
+
+
+def test_explicit_backend_never_falls_back():
+    with pytest.raises(fastctx.BackendUnavailableError, match="backend 'cuda' cannot run.*cuda tensors"):
+        fastctx.criss_cross_attention(*_qkv(), backend="cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(fastctx.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        fastctx.criss_cross_attention(*_qkv(), backend="triton")
+
+
+def test_triton_is_never_chosen_automatically_on_cpu():
+    assert "triton" not in backends.ORDER["cpu"]
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fastctx.criss_cross_attention(*_qkv(), backend="fast")
+    with pytest.raises(ValueError, match="fastctx.use_backend: unknown backend"):
+        with fastctx.use_backend("gpu"):
+            pass
+
+
+def test_use_backend_and_environment(monkeypatch):
+    q, k, v = _qkv()
+    with fastctx.use_backend("reference"):
+        fastctx.criss_cross_attention(q, k, v)
+        assert fastctx.last_backend("criss_cross_attention") == "reference"
+        with fastctx.use_backend(None):  # automatic again inside
+            fastctx.criss_cross_attention(q, k, v)
+            assert fastctx.last_backend("criss_cross_attention") == "cpu"
+    monkeypatch.setenv("FASTCTX_BACKEND", "reference")
+    fastctx.criss_cross_attention(q, k, v)
+    assert fastctx.last_backend("criss_cross_attention") == "reference"
+    # the argument wins over the environment
+    fastctx.criss_cross_attention(q, k, v, backend="cpu")
+    assert fastctx.last_backend("criss_cross_attention") == "cpu"
+    monkeypatch.setenv("FASTCTX_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTCTX_BACKEND: unknown backend 'nope'"):
+        fastctx.criss_cross_attention(q, k, v)
+
+
+def test_explain_says_why_each_backend_declines():
+    why = fastctx.explain("criss_cross_attention", torch.randn(1, 2, 3, 3))
+    assert why["reference"] == "ok" and why["cpu"] == "ok"
+    assert "cuda tensors" in why["cuda"]
+    why = fastctx.explain("interlaced_attention", torch.randn(1, 2, 3, 3))
+    assert "no compiled cpu kernel" in why["cpu"] and "no Triton kernel" in why["triton"]
+
+
+def test_ops_without_fast_kernels_use_the_reference():
+    x = torch.randn(1, 4, 6, 6)
+    fastctx.pyramid_pool(x)
+    assert fastctx.last_backend("pyramid_pool") == "reference"
+    with pytest.raises(fastctx.BackendUnavailableError, match="no compiled cpu kernel"):
+        fastctx.pyramid_pool(x, backend="cpu")
+
+
+def test_missing_extension_is_explained(monkeypatch):
+    # Simulate a machine where fastctx._C was never built.
+    monkeypatch.setattr(_ext, "_load", lambda: (False, "the compiled extension fastctx._C is not built (test); " + _ext.BUILD_HINT))
+    q, k, v = _qkv()
+    with pytest.raises(fastctx.BackendUnavailableError, match="not built.*pip install --no-build-isolation"):
+        fastctx.criss_cross_attention(q, k, v, backend="cpu")
+    fastctx.criss_cross_attention(q, k, v)  # automatic choice still works, on the reference
+    assert fastctx.last_backend("criss_cross_attention") == "reference"
+    with pytest.raises(_ext.ExtensionMissingError, match="pip install"):
+        _ext.require("cc_fwd", "CPU", "fastctx.criss_cross_attention")

@@ -1,0 +1,69 @@
+"""Bad input gets a clear ValueError/TypeError naming the op, the argument and the shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastctx
+
+r = torch.randn
+nan4 = r(1, 4, 5, 6).index_put_((torch.tensor([0]), torch.tensor([1]), torch.tensor([2]), torch.tensor([3])), torch.tensor(float("nan")))
+meta = torch.empty(1, 4, 5, 6, device="meta")
+
+CASES = {
+    # criss-cross
+    "cc-rank": (lambda: fastctx.criss_cross_attention(r(4, 5, 6), r(4, 5, 6), r(4, 5, 6)), ValueError, r"criss_cross_attention: q must be a 4-D tensor \[B, Cqk, H, W\], got shape \(4, 5, 6\)"),
+    "cc-not-tensor": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), [1.0], r(1, 4, 5, 6)), TypeError, "k must be a torch.Tensor"),
+    "cc-qk-shape": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), r(1, 3, 5, 6), r(1, 8, 5, 6)), ValueError, r"q and k must have the same shape, got \(1, 4, 5, 6\) and \(1, 3, 5, 6\)"),
+    "cc-v-shape": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), r(1, 4, 5, 6), r(1, 8, 5, 7)), ValueError, r"v must match q in batch and spatial size, got q \(1, 4, 5, 6\) and v \(1, 8, 5, 7\)"),
+    "cc-dtype": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), r(1, 4, 5, 6).double(), r(1, 8, 5, 6)), TypeError, "k is torch.float64 but q is torch.float32"),
+    "cc-int": (lambda: fastctx.criss_cross_attention(torch.ones(1, 4, 5, 6, dtype=torch.int32), r(1, 4, 5, 6), r(1, 8, 5, 6)), TypeError, "q must be float16, bfloat16, float32 or float64, got torch.int32"),
+    "cc-device": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), meta, r(1, 8, 5, 6)), ValueError, "k is on meta but q is on cpu"),
+    "cc-empty": (lambda: fastctx.criss_cross_attention(r(0, 4, 5, 6), r(0, 4, 5, 6), r(0, 8, 5, 6)), ValueError, r"q is empty \(shape \(0, 4, 5, 6\)\)"),
+    "cc-empty-channels": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), r(1, 4, 5, 6), r(1, 0, 5, 6)), ValueError, "v is empty"),
+    "cc-nan": (lambda: fastctx.criss_cross_attention(nan4, r(1, 4, 5, 6), r(1, 8, 5, 6)), ValueError, r"q \(shape \(1, 4, 5, 6\)\) contains NaN"),
+    "cc-inf": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), r(1, 4, 5, 6), r(1, 8, 5, 6) / 0), ValueError, "v .* contains NaN or infinite"),
+    "cc-scale": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), r(1, 4, 5, 6), r(1, 8, 5, 6), float("nan")), ValueError, "scale must be finite"),
+    "cc-scale-type": (lambda: fastctx.criss_cross_attention(r(1, 4, 5, 6), r(1, 4, 5, 6), r(1, 8, 5, 6), "1"), TypeError, "scale must be a python number"),
+    # interlaced
+    "isa-divide": (lambda: fastctx.interlaced_attention(r(1, 4, 9, 10), r(1, 4, 9, 10), r(1, 8, 9, 10), block=(8, 8)), ValueError, r"the map 9x10 is not divisible by block 8x8"),
+    "isa-block": (lambda: fastctx.interlaced_attention(r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), block=(0, 8)), ValueError, "block must be two positive ints"),
+    "isa-mode": (lambda: fastctx.interlaced_attention(r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), mode="mid"), ValueError, "mode must be 'long' or 'short'"),
+    # pyramid
+    "pool-scales": (lambda: fastctx.pyramid_pool(r(1, 4, 8, 8), pool_scales=(1, 0)), ValueError, "pool_scales must be a non-empty sequence of positive ints"),
+    "pool-rank": (lambda: fastctx.pyramid_pool(r(4, 8, 8)), ValueError, r"pyramid_pool: x must be a 4-D tensor"),
+    "pa-channels": (lambda: fastctx.pyramid_attention(r(1, 4, 3, 3), r(1, 5, 8, 8), r(1, 6, 8, 8)), ValueError, r"q and k must agree in batch and channels, got q \(1, 4, 3, 3\) and k \(1, 5, 8, 8\)"),
+    "pa-v": (lambda: fastctx.pyramid_attention(r(1, 4, 3, 3), r(1, 4, 8, 8), r(1, 6, 8, 7)), ValueError, "v must match k in batch and spatial size"),
+    # OCR
+    "sg-size": (lambda: fastctx.spatial_gather(r(1, 4, 8, 8), r(1, 3, 8, 9)), ValueError, r"feats and logits must agree in batch and spatial size, got feats \(1, 4, 8, 8\) and logits \(1, 3, 8, 9\)"),
+    "sg-nan-logits": (lambda: fastctx.spatial_gather(r(1, 4, 5, 6), nan4), ValueError, "logits .* contains NaN"),
+    "ra-k-rank": (lambda: fastctx.region_attention(r(1, 4, 5, 6), r(1, 4, 3, 1), r(1, 8, 3)), ValueError, r"k must be a 3-D tensor \[B, Cqk, S\]"),
+    "ra-v": (lambda: fastctx.region_attention(r(1, 4, 5, 6), r(1, 4, 3), r(1, 8, 4)), ValueError, "v must match k in batch and number of keys"),
+    "ra-bias-shape": (lambda: fastctx.region_attention(r(1, 4, 5, 6), r(1, 4, 3), r(1, 8, 3), bias=r(1, 4)), ValueError, r"bias must be \[B, S\] = \(1, 3\), got \(1, 4\)"),
+    "ra-bias-posinf": (lambda: fastctx.region_attention(r(1, 4, 5, 6), r(1, 4, 3), r(1, 8, 3), bias=torch.tensor([[0.0, float("inf"), 0.0]])), ValueError, r"contains \+inf"),
+    # ISNet
+    "sp-size": (lambda: fastctx.semantic_pool(r(2, 4, 8, 8), r(1, 3, 8, 8)), ValueError, "feats and logits must agree in batch and spatial size"),
+    "spr-dtype": (lambda: fastctx.semantic_pool_regions(r(1, 4, 8, 8), r(1, 3, 8, 8).half()), TypeError, "logits is torch.float16 but feats is torch.float32"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case):
+    fn, exc, pattern = CASES[case]
+    with pytest.raises(exc, match=pattern) as info:
+        fn()
+    assert str(info.value).startswith("fastctx.")
+
+
+def test_nan_check_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("FASTCTX_CHECK_NAN", "0")
+    out = fastctx.criss_cross_attention(nan4, r(1, 4, 5, 6), r(1, 8, 5, 6), backend="reference")
+    assert torch.isnan(out).any()  # no check, NaN propagates as in PyTorch
+
+
+def test_minus_inf_logits_are_allowed():
+    logits = r(1, 3, 5, 6)
+    logits[0, 1] = float("-inf")
+    out = fastctx.spatial_gather(r(1, 4, 5, 6), logits)
+    assert torch.isfinite(out).all() and (out[0, :, 1] == 0).all()
