@@ -12,8 +12,8 @@ import functools
 import torch
 
 BUILD_HINT = (
-    "build it from the repository root with `pip install --no-build-isolation -e .` "
-    "(or `make install`); set FASTCTX_BUILD_CUDA=1 to require the CUDA kernels"
+    "build it from the repository root with `make install` (or, with torch installed, "
+    "`pip install --no-build-isolation .`); set FASTCTX_BUILD_CUDA=1 to require the CUDA kernels"
 )
 
 

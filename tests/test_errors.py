@@ -37,6 +37,7 @@ CASES = {
     "pa-v": (lambda: fastctx.pyramid_attention(r(1, 4, 3, 3), r(1, 4, 8, 8), r(1, 6, 8, 7)), ValueError, "v must match k in batch and spatial size"),
     # OCR
     "sg-size": (lambda: fastctx.spatial_gather(r(1, 4, 8, 8), r(1, 3, 8, 9)), ValueError, r"feats and logits must agree in batch and spatial size, got feats \(1, 4, 8, 8\) and logits \(1, 3, 8, 9\)"),
+    "sg-scale": (lambda: fastctx.spatial_gather(r(1, 4, 8, 8), r(1, 3, 8, 8), scale=0.0), ValueError, "scale must be positive"),
     "sg-nan-logits": (lambda: fastctx.spatial_gather(r(1, 4, 5, 6), nan4), ValueError, "logits .* contains NaN"),
     "ra-k-rank": (lambda: fastctx.region_attention(r(1, 4, 5, 6), r(1, 4, 3, 1), r(1, 8, 3)), ValueError, r"k must be a 3-D tensor \[B, Cqk, S\]"),
     "ra-v": (lambda: fastctx.region_attention(r(1, 4, 5, 6), r(1, 4, 3), r(1, 8, 4)), ValueError, "v must match k in batch and number of keys"),

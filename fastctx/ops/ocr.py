@@ -39,6 +39,8 @@ def spatial_gather(feats: Tensor, logits: Tensor, scale: float = 1.0, *, backend
             f"{tuple(feats.shape)} and logits {tuple(logits.shape)}"
         )
     scale = _validate.scale(op, scale)
+    if scale <= 0:
+        raise ValueError(f"fastctx.{op}: scale must be positive (it multiplies logits that may be -inf), got {scale}")
     _validate.no_nan(op, feats=feats)
     _validate.no_nan(op, allow_inf=True, logits=logits)
     feats, logits = _validate.autocast(feats, logits)
