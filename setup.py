@@ -48,14 +48,14 @@ def want_cuda() -> bool:
 def extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    cxx = opt + ["-fopenmp"]  # the C++ standard: whatever this torch requires (BuildExtension adds it)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include = [os.path.join(HERE, "csrc")]
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "-DFASTCTX_WITH_CUDA"]
+        nvcc = opt + ["--use_fast_math", "-lineinfo", "-DFASTCTX_WITH_CUDA"]
         return [
             CUDAExtension(
                 "fastctx._C",
