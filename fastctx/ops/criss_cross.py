@@ -12,20 +12,16 @@ import torch
 from torch import Tensor
 
 import python_ref
-from fastctx import _ext, _validate
+from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
+from fastctx.ops._kernels import kernels
 
 OP = "criss_cross_attention"
 register_op(OP, OpSupport(compiled="cc_fwd", triton=True))
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from fastctx.triton import criss_cross as tk
-
-        return tk.cc_fwd, tk.cc_bwd
-    _ext.require("cc_fwd", "CPU" if backend == "cpu" else "CUDA", f"fastctx.{OP}")
-    return torch.ops.fastctx.cc_fwd, torch.ops.fastctx.cc_bwd
+    return kernels(OP, backend, ("cc_fwd", "cc_bwd"), ("fastctx.triton.criss_cross", "cc_fwd", "cc_bwd"))
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,27 @@
+"""Where each backend's host functions live: one resolver for every op."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from fastctx import _ext
+
+
+def kernels(op: str, backend: str, compiled: tuple[str, str], triton: tuple[str, str, str]) -> tuple[Callable, Callable]:
+    """The (forward, backward) host functions of ``op`` for ``backend``.
+
+    Args:
+        op (str): the public name, for error messages.
+        backend (str): "cpu", "cuda" or "triton".
+        compiled (tuple): names of the compiled ops in ``torch.ops.fastctx`` (fwd, bwd).
+        triton (tuple): module, fwd function and bwd function of the Triton host code.
+    """
+    if backend == "triton":
+        module, fwd, bwd = triton
+        mod = importlib.import_module(module)
+        return getattr(mod, fwd), getattr(mod, bwd)
+    _ext.require(compiled[0], "CPU" if backend == "cpu" else "CUDA", f"fastctx.{op}")
+    return getattr(torch.ops.fastctx, compiled[0]), getattr(torch.ops.fastctx, compiled[1])
