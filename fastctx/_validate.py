@@ -66,6 +66,20 @@ def qkv_map(op: str, q: object, k: object, v: object) -> None:
         )
 
 
+def feats_logits(op: str, feats: object, logits: object) -> None:
+    """feats ``[B, C, H, W]`` and logits ``[B, K, H, W]`` of one map; NaN-free (logits may be -inf)."""
+    tensor(op, "feats", feats, 4, "[B, C, H, W]")
+    tensor(op, "logits", logits, 4, "[B, K, H, W]")
+    same(op, feats=feats, logits=logits)
+    if (feats.shape[0], *feats.shape[2:]) != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"fastctx.{op}: feats and logits must agree in batch and spatial size, got feats "
+            f"{_shape(feats)} and logits {_shape(logits)}"
+        )
+    no_nan(op, feats=feats)
+    no_nan(op, allow_inf=True, logits=logits)
+
+
 def check_nan_enabled() -> bool:
     if torch.compiler.is_compiling():
         return False

@@ -6,10 +6,9 @@
   ``min_time`` seconds have passed (at least ``min_reps`` calls); median and percentiles.
 * CUDA peak memory: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 * CPU peak memory: growth of the process's peak resident set (``VmHWM``, reset through
-  ``/proc/self/clear_refs``) above its resident set before the call. glibc's mmap threshold is
-  pinned at 128 KiB first, so that every tensor's memory is mapped when allocated and returned to
-  the system when freed; the figure counts every byte the call touched (scratch included), to
-  the page.
+  ``/proc/self/clear_refs``) above its resident set before the call, after the allocator's free
+  pages were handed back (``malloc_trim``); the figure counts every byte the call touched
+  (scratch included), to the page.
 """
 
 from __future__ import annotations
@@ -60,20 +59,13 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_time: float = 1.
     return statistics.median(samples), q[1], q[7]
 
 
-_pinned = False
-
-
-def _pin_malloc() -> None:
-    global _pinned
-    if _pinned:
-        return
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc ``malloc_trim``), so that a call
+    that reuses memory freed before it is measured still shows that memory as new pages."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (pinning it also stops its growth)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
         pass
-    _pinned = True
 
 
 def _status(key: str) -> int:
@@ -107,9 +99,9 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     if not cpu_peak_supported():
         return None
-    _pin_malloc()
     fn()  # warm-up: first-call allocations (thread pools, caches) are not the op's memory
     gc.collect()
+    release_free_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status("VmRSS:")

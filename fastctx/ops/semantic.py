@@ -13,16 +13,7 @@ register_op("semantic_pool_regions", OpSupport())
 
 
 def _check(op: str, feats: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-    _validate.tensor(op, "feats", feats, 4, "[B, C, H, W]")
-    _validate.tensor(op, "logits", logits, 4, "[B, K, H, W]")
-    _validate.same(op, feats=feats, logits=logits)
-    if (feats.shape[0], *feats.shape[2:]) != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(
-            f"fastctx.{op}: feats and logits must agree in batch and spatial size, got feats "
-            f"{tuple(feats.shape)} and logits {tuple(logits.shape)}"
-        )
-    _validate.no_nan(op, feats=feats)
-    _validate.no_nan(op, allow_inf=True, logits=logits)
+    _validate.feats_logits(op, feats, logits)
     return _validate.autocast(feats, logits)
 
 
