@@ -91,4 +91,62 @@ def criss_cross_cases(quick: bool) -> list[Case]:
     return cases
 
 
-CASES: dict[str, Callable[[bool], list[Case]]] = {"criss_cross_attention": criss_cross_cases}
+def _sdpa_region_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The strongest plain-PyTorch formulation: scaled_dot_product_attention on permuted copies."""
+    B, _, H, W = q.shape
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.flatten(2).transpose(1, 2)[:, None], k.transpose(1, 2)[:, None], v.transpose(1, 2)[:, None], scale=scale
+    )  # [B, 1, N, Cv]
+    return o[:, 0].transpose(1, 2).reshape(B, v.shape[1], H, W)
+
+
+def region_attention_cases(quick: bool) -> list[Case]:
+    """OCR's sizes: B=2, C=512, K=19 (Cityscapes) and 150 (ADE20K) at 64x128 (ResNet, 1/8 of
+    512x1024) and 128x256 (HRNet, 1/4); ANN's APNB core: B=2, C=256, S=110 at 64x128 and 97x97."""
+    sizes = [(512, 19, 64, 128), (512, 150, 64, 128), (512, 19, 128, 256), (256, 110, 64, 128), (256, 110, 97, 97)]
+    cases = []
+    for C, S, H, W in sizes:
+        B, scale = 2, C**-0.5
+
+        def make(dtype, device, C=C, S=S, H=H, W=W):
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(B, C, H, W, generator=g).to(device, dtype)
+            k = torch.randn(B, C, S, generator=g).to(device, dtype)
+            v = torch.randn(B, C, S, generator=g).to(device, dtype)
+            return q, k, v
+
+        cand = {
+            name: (lambda q, k, v, name=name, scale=scale: fastctx.region_attention(q, k, v, scale, backend=name))
+            for name in ("reference", "cpu", "triton")
+        }
+        cand["sdpa"] = lambda q, k, v, scale=scale: _sdpa_region_attention(q, k, v, scale)
+        name = f"B{B}-C{C}-S{S}-{H}x{W}"
+        cases.append(
+            Case(
+                op="region_attention",
+                name=name,
+                config=dict(B=B, Cqk=C, Cv=C, S=S, H=H, W=W, scale=scale),
+                make_inputs=make,
+                truth=lambda q, k, v, scale=scale: python_ref.region_attention(q, k, v, scale),
+                candidates=cand,
+                backends=("reference", "cpu", "triton"),
+                reference="reference",
+                strongest="sdpa",
+                targets=[
+                    Target(f"cpu faster than the reference, fwd+bwd, {name}", "cpu", "reference", "fwd+bwd", "speed", 1.0, "cpu", (torch.float32,)),
+                    Target(f"cpu below the reference's peak memory, fwd+bwd, {name}", "cpu", "reference", "fwd+bwd", "memory", 1.0, "cpu", (torch.float32,)),
+                ]
+                + (
+                    [Target(f"triton at least 2x faster than SDPA, fwd+bwd, {name}", "triton", "sdpa", "fwd+bwd", "speed", 2.0, "cuda", (torch.float16,))]
+                    if (H, W) == (128, 256)
+                    else []
+                ),
+            )
+        )
+    return cases
+
+
+CASES: dict[str, Callable[[bool], list[Case]]] = {
+    "criss_cross_attention": criss_cross_cases,
+    "region_attention": region_attention_cases,
+}

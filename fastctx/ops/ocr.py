@@ -1,6 +1,7 @@
 """OCR: spatial gather (soft region pooling) and pixel-region attention.
 
-Only the "reference" backend so far.
+``region_attention`` has compiled CPU and Triton kernels (custom ops with autograd, as
+criss-cross); ``spatial_gather`` only the "reference" backend so far.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
+from fastctx.ops._kernels import kernels
 
 register_op("spatial_gather", OpSupport())
-register_op("region_attention", OpSupport())
+register_op("region_attention", OpSupport(compiled="ra_fwd", triton=True))
 
 
 def spatial_gather(feats: Tensor, logits: Tensor, scale: float = 1.0, *, backend: str | None = None) -> Tensor:
@@ -30,19 +32,10 @@ def spatial_gather(feats: Tensor, logits: Tensor, scale: float = 1.0, *, backend
         Tensor: ``[B, C, K]`` (mmseg returns it as ``[B, C, K, 1]``).
     """
     op = "spatial_gather"
-    _validate.tensor(op, "feats", feats, 4, "[B, C, H, W]")
-    _validate.tensor(op, "logits", logits, 4, "[B, K, H, W]")
-    _validate.same(op, feats=feats, logits=logits)
-    if (feats.shape[0], *feats.shape[2:]) != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(
-            f"fastctx.{op}: feats and logits must agree in batch and spatial size, got feats "
-            f"{tuple(feats.shape)} and logits {tuple(logits.shape)}"
-        )
+    _validate.feats_logits(op, feats, logits)
     scale = _validate.scale(op, scale)
     if scale <= 0:
         raise ValueError(f"fastctx.{op}: scale must be positive (it multiplies logits that may be -inf), got {scale}")
-    _validate.no_nan(op, feats=feats)
-    _validate.no_nan(op, allow_inf=True, logits=logits)
     feats, logits = _validate.autocast(feats, logits)
     choose_backend(op, feats, backend)
     return python_ref.spatial_gather(feats, logits, scale)
@@ -90,5 +83,57 @@ def region_attention(
     scale = _validate.scale(op, scale, q.shape[1] ** -0.5)
     _validate.no_nan(op, q=q, k=k, v=v)
     q, k, v = _validate.autocast(q, k, v)
-    choose_backend(op, q, backend)
-    return python_ref.region_attention(q, k, v, scale, bias)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    name = choose_backend(op, q, backend)
+    if name == "reference":
+        return python_ref.region_attention(q, k, v, scale, bias)
+    if bias is None:
+        bias = q.new_zeros((k.shape[0], k.shape[2]))
+    out, _ = _ra_fwd(q, k, v, bias, scale, name)
+    return out
+
+
+def _ra_kernels(backend: str):
+    return kernels("region_attention", backend, ("ra_fwd", "ra_bwd"), ("fastctx.triton.region_attention", "ra_fwd", "ra_bwd"))
+
+
+@torch.library.custom_op("fastctx::region_attention_fwd", mutates_args=())
+def _ra_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _ra_kernels(backend)[0](q, k, v, bias, scale)
+
+
+@_ra_fwd.register_fake
+def _(q, k, v, bias, scale, backend):
+    B, _, H, W = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=lse_dtype)
+
+
+@torch.library.custom_op("fastctx::region_attention_bwd", mutates_args=())
+def _ra_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _ra_kernels(backend)[1](dout, q, k, v, bias, out, lse, scale)
+
+
+@_ra_bwd.register_fake
+def _(dout, q, k, v, bias, out, lse, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias)
+
+
+def _ra_setup_context(ctx, inputs, output):
+    q, k, v, bias, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _ra_backward(ctx, dout, _dlse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    dq, dk, dv, dbias = _ra_bwd(dout.contiguous(), q, k, v, bias, out, lse, ctx.scale, ctx.backend)
+    return dq, dk, dv, dbias, None, None
+
+
+_ra_fwd.register_autograd(_ra_backward, setup_context=_ra_setup_context)

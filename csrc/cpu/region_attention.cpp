@@ -1,0 +1,304 @@
+// Region attention (OCR's object attention, ANN's pyramid keys, ISNet's classes), CPU: launchers
+// and the CPU registration of the ops fastctx::ra_fwd and fastctx::ra_bwd (schemas:
+// csrc/ops/region_attention.cpp). The per-block kernels and their design notes are in
+// region_attention_kernels.h.
+//
+// Inputs are made contiguous in the compute dtype by prepare(): that copy is the only copy of the
+// big operands (q, dout), and a no-op for NCHW float32 / float64 input (channels_last or other
+// strided inputs, and float16 / bfloat16 inputs, which are upcast to float32, are copied once).
+// k and v ([B, C, S], small) are also packed transposed once. Outputs are contiguous in the
+// input dtype; lse is float32 (float64 for float64 inputs). Accumulation is float32 for
+// float16 / bfloat16 / float32 and float64 for float64. No tensor of size B x N x S exists:
+// per-thread scratch holds one block of pixels x S.
+//
+// The backward takes D = <dout, out> as sum_s P dA (the same in exact arithmetic, and it needs
+// no pass over out), so out is only checked. Its reductions over pixels (dk, dv, dbias) are
+// summed per task (a fixed range of pixel blocks of one image, the same for any number of
+// threads) into partial buffers, then added in task order: deterministic, bit-identical run to
+// run and for any thread count. Tasks run in waves of two per thread, so only that many partial
+// buffers exist at once.
+//
+// Parallelism: at::parallel_for, one worker per thread, claiming (image, pixel block) items in
+// the forward and tasks in the backward from a shared counter.
+//
+// Vector code: the kernels are compiled twice, for the baseline target and (x86-64 with GCC)
+// for AVX2 + FMA; __builtin_cpu_supports picks one at run time, so no -march flag is needed.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+// 32-byte vector types in the baseline build: GCC notes the ABI of passing them without AVX.
+// (Not popped: GCC reports it at the end of the translation unit.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define FASTCTX_RA_ISA isa_base
+#include "region_attention_kernels.h"
+#undef FASTCTX_RA_ISA
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTCTX_RA_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define FASTCTX_RA_ISA isa_avx2
+#include "region_attention_kernels.h"
+#undef FASTCTX_RA_ISA
+#pragma GCC pop_options
+#endif
+
+namespace fastctx {
+namespace ra_cpu {
+namespace {
+
+#define RA_OP "fastctx.region_attention"
+
+bool use_avx2() {
+#ifdef FASTCTX_RA_HAVE_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <class T>
+void fwd_block(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
+#ifdef FASTCTX_RA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::fwd_block<T>(a, g, b, t, scratch);
+#endif
+  isa_base::fwd_block<T>(a, g, b, t, scratch);
+}
+
+template <class T>
+void bwd_task(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t0, int64_t t1, T* scratch,
+              T* part) {
+#ifdef FASTCTX_RA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::bwd_task<T>(a, g, b, t0, t1, scratch, part);
+#endif
+  isa_base::bwd_task<T>(a, g, b, t0, t1, scratch, part);
+}
+
+// Zero-initialised, 64-byte aligned per-thread scratch (zero padding columns matter: see the
+// kernels header).
+template <class T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p_ != nullptr, RA_OP ": could not allocate ", bytes, " bytes of scratch");
+    std::memset(p_, 0, bytes);
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  T* p_;
+};
+
+// Runs fn(i, scratch) for every i in [0, n) on up to get_num_threads() threads, each with its
+// own zero-initialised scratch of scratch_elems values. Items are claimed one at a time from a
+// shared counter, so a thread that is descheduled (a loaded machine) holds up no one. Which
+// thread runs an item never changes its result.
+template <class T, class Fn>
+void for_each_item(int64_t n, int64_t scratch_elems, const Fn& fn) {
+  const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
+    Scratch<T> s(scratch_elems);
+    for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
+  });
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
+                  const char* shape, const at::Tensor& q) {
+  TORCH_CHECK(t.defined(), RA_OP " (", op, "): ", name, " is undefined");
+  TORCH_CHECK(t.device() == q.device(), RA_OP " (", op, "): ", name, " is on ", t.device(),
+              " but q is on ", q.device());
+  TORCH_CHECK(t.device().is_cpu(), RA_OP " (", op, "): ", name,
+              " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, RA_OP " (", op, "): ", name, " must be ", dim, "-D ", shape,
+              ", got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), RA_OP " (", op, "): ", name, " has dtype ",
+              t.scalar_type(), " but q has dtype ", q.scalar_type());
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& bias, const char* op) {
+  check_tensor(q, op, "q", 4, "[B, Cqk, H, W]", q);
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              RA_OP " (", op, "): q must be float16, bfloat16, float32 or float64, got ", st);
+  check_tensor(k, op, "k", 3, "[B, Cqk, S]", q);
+  check_tensor(v, op, "v", 3, "[B, Cv, S]", q);
+  check_tensor(bias, op, "bias", 2, "[B, S]", q);
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1),
+              RA_OP " (", op, "): k must be [B, Cqk, S] with B and Cqk of q, got q ", q.sizes(),
+              " and k ", k.sizes());
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(2) == k.size(2),
+              RA_OP " (", op, "): v must be [B, Cv, S] with B and S of k, got k ", k.sizes(),
+              " and v ", v.sizes());
+  TORCH_CHECK(bias.size(0) == k.size(0) && bias.size(1) == k.size(2),
+              RA_OP " (", op, "): bias must be [B, S] = [", k.size(0), ", ", k.size(2),
+              "], got ", bias.sizes());
+}
+
+// The one copy (see the top of the file): contiguous in the compute dtype. (Not
+// Tensor::to(dtype, ..., MemoryFormat::Contiguous): that aliases any tensor whose
+// suggest_memory_format() is Contiguous, e.g. a permuted one, without making it contiguous.)
+at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
+  if (t.scalar_type() == ct) return t.contiguous();
+  at::Tensor r = at::empty(t.sizes(), t.options().dtype(ct));
+  r.copy_(t);
+  return r;
+}
+
+// [B, C, S] -> [B, S, C] contiguous (small: no pixel axis).
+at::Tensor transposed(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                              const at::Tensor& v_in, const at::Tensor& bias_in,
+                                              double scale) {
+  check_inputs(q_in, k_in, v_in, bias_in, "ra_fwd");
+  const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
+  const int64_t S = k_in.size(2), Cv = v_in.size(1), N = H * W;
+  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
+  auto out = at::empty({B, Cv, H, W}, q_in.options());
+  if (B == 0 || N == 0) return {out, lse};
+
+  const at::Tensor q = prepare(q_in, ct), v = prepare(v_in, ct), bias = prepare(bias_in, ct);
+  const at::Tensor kT = transposed(prepare(k_in, ct));
+  at::Tensor out_c = ct == dt ? out : at::empty({B, Cv, H, W}, q_in.options().dtype(ct));
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "ra_fwd_cpu", [&] {
+    using T = scalar_t;
+    const Geom g = make_geom<T>(N, S);
+    const FwdArgs<T> a{q.const_data_ptr<T>(),    kT.const_data_ptr<T>(),
+                       v.const_data_ptr<T>(),    bias.const_data_ptr<T>(),
+                       out_c.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
+                       Cqk, Cv, S, N, static_cast<T>(scale)};
+    const int64_t scratch = fwd_scratch(g, Cqk, S);
+    for_each_item<T>(B * g.nblocks, scratch, [&](int64_t u, T* s) {
+      fwd_block<T>(a, g, u / g.nblocks, u % g.nblocks, s);
+    });
+  });
+  if (ct != dt) out.copy_(out_c);
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& bias_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, double scale) {
+  check_inputs(q_in, k_in, v_in, bias_in, "ra_bwd");
+  check_tensor(dout_in, "ra_bwd", "dout", 4, "[B, Cv, H, W]", q_in);
+  check_tensor(out_in, "ra_bwd", "out", 4, "[B, Cv, H, W]", q_in);
+  const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
+  const int64_t S = k_in.size(2), Cv = v_in.size(1), N = H * W;
+  const std::array<int64_t, 4> oshape{B, Cv, H, W};
+  const at::IntArrayRef osizes(oshape);
+  TORCH_CHECK(dout_in.sizes() == osizes,
+              RA_OP " (ra_bwd): dout must be [B, Cv, H, W] = ", osizes, ", got ", dout_in.sizes());
+  TORCH_CHECK(out_in.sizes() == osizes,
+              RA_OP " (ra_bwd): out must be [B, Cv, H, W] = ", osizes, ", got ", out_in.sizes());
+  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  TORCH_CHECK(lse_in.defined() && lse_in.device() == q_in.device(),
+              RA_OP " (ra_bwd): lse must be a tensor on ", q_in.device());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
+                  lse_in.size(2) == W,
+              RA_OP " (ra_bwd): lse must have shape [B, H, W] = [", B, ", ", H, ", ", W,
+              "], got ", lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == ct, RA_OP " (ra_bwd): lse must have dtype ", ct, " for ",
+              dt, " inputs, got ", lse_in.scalar_type());
+
+  const auto copts = q_in.options().dtype(ct);
+  auto dq = at::empty({B, Cqk, H, W}, q_in.options());
+  if (B == 0) {
+    return {dq, at::empty({B, Cqk, S}, q_in.options()), at::empty({B, Cv, S}, q_in.options()),
+            at::empty({B, S}, q_in.options())};
+  }
+  // Sums over the pixels, in the compute dtype (zero when there are no pixels).
+  at::Tensor dk_c = at::zeros({B, Cqk, S}, copts), dv_c = at::zeros({B, Cv, S}, copts),
+             db_c = at::zeros({B, S}, copts);
+  if (N > 0) {
+    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), bias = prepare(bias_in, ct);
+    const at::Tensor dout = prepare(dout_in, ct), lse = lse_in.contiguous();
+    const at::Tensor kT = transposed(k), vT = transposed(prepare(v_in, ct));
+    at::Tensor dq_c = ct == dt ? dq : at::empty({B, Cqk, H, W}, copts);
+
+    AT_DISPATCH_FLOATING_TYPES(ct, "ra_bwd_cpu", [&] {
+      using T = scalar_t;
+      const Geom g = make_geom<T>(N, S);
+      const BwdArgs<T> a{dout.const_data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+                         kT.const_data_ptr<T>(),   vT.const_data_ptr<T>(), bias.const_data_ptr<T>(),
+                         lse.const_data_ptr<T>(),  dq_c.mutable_data_ptr<T>(),
+                         Cqk, Cv, S, N, static_cast<T>(scale)};
+      // Tasks: tpi per image, each a fixed range of about kTaskBlocks blocks (independent of the
+      // thread count). Waves of G tasks, two per thread; after each wave its partial sums are
+      // added to the results in task order.
+      const int64_t tpi = (g.nblocks + kTaskBlocks - 1) / kTaskBlocks, ntask = B * tpi;
+      const int64_t G = std::min<int64_t>(ntask, 2 * std::max<int64_t>(1, at::get_num_threads()));
+      const int64_t psize = partial_size(g, Cqk, Cv), scratch = bwd_scratch(g, Cqk, Cv, S);
+      at::Tensor part_t = at::empty({G, std::max<int64_t>(psize, 1)}, copts);
+      T* part = part_t.mutable_data_ptr<T>();
+      T* dK = dk_c.mutable_data_ptr<T>();
+      T* dV = dv_c.mutable_data_ptr<T>();
+      T* dB = db_c.mutable_data_ptr<T>();
+      const int64_t rows = Cqk + Cv + 1, Sp = g.Sp;
+      for (int64_t w0 = 0; w0 < ntask; w0 += G) {
+        const int64_t nt = std::min(G, ntask - w0);
+        for_each_item<T>(nt, scratch, [&](int64_t i, T* s) {
+          const int64_t t = w0 + i, b = t / tpi, c = t % tpi;
+          bwd_task<T>(a, g, b, g.nblocks * c / tpi, g.nblocks * (c + 1) / tpi, s, part + i * psize);
+        });
+        const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, nt * S));
+        at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t i = 0; i < nt; ++i) {  // task order: deterministic
+              const int64_t b = (w0 + i) / tpi;
+              const T* src = part + i * psize + r * Sp;
+              T* dst = r < Cqk        ? dK + (b * Cqk + r) * S
+                       : r < Cqk + Cv ? dV + (b * Cv + r - Cqk) * S
+                                      : dB + b * S;
+              for (int64_t s = 0; s < S; ++s) dst[s] += src[s];
+            }
+        });
+      }
+    });
+    if (ct != dt) dq.copy_(dq_c);
+  }
+  if (ct == dt) return {dq, dk_c, dv_c, db_c};
+  return {dq, dk_c.to(dt), dv_c.to(dt), db_c.to(dt)};
+}
+
+}  // namespace
+}  // namespace ra_cpu
+}  // namespace fastctx
+
+TORCH_LIBRARY_IMPL(fastctx, CPU, m) {
+  m.impl("ra_fwd", &fastctx::ra_cpu::ra_fwd_cpu);
+  m.impl("ra_bwd", &fastctx::ra_cpu::ra_bwd_cpu);
+}

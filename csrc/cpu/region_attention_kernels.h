@@ -1,0 +1,486 @@
+// Region attention (every pixel attends to S keys), CPU kernels: the per-task work of
+// fastctx::ra_fwd / ra_bwd. Launchers, checks and registration: region_attention.cpp. Contract and
+// backward math: shared/docs/OPERATORS.md section 4 (region_attention).
+//
+// NO INCLUDE GUARD, on purpose: region_attention.cpp includes this file once per instruction set,
+// each time with FASTCTX_RA_ISA naming a namespace (and, for AVX2, under
+// `#pragma GCC target("avx2,fma")`), so every kernel below is compiled once for the baseline
+// target and once for AVX2 + FMA; the launcher picks one at run time with a CPU feature test
+// (as criss_cross_kernels.h does, and for the same reason: GCC's target_clones dispatcher tests
+// the CPU model and never picks the AVX2 clone on AMD parts). Only the entry points at the bottom
+// are called from outside a namespace; they take no vector-typed arguments.
+//
+// Design (NCHW: per image, q is a Cqk x N matrix whose pixel axis n is the stride-1 axis; k is
+// Cqk x S, v is Cv x S):
+// - A pixel block is NB = kNBW * VL consecutive pixels of one image (VL = vector lanes: 8 floats
+//   or 4 doubles; VL = 1 when N < 8 resp. 4). A last block of fewer than VL pixels is merged
+//   into the one before it, so a block has nb in [VL, NB + VL) pixels (or N < VL with VL = 1).
+//   Its pixels are covered by ceil(nb / VL) windows of VL lanes; the last one is shifted left to
+//   end at the block's last pixel (it overlaps the window before it and recomputes those lanes
+//   with the same arithmetic, so stores of the overlap write the same values twice): no load or
+//   store ever leaves the block.
+// - All arithmetic is one register-blocked GEMM kernel, 4 rows x 3 vectors = 12 accumulators
+//   (6 x 2 and 8 x 1 for a last, narrower panel; fewer rows at the end of M):
+//     C[m][col] (+)= sum_kk A[m][kk] * B[kk][col]      (A broadcast, B and C vectors along col)
+//   used six ways, always with the vector axis along a stride-1 axis:
+//     E  [s][n]  = sum_c kT[s][c] * qb[c][n]          (energies; kT: k transposed, packed once)
+//     out[c][n]  = sum_s v[c][s]  * P[s][n]           (straight into the NCHW output)
+//     dA [s][n]  = sum_c vT[s][c] * dob[c][n]         (backward)
+//     dq [c][n]  = sum_s k[c][s]  * dEs[s][n]         (backward, straight into dq)
+//     dk [c][s] += sum_n qb[c][n] * dEst[n][s]        (backward, vectors along s: dEs and P are
+//     dv [c][s] += sum_n dob[c][n] * Pt[n][s]          transposed per block, S x nb values)
+//   qb / dob: the block's q / dout columns packed contiguously ([C][NBcap]; N is often a power of
+//   two, and 512 rows at a 32 KiB stride would all fall into the same cache sets).
+// - Softmax: vectorised over the pixels of a block (one lane per pixel), three passes over s.
+//   The backward recomputes P = exp(scale * E + bias - lse) and takes D = sum_s P * dA, which
+//   equals <dout, out> in exact arithmetic (out = sum_s P v) and needs no pass over out.
+// - Scratch columns of a block past its nb pixels (up to the next multiple of VL) hold stale
+//   finite values from earlier blocks (or the initial zeros); the element-wise passes run over
+//   them harmlessly (lane-wise), the backward pads their lse with +inf so they get P = dE = 0,
+//   and nothing past nb is ever stored or reduced.
+// - The backward's reductions over pixels (dk, dv, dbias) go into per-task partial buffers; a
+//   task is a fixed range of blocks of one image that does not depend on the number of threads,
+//   and the launcher adds the partials in task order: bit-identical results run to run and for
+//   any thread count.
+
+#ifndef FASTCTX_RA_ISA
+#error "region_attention_kernels.h: define FASTCTX_RA_ISA (a namespace name) before including"
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+// Shared by every instruction set (defined once): blocking constants, geometry, task arguments.
+#ifndef FASTCTX_RA_CPU_ARGS_DEFINED
+#define FASTCTX_RA_CPU_ARGS_DEFINED
+namespace fastctx {
+namespace ra_cpu {
+
+constexpr int kMR = 4;             // GEMM register block: rows (broadcast operand)
+constexpr int kNR = 3;             // GEMM register block: vectors (12 accumulators + 3 + 1 regs)
+constexpr int kMRmax = 8;          // GEMM register block: rows when a panel has 1 vector
+constexpr int64_t kNBW = 12;       // windows (vectors) per pixel block: 96 floats, 48 doubles
+constexpr int64_t kKC = 256;       // GEMM: k per chunk when k runs over channels (E, dA)
+constexpr int64_t kKS = 128;       // GEMM: k per chunk when k runs over keys (out, dq)
+constexpr int64_t kTaskBlocks = 8; // backward: about this many blocks per task
+
+template <class T>
+constexpr int64_t vec_lanes() {
+  return 32 / static_cast<int64_t>(sizeof(T));
+}
+
+// Pixel blocking of one image (the same for every image of a call).
+struct Geom {
+  int64_t VL;       // vector lanes (1 when N < vec_lanes)
+  int64_t NB;       // pixels of a full block
+  int64_t NBcap;    // scratch columns of a block (NB + VL: room for a merged tail)
+  int64_t nblocks;  // blocks per image
+  int64_t Sp;       // S rounded up to VL (rows of the transposed scratch)
+};
+
+template <class T>
+Geom make_geom(int64_t N, int64_t S) {
+  Geom g;
+  g.VL = N >= vec_lanes<T>() ? vec_lanes<T>() : 1;
+  g.NB = kNBW * g.VL;
+  g.NBcap = g.NB + g.VL;
+  g.nblocks = std::max<int64_t>(1, (N + g.NB - 1) / g.NB);
+  if (g.nblocks > 1 && N - (g.nblocks - 1) * g.NB < g.VL) --g.nblocks;  // merge a short tail
+  g.Sp = (S + g.VL - 1) / g.VL * g.VL;
+  return g;
+}
+
+// First pixel and pixel count of block t.
+inline void block_range(const Geom& g, int64_t N, int64_t t, int64_t& n0, int64_t& nb) {
+  n0 = t * g.NB;
+  nb = t == g.nblocks - 1 ? N - n0 : g.NB;
+}
+
+// Per-thread scratch (elements).
+inline int64_t fwd_scratch(const Geom& g, int64_t Cqk, int64_t S) {
+  return Cqk * g.NBcap + S * g.NBcap;
+}
+inline int64_t bwd_scratch(const Geom& g, int64_t Cqk, int64_t Cv, int64_t S) {
+  return (Cqk + Cv + 2 * S + 1) * g.NBcap + 2 * g.NBcap * g.Sp + S * g.VL;
+}
+// Per-task partial sums: dk [Cqk][Sp], dv [Cv][Sp], dbias [Sp].
+inline int64_t partial_size(const Geom& g, int64_t Cqk, int64_t Cv) {
+  return (Cqk + Cv + 1) * g.Sp;
+}
+
+// Forward arguments (pointers at image 0; every tensor contiguous).
+template <class T>
+struct FwdArgs {
+  const T* q;     // [B, Cqk, N]
+  const T* kT;    // [B, S, Cqk]  (k transposed)
+  const T* v;     // [B, Cv, S]
+  const T* bias;  // [B, S]
+  T* out;         // [B, Cv, N]
+  T* lse;         // [B, N]
+  int64_t Cqk, Cv, S, N;
+  T scale;
+};
+
+// Backward arguments. dk / dv / dbias go to a per-task partial buffer, see bwd_task.
+template <class T>
+struct BwdArgs {
+  const T* dout;  // [B, Cv, N]
+  const T* q;     // [B, Cqk, N]
+  const T* k;     // [B, Cqk, S]
+  const T* kT;    // [B, S, Cqk]
+  const T* vT;    // [B, S, Cv]
+  const T* bias;  // [B, S]
+  const T* lse;   // [B, N]
+  T* dq;          // [B, Cqk, N]
+  int64_t Cqk, Cv, S, N;
+  T scale;
+};
+
+}  // namespace ra_cpu
+}  // namespace fastctx
+#endif  // FASTCTX_RA_CPU_ARGS_DEFINED
+
+namespace fastctx {
+namespace ra_cpu {
+namespace FASTCTX_RA_ISA {
+
+template <class T, int VL>
+struct VecType {
+  typedef T type __attribute__((vector_size(sizeof(T) * VL)));
+};
+template <class T>
+struct VecType<T, 1> {
+  typedef T type;
+};
+
+template <class T, int VL>
+struct Kern {
+  typedef typename VecType<T, VL>::type V;
+
+  static inline V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static inline V zero() { return V{}; }
+  template <size_t... I>
+  static inline V bcast_impl(T s, std::index_sequence<I...>) {
+    return V{(static_cast<void>(I), s)...};
+  }
+  static inline V bcast(T s) {
+    if constexpr (VL == 1) {
+      return s;
+    } else {
+      return bcast_impl(s, std::make_index_sequence<VL>{});
+    }
+  }
+  static inline V vmax(V a, V b) { return a > b ? a : b; }
+  static inline T lane(V v, int l) {
+    if constexpr (VL == 1) {
+      (void)l;
+      return v;
+    } else {
+      return v[l];
+    }
+  }
+
+  // exp, lane-wise. float: Cephes expf (range reduction by ln 2, degree-6 polynomial, about
+  // 1 ulp), 0 below ln(FLT_MIN) (so exp(-inf) = 0). Other types: std::exp per lane.
+  static inline V vexp(V x) {
+    if constexpr (VL > 1 && std::is_same<T, float>::value) {
+      typedef int32_t VI __attribute__((vector_size(sizeof(T) * VL)));
+      const V lo = bcast(-87.33654475f), hi = bcast(88.0f);
+      const V xc = x < lo ? lo : (x > hi ? hi : x);
+      const V magic = bcast(12582912.0f);  // 1.5 * 2^23: (t + magic) - magic rounds t
+      const V n = (xc * bcast(1.44269504088896341f) + magic) - magic;
+      V r = xc - n * bcast(0.693359375f);
+      r = r - n * bcast(-2.12194440e-4f);
+      const V z = r * r;
+      V p = bcast(1.9875691500e-4f);
+      p = p * r + bcast(1.3981999507e-3f);
+      p = p * r + bcast(8.3334519073e-3f);
+      p = p * r + bcast(4.1665795894e-2f);
+      p = p * r + bcast(1.6666665459e-1f);
+      p = p * r + bcast(5.0000001201e-1f);
+      p = p * z + r + bcast(1.0f);
+      const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+      V two_n;
+      std::memcpy(&two_n, &e, sizeof(V));
+      const V res = p * two_n;
+      return x < lo ? zero() : res;
+    } else if constexpr (VL > 1) {
+      V y;
+      for (int l = 0; l < VL; ++l) y[l] = std::exp(x[l]);
+      return y;
+    } else {
+      return std::exp(x);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // The GEMM. Register block: C[r * cms + col[t]] (= or +=) sum_{kk < K} A[r * ams + kk] *
+  // B[kk * bks + col[t]] for r < MR, t < NR (col[t]: column of vector t, in B and in C alike).
+  template <int MR, int NR>
+  static void kernel(const T* __restrict A, int64_t ams, const T* __restrict B, int64_t bks,
+                     const int64_t* col, int64_t K, T* __restrict C, int64_t cms, bool acc_in) {
+    V acc[MR][NR];
+    const T* bp[NR];
+    const T* ap[MR];
+#pragma GCC unroll 8
+    for (int t = 0; t < NR; ++t) bp[t] = B + col[t];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) ap[r] = A + r * ams;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < NR; ++t) acc[r][t] = acc_in ? load(C + r * cms + col[t]) : zero();
+    for (int64_t kk = 0; kk < K; ++kk) {
+      V bv[NR];
+#pragma GCC unroll 8
+      for (int t = 0; t < NR; ++t) bv[t] = load(bp[t] + kk * bks);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const V a = bcast(ap[r][kk]);
+#pragma GCC unroll 8
+        for (int t = 0; t < NR; ++t) acc[r][t] += a * bv[t];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < NR; ++t) store(C + r * cms + col[t], acc[r][t]);
+  }
+
+  typedef void (*KernelFn)(const T*, int64_t, const T*, int64_t, const int64_t*, int64_t, T*,
+                           int64_t, bool);
+  // kernel<mr, nr> for mr <= kMRmax, nr <= kNR.
+  template <int... I>
+  static KernelFn pick_impl(int mr, int nr, std::integer_sequence<int, I...>) {
+    static const KernelFn table[] = {&kernel<I / kNR + 1, I % kNR + 1>...};
+    return table[(mr - 1) * kNR + (nr - 1)];
+  }
+  static KernelFn pick(int mr, int nr) {
+    return pick_impl(mr, nr, std::make_integer_sequence<int, kMRmax * kNR>{});
+  }
+  // Rows of a register block of nr vectors: 12 accumulators for nr = 3 or 2, 8 for nr = 1.
+  static int rows_for(int nr) { return nr == 3 ? kMR : nr == 2 ? 6 : kMRmax; }
+
+  // C[m * cms + col[w]] (= or +=) sum_{kk < K} A[m * ams + kk] * B[kk * bks + col[w]] for m < M
+  // and the nw vectors w. K is split into equal chunks of at most kmax. Loop order within a
+  // chunk: panels of kNR vectors, blocks of rows (the chunk x kNR panel of B stays in L1 while
+  // the rows of A stream past it; a last panel of fewer vectors takes more rows per block), or
+  // with rows_outer, blocks of kMR rows, panels: used when C is the NCHW output, whose rows are
+  // then written in one go (panels outer measured slower there: the scattered stores into C
+  // evict the panel of B from L1). Partial sums over the chunks go through C. K == 0 stores
+  // zeros.
+  static void gemm(const T* A, int64_t ams, const T* B, int64_t bks, int64_t M, int64_t K,
+                   const int64_t* col, int64_t nw, T* C, int64_t cms, bool accumulate,
+                   int64_t kmax, bool rows_outer) {
+    const int64_t nchunk = std::max<int64_t>(1, (K + kmax - 1) / kmax);
+    for (int64_t ch = 0; ch < nchunk; ++ch) {
+      const int64_t k0 = K * ch / nchunk, kn = K * (ch + 1) / nchunk - k0;
+      const bool acc_in = accumulate || ch > 0;
+      auto block = [&](int64_t m0, int mr, int64_t w0, int nr) {
+        pick(mr, nr)(A + m0 * ams + k0, ams, B + k0 * bks, bks, col + w0, kn, C + m0 * cms, cms,
+                     acc_in);
+      };
+      if (rows_outer) {
+        for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+          for (int64_t w0 = 0; w0 < nw; w0 += kNR)
+            block(m0, mr, w0, static_cast<int>(std::min<int64_t>(kNR, nw - w0)));
+        }
+      } else {
+        for (int64_t w0 = 0; w0 < nw; w0 += kNR) {
+          const int nr = static_cast<int>(std::min<int64_t>(kNR, nw - w0));
+          const int rows = rows_for(nr);
+          for (int64_t m0 = 0; m0 < M; m0 += rows)
+            block(m0, static_cast<int>(std::min<int64_t>(rows, M - m0)), w0, nr);
+        }
+      }
+    }
+  }
+
+  // Windows of a block of nb pixels: columns w * VL, the last one shifted to end at nb.
+  static int64_t windows(int64_t nb, int64_t* col) {
+    const int64_t nw = (nb + VL - 1) / VL;
+    for (int64_t w = 0; w < nw; ++w) col[w] = std::min<int64_t>(w * VL, nb - VL);
+    return nw;
+  }
+
+  // dst[c * NBcap + j] = src[c * N + j] for c < C, j < nb.
+  static void pack(const T* __restrict src, int64_t C, int64_t N, int64_t nb, T* __restrict dst,
+                   int64_t NBcap) {
+    for (int64_t c = 0; c < C; ++c) std::memcpy(dst + c * NBcap, src + c * N, nb * sizeof(T));
+  }
+
+  // dst[n * Sp + s] = src[s * NBcap + n] for s < S, n < nb (columns [S, Sp) of dst untouched).
+  static void transpose(const T* __restrict src, int64_t S, int64_t NBcap, int64_t nb,
+                        T* __restrict dst, int64_t Sp) {
+    constexpr int64_t tb = 16;
+    for (int64_t s0 = 0; s0 < S; s0 += tb)
+      for (int64_t n0 = 0; n0 < nb; n0 += tb) {
+        const int64_t s1 = std::min(S, s0 + tb), n1 = std::min(nb, n0 + tb);
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t s = s0; s < s1; ++s) dst[n * Sp + s] = src[s * NBcap + n];
+      }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Forward of pixel block t of image b. Scratch: fwd_scratch values.
+  static void fwd_block(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
+    const int64_t Cqk = a.Cqk, Cv = a.Cv, S = a.S, N = a.N, NBcap = g.NBcap;
+    int64_t n0, nb;
+    block_range(g, N, t, n0, nb);
+    T* qb = scratch;              // [Cqk][NBcap]: the block's q columns
+    T* E = qb + Cqk * NBcap;      // [S][NBcap]: energies -> weights
+    int64_t col[kNBW + 1];
+    const int64_t nw = windows(nb, col);
+
+    pack(a.q + b * Cqk * N + n0, Cqk, N, nb, qb, NBcap);
+    gemm(a.kT + b * S * Cqk, Cqk, qb, NBcap, S, Cqk, col, nw, E, NBcap, false, kKC, false);
+
+    // Softmax over s, one lane per pixel, over whole vectors of columns [0, ncol).
+    const T* bias = a.bias + b * S;
+    T* lse = a.lse + b * N + n0;
+    const V sc = bcast(a.scale), ninf = bcast(-std::numeric_limits<T>::infinity());
+    const int64_t ncol = (nb + VL - 1) / VL * VL;
+    for (int64_t c = 0; c < ncol; c += VL) {
+      V m = ninf;
+      for (int64_t s = 0; s < S; ++s) {
+        const V e = sc * load(E + s * NBcap + c) + bcast(bias[s]);
+        store(E + s * NBcap + c, e);
+        m = vmax(m, e);
+      }
+      m = m == ninf ? zero() : m;  // fully masked: exp(-inf - 0) = 0, no NaN
+      V sum = zero();
+      for (int64_t s = 0; s < S; ++s) {
+        const V p = vexp(load(E + s * NBcap + c) - m);
+        store(E + s * NBcap + c, p);
+        sum += p;
+      }
+      const V inv = sum > zero() ? bcast(T(1)) / sum : zero();  // (fully masked: 0, not 1/0)
+      for (int64_t s = 0; s < S; ++s) store(E + s * NBcap + c, load(E + s * NBcap + c) * inv);
+      for (int l = 0; l < VL && c + l < nb; ++l) {
+        const T sl = lane(sum, l);
+        lse[c + l] = sl > T(0) ? lane(m, l) + std::log(sl) : -std::numeric_limits<T>::infinity();
+      }
+    }
+    // out[:, block] = v P.
+    gemm(a.v + b * Cv * S, S, E, NBcap, Cv, S, col, nw, a.out + b * Cv * N + n0, N, false, kKS,
+         true);
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Backward of blocks [t0, t1) of image b (one task). dq columns of those blocks are stored;
+  // the task's sums over its pixels go to part: dk [Cqk][Sp], dv [Cv][Sp], dbias [Sp] (entries
+  // s >= S unspecified). Scratch: bwd_scratch values.
+  static void bwd_task(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t0, int64_t t1,
+                       T* scratch, T* part) {
+    const int64_t Cqk = a.Cqk, Cv = a.Cv, S = a.S, N = a.N, NBcap = g.NBcap, Sp = g.Sp;
+    T* qb = scratch;             // [Cqk][NBcap]: the block's q columns
+    T* dob = qb + Cqk * NBcap;   // [Cv][NBcap]: the block's dout columns
+    T* E = dob + Cv * NBcap;     // [S][NBcap]: energies -> P
+    T* dA = E + S * NBcap;       // [S][NBcap]: dA -> scale * dE
+    T* L = dA + S * NBcap;       // [NBcap]: lse, +inf for masked pixels and unused columns
+    T* Pt = L + NBcap;           // [NBcap][Sp]: P transposed (columns >= S stay 0)
+    T* dEt = Pt + NBcap * Sp;    // [NBcap][Sp]: scale * dE transposed (columns >= S stay 0)
+    T* dbv = dEt + NBcap * Sp;   // [S][VL]: dbias, lane-wise partial sums
+    T* dK = part;
+    T* dV = dK + Cqk * Sp;
+    T* dB = dV + Cv * Sp;
+
+    const T* Q = a.q + b * Cqk * N;
+    const T* dO = a.dout + b * Cv * N;
+    const T* kT = a.kT + b * S * Cqk;
+    const T* vT = a.vT + b * S * Cv;
+    const T* Kc = a.k + b * Cqk * S;
+    const T* bias = a.bias + b * S;
+    const T* lse = a.lse + b * N;
+    T* dQ = a.dq + b * Cqk * N;
+    const T inf = std::numeric_limits<T>::infinity();
+    const V sc = bcast(a.scale);
+    int64_t scol[64];  // columns of the s vectors of dEt / Pt, 64 at a time
+    std::fill(dbv, dbv + S * VL, T(0));
+
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t n0, nb;
+      block_range(g, N, t, n0, nb);
+      int64_t col[kNBW + 1];
+      const int64_t nw = windows(nb, col);
+      const int64_t ncol = (nb + VL - 1) / VL * VL;
+
+      pack(Q + n0, Cqk, N, nb, qb, NBcap);
+      pack(dO + n0, Cv, N, nb, dob, NBcap);
+      gemm(kT, Cqk, qb, NBcap, S, Cqk, col, nw, E, NBcap, false, kKC, false);
+      gemm(vT, Cv, dob, NBcap, S, Cv, col, nw, dA, NBcap, false, kKC, false);
+      for (int64_t j = 0; j < ncol; ++j) {
+        const T l = j < nb ? lse[n0 + j] : inf;
+        L[j] = l == -inf ? inf : l;
+      }
+
+      // P = exp(scale * E + bias - lse), D = sum_s P dA, dE = P (dA - D).
+      for (int64_t c = 0; c < ncol; c += VL) {
+        const V l = load(L + c);
+        V D = zero();
+        for (int64_t s = 0; s < S; ++s) {
+          const V p = vexp(sc * load(E + s * NBcap + c) + bcast(bias[s]) - l);
+          store(E + s * NBcap + c, p);
+          D += p * load(dA + s * NBcap + c);
+        }
+        for (int64_t s = 0; s < S; ++s) {
+          const V de = load(E + s * NBcap + c) * (load(dA + s * NBcap + c) - D);
+          store(dbv + s * VL, load(dbv + s * VL) + de);
+          store(dA + s * NBcap + c, sc * de);
+        }
+      }
+      // dq[:, block] = k (scale dE).
+      gemm(Kc, S, dA, NBcap, Cqk, S, col, nw, dQ + n0, N, false, kKS, true);
+
+      // dk += q (scale dE)^T, dv += dout P^T, over the block's pixels.
+      transpose(E, S, NBcap, nb, Pt, Sp);
+      transpose(dA, S, NBcap, nb, dEt, Sp);
+      const bool acc = t > t0;
+      const int64_t nsv = Sp / VL;
+      for (int64_t s0 = 0; s0 < nsv; s0 += 64) {
+        const int64_t ns = std::min<int64_t>(64, nsv - s0);
+        for (int64_t i = 0; i < ns; ++i) scol[i] = (s0 + i) * VL;
+        gemm(qb, NBcap, dEt, Sp, Cqk, nb, scol, ns, dK, Sp, acc, kKC, false);
+        gemm(dob, NBcap, Pt, Sp, Cv, nb, scol, ns, dV, Sp, acc, kKC, false);
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      T sum = T(0);
+      for (int l = 0; l < VL; ++l) sum += dbv[s * VL + l];
+      dB[s] = sum;
+    }
+  }
+};
+
+// Entry points: pick the vector width of the geometry.
+template <class T>
+void fwd_block(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
+  if (g.VL == vec_lanes<T>())
+    Kern<T, vec_lanes<T>()>::fwd_block(a, g, b, t, scratch);
+  else
+    Kern<T, 1>::fwd_block(a, g, b, t, scratch);
+}
+
+template <class T>
+void bwd_task(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t0, int64_t t1, T* scratch,
+              T* part) {
+  if (g.VL == vec_lanes<T>())
+    Kern<T, vec_lanes<T>()>::bwd_task(a, g, b, t0, t1, scratch, part);
+  else
+    Kern<T, 1>::bwd_task(a, g, b, t0, t1, scratch, part);
+}
+
+}  // namespace FASTCTX_RA_ISA
+}  // namespace ra_cpu
+}  // namespace fastctx

@@ -1,0 +1,140 @@
+"""region_attention: every backend that can run here against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastctx
+import python_ref
+from tests._utils import DTYPE_NAMES, assert_close, has_triton
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+RUNS = [
+    ("cpu", "cpu", (torch.float64, torch.float32, torch.float16, torch.bfloat16)),
+    ("triton", DEV, (torch.float32, torch.float16, torch.bfloat16)),
+]
+
+# (B, Cqk, Cv, H, W, S)
+SHAPES = [(1, 3, 5, 1, 1, 1), (2, 3, 13, 7, 5, 19), (2, 20, 24, 13, 9, 40), (1, 13, 3, 5, 7, 171)]
+LARGE = [(2, 64, 96, 33, 65, 150)]
+# bias: None, finite, some keys masked, one image with every key masked
+BIASES = ["none", "finite", "masked", "all-masked"]
+
+
+def _id(s):
+    B, cq, cv, H, W, S = s
+    return f"B{B}-C{cq}x{cv}-{H}x{W}-S{S}"
+
+
+def _cases():
+    for backend, device, dtypes in RUNS:
+        interp = backend == "triton" and not CUDA
+        for dtype in dtypes:
+            for shape in SHAPES + ([] if interp or dtype in (torch.float16, torch.bfloat16) else LARGE):
+                for bias in BIASES if dtype == torch.float32 else ["masked"]:
+                    yield pytest.param(backend, device, dtype, shape, bias, id=f"{backend}-{_id(shape)}-{DTYPE_NAMES[dtype]}-bias_{bias}")
+
+
+def _make_bias(kind, B, S, dtype, device):
+    if kind == "none":
+        return None
+    b = torch.randn(B, S, dtype=dtype, device=device)
+    if kind in ("masked", "all-masked") and S > 1:
+        b[:, ::3] = float("-inf")
+    if kind == "all-masked":
+        b[0] = float("-inf")
+    return b.requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend,device,dtype,shape,bias_kind", list(_cases()))
+def test_parity(backend, device, dtype, shape, bias_kind):
+    if backend == "triton" and not has_triton():
+        pytest.fail("triton is not usable here")
+    B, cq, cv, H, W, S = shape
+    q = torch.randn(B, cq, H, W, dtype=dtype, device=device).mul_(cq**-0.25).requires_grad_(True)
+    k = torch.randn(B, cq, S, dtype=dtype, device=device).mul_(cq**-0.25).requires_grad_(True)
+    v = torch.randn(B, cv, S, dtype=dtype, device=device, requires_grad=True)
+    bias = _make_bias(bias_kind, B, S, dtype, device)
+    out = fastctx.region_attention(q, k, v, 0.8, bias, backend=backend)
+    assert fastctx.last_backend("region_attention") == backend
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    leaves = [q, k, v] + ([bias] if bias is not None else [])
+    l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = python_ref.region_attention(l64[0], l64[1], l64[2], 0.8, l64[3] if bias is not None else None)
+    ref.backward(dout.double())
+    assert_close(out, ref, dtype, "out")
+    for name, t, t64 in zip(("dq", "dk", "dv", "dbias"), leaves, l64):
+        assert_close(t.grad, t64.grad, dtype, name)
+    if bias_kind == "all-masked":
+        assert (out[0] == 0).all() and (q.grad[0] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d, _ in RUNS])
+def test_strided_pixels(backend, device):
+    q = torch.randn(2, 12, 9, 11, device=device).to(memory_format=torch.channels_last)[:, ::2].requires_grad_(True)
+    k = torch.randn(2, 6, 7, device=device, requires_grad=True)
+    v = torch.randn(2, 5, 7, device=device, requires_grad=True)
+    out = fastctx.region_attention(q, k, v, backend=backend)
+    out.sum().backward()
+    l64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = python_ref.region_attention(*l64)
+    ref.sum().backward()
+    assert_close(out, ref, torch.float32, "out")
+    for name, t, t64 in zip(("dq", "dk", "dv"), (q, k, v), l64):
+        assert_close(t.grad, t64.grad, torch.float32, name)
+
+
+def test_gradcheck_cpu_float64():
+    q = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 6, dtype=torch.float64)
+    bias[:, 1] = float("-inf")
+    bias.requires_grad_(True)
+    fn = lambda q, k, v, b: fastctx.region_attention(q, k, v, 0.9, b, backend="cpu")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias), eps=1e-6, atol=1e-6)
+
+
+def test_cpu_backward_is_deterministic():
+    q = torch.randn(2, 16, 33, 65, requires_grad=True)
+    k = torch.randn(2, 16, 19, requires_grad=True)
+    v = torch.randn(2, 24, 19, requires_grad=True)
+    grads = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            out = fastctx.region_attention(q, k, v, backend="cpu")
+            grads.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    finally:
+        torch.set_num_threads(before)
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d, _ in RUNS])
+def test_opcheck(backend, device):
+    q = torch.randn(2, 3, 6, 7, device=device, requires_grad=True)
+    k = torch.randn(2, 3, 5, device=device, requires_grad=True)
+    v = torch.randn(2, 4, 5, device=device, requires_grad=True)
+    bias = torch.zeros(2, 5, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastctx.region_attention_fwd.default, (q, k, v, bias, 1.0, backend))
+
+
+def test_compile_fullgraph_cpu():
+    torch._dynamo.reset()
+    q = torch.randn(2, 4, 5, 6, requires_grad=True)
+    k = torch.randn(2, 4, 7, requires_grad=True)
+    v = torch.randn(2, 8, 7, requires_grad=True)
+    f = lambda q, k, v: fastctx.region_attention(q * 2, k, v, backend="cpu").tanh().sum()  # noqa: E731
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    g = torch.autograd.grad(got, (q, k, v))
+    want = f(q, k, v)
+    w = torch.autograd.grad(want, (q, k, v))
+    assert_close(got, want.double(), torch.float32, "out")
+    for name, a, b in zip(("dq", "dk", "dv"), g, w):
+        assert_close(a, b.double(), torch.float32, name)
