@@ -23,7 +23,7 @@ install: $(VENV)/.deps
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fastctx-dev.pth"
 
-# The main job: the benchmark-and-parity report on whatever device is present (about a minute).
+# The main job: the benchmark-and-parity report on whatever device is present (a few minutes on CPU).
 report: install
 	$(PY) -m fastctx bench --quick --out $(REPORT)
 
