@@ -15,8 +15,8 @@
 // no pass over out), so out is only checked. Its reductions over pixels (dk, dv, dbias) are
 // summed per task (a fixed range of pixel blocks of one image, the same for any number of
 // threads) into partial buffers, then added in task order: deterministic, bit-identical run to
-// run and for any thread count. Tasks run in waves of two per thread, so only that many partial
-// buffers exist at once.
+// run and for any thread count. Tasks run in waves of a few per thread, so only that many
+// partial buffers exist at once.
 //
 // Parallelism: at::parallel_for, one worker per thread, claiming (image, pixel block) items in
 // the forward and tasks in the backward from a shared counter.
@@ -66,6 +66,8 @@ namespace {
 
 #define RA_OP "fastctx.region_attention"
 
+constexpr int64_t kPartialBytes = int64_t(32) << 20;  // backward: partial sums of a wave, at most
+
 bool use_avx2() {
 #ifdef FASTCTX_RA_HAVE_AVX2
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -92,8 +94,8 @@ void bwd_task(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t0, int64_t
   isa_base::bwd_task<T>(a, g, b, t0, t1, scratch, part);
 }
 
-// Zero-initialised, 64-byte aligned per-thread scratch (zero padding columns matter: see the
-// kernels header).
+// Zero-initialised, 64-byte aligned per-thread scratch (the zeros keep every stale scratch column
+// finite and the padding columns s >= S of the transposed buffers zero: see the kernels header).
 template <class T>
 class Scratch {
  public:
@@ -257,11 +259,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
                          lse.const_data_ptr<T>(),  dq_c.mutable_data_ptr<T>(),
                          Cqk, Cv, S, N, static_cast<T>(scale)};
       // Tasks: tpi per image, each a fixed range of about kTaskBlocks blocks (independent of the
-      // thread count). Waves of G tasks, two per thread; after each wave its partial sums are
-      // added to the results in task order.
+      // thread count). Waves of G tasks, up to four per thread (claimed dynamically, so a wave
+      // waits for at most about one task at its end) while their partial sums stay under
+      // kPartialBytes; after each wave its partial sums are added to the results in task order.
       const int64_t tpi = (g.nblocks + kTaskBlocks - 1) / kTaskBlocks, ntask = B * tpi;
-      const int64_t G = std::min<int64_t>(ntask, 2 * std::max<int64_t>(1, at::get_num_threads()));
       const int64_t psize = partial_size(g, Cqk, Cv), scratch = bwd_scratch(g, Cqk, Cv, S);
+      const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
+      const int64_t fit = kPartialBytes / std::max<int64_t>(1, psize * int64_t(sizeof(T)));
+      const int64_t G = std::min(ntask, std::max(nthr, std::min(4 * nthr, fit)));
       at::Tensor part_t = at::empty({G, std::max<int64_t>(psize, 1)}, copts);
       T* part = part_t.mutable_data_ptr<T>();
       T* dK = dk_c.mutable_data_ptr<T>();
