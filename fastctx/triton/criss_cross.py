@@ -29,88 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-
-_HEURISTICS = {
-    "ONE_CQK": lambda a: a["Cqk"] <= a["BLOCK_CQK"],
-    "ONE_CV": lambda a: a["Cv"] <= a["BLOCK_CV"],
-    # float32 dots in full precision (no TF32); the 16-bit dtypes ignore it.
-    "DOT_PRECISION": lambda a: "ieee" if a["q"].dtype == torch.float32 else "tf32",
-    # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
-    # (triton-lang/triton#11584): upcast them there
-    "DOT_F32": lambda a: _INTERPRET and a["q"].dtype == torch.bfloat16,
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _mm(a, b, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """tl.dot(a, b) accumulated in float32 (operands upcast when DOT_F32)."""
-    if DOT_F32:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=DOT_PRECISION)
-    return c
-
-
-# under TRITON_INTERPRET=1, triton.jit gives an InterpretedFunction, not a JITFunction
-_INTERPRET = not isinstance(_mm, triton.runtime.JITFunction)
-
-
-@triton.jit
-def _col_dot(b_fix, p_fix, o_fix_c, o_fix_j, p_var, o_var_c, o_var_j, stride_fix_c, stride_var_c,
-             m_j, C, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, ONE_C: tl.constexpr):
-    """sum_c fix[c, j] * var[c, j] in float32 -> ([BLOCK_J], the var tile when ONE_C).
-
-    Element (c, j) of a tile is at ``p + o_c[c] + o_j[j]``: p a scalar pointer, o_c the channel
-    offsets [BLOCK_C] (arange * stride_c), o_j [BLOCK_J]; chunk c0 adds c0 * stride_c.
-    m_j: [BLOCK_J]; b_fix: the preloaded fix tile when ONE_C (unused otherwise).
-    """
-    o_c = tl.arange(0, BLOCK_C)
-    if ONE_C:
-        b_var = tl.load(p_var + (o_var_c[:, None] + o_var_j[None, :]),
-                        mask=(o_c < C)[:, None] & m_j[None, :], other=0.0)  # [BLOCK_C, BLOCK_J]
-        b_s = tl.sum(b_fix.to(tl.float32) * b_var.to(tl.float32), 0)  # [BLOCK_J]
-    else:
-        b_var = 0.0
-        b_s = tl.zeros([BLOCK_J], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            m_c = (o_c < C - c0)[:, None] & m_j[None, :]
-            # the chunk start goes into the 1-D offsets: no hoisted [BLOCK_C, BLOCK_J] offset tile
-            b_f = tl.load(p_fix + ((o_fix_c + c0 * stride_fix_c)[:, None] + o_fix_j[None, :]), mask=m_c, other=0.0)
-            b_v = tl.load(p_var + ((o_var_c + c0 * stride_var_c)[:, None] + o_var_j[None, :]), mask=m_c, other=0.0)
-            b_s += tl.sum(b_f.to(tl.float32) * b_v.to(tl.float32), 0)
-    return b_s, b_var
-
-
-@triton.jit
-def _row_dot(b_fix, p_fix, o_fix_c, o_fix_j, p_var, o_var_w, o_var_c, stride_fix_c, stride_var_c,
-             m_fix, m_var, C, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr,
-             ONE_C: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """sum_c var[w, c] * fix[c, j] with tl.dot -> ([BLOCK_W, BLOCK_J] float32, the var tile
-    [BLOCK_W, BLOCK_C] when ONE_C).
-
-    fix[c, j] is at ``p_fix + o_fix_c[c] + o_fix_j[j]``, var[w, c] at
-    ``p_var + o_var_w[w] + o_var_c[c]`` (as in _col_dot); m_fix [BLOCK_J], m_var [BLOCK_W].
-    """
-    o_c = tl.arange(0, BLOCK_C)
-    if ONE_C:
-        b_var = tl.load(p_var + (o_var_w[:, None] + o_var_c[None, :]),
-                        mask=m_var[:, None] & (o_c < C)[None, :], other=0.0)  # [BLOCK_W, BLOCK_C]
-        b_s = _mm(b_var, b_fix, DOT_PRECISION, DOT_F32)  # [BLOCK_W, BLOCK_J]
-    else:
-        b_var = 0.0
-        b_s = tl.zeros([BLOCK_W, BLOCK_J], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            m_c = o_c < C - c0
-            b_v = tl.load(p_var + (o_var_w[:, None] + (o_var_c + c0 * stride_var_c)[None, :]),
-                          mask=m_var[:, None] & m_c[None, :], other=0.0)  # [BLOCK_W, BLOCK_C]
-            b_f = tl.load(p_fix + ((o_fix_c + c0 * stride_fix_c)[:, None] + o_fix_j[None, :]),
-                          mask=m_c[:, None] & m_fix[None, :], other=0.0)  # [BLOCK_C, BLOCK_J]
-            b_s += _mm(b_v, b_f, DOT_PRECISION, DOT_F32)
-    return b_s, b_var
+from fastctx.triton._common import _HEURISTICS, _LOG2E, _bwd_delta_kernel, _col_dot, _mm, _row_dot
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,33 +127,6 @@ def _cc_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _cc_bwd_delta_kernel(
-    do, out, delta,
-    stride_db, stride_dc, stride_dh, stride_dw,
-    stride_ob, stride_oc, stride_oh, stride_ow,
-    H, W, Cv,
-    BLOCK_J: tl.constexpr, BLOCK_CV: tl.constexpr,
-):
-    """delta[b, i, j] = <dout[b, :, i, j], out[b, :, i, j]> in float32.
-
-    Grid: (B * H, cdiv(W, BLOCK_J))
-    """
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_jb = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    j_start = i_jb * BLOCK_J
-    o_j = tl.arange(0, BLOCK_J)
-    o_cv = tl.arange(0, BLOCK_CV)
-    m_j = o_j < W - j_start
-    p_do = do + i_b * stride_db + i_h * stride_dh + j_start * stride_dw
-    p_o = out + i_b * stride_ob + i_h * stride_oh + j_start * stride_ow
-    b_d, _ = _col_dot(0.0, p_do, o_cv * stride_dc, o_j * stride_dw, p_o, o_cv * stride_oc,
-                      o_j * stride_ow, stride_dc, stride_oc, m_j, Cv, BLOCK_CV, BLOCK_J, False)
-    tl.store(delta + i_bh * W + j_start + o_j, b_d, mask=m_j)
-
-
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _cc_bwd_dq_kernel(
@@ -533,7 +425,7 @@ def _bwd(dout, q, k, v, out, lse, scale: float, cfg: dict):
     lse = lse.contiguous()
 
     delta = torch.empty((B, H, W), dtype=torch.float32, device=v.device)
-    _cc_bwd_delta_kernel[(B * H, nj)](
+    _bwd_delta_kernel[(B * H, nj)](
         dout, out, delta, *_strides(dout), *_strides(out), H, W, Cv,
         BLOCK_J=bj, BLOCK_CV=min(bcv, 64))
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton.criss_cross import _HEURISTICS, _LOG2E, _cc_bwd_delta_kernel, _mm, _row_dot
+from fastctx.triton._common import _HEURISTICS, _LOG2E, _bwd_delta_kernel, _mm, _row_dot
 
 _OP = "fastctx.region_attention"
 
@@ -422,7 +422,7 @@ def _bwd(dout, q, k, v, bias, out, lse, scale: float, cfg: dict, n_groups: int |
 
     delta = torch.empty((B, H, W), dtype=torch.float32, device=v.device)
     bj = min(32, max(16, triton.next_power_of_2(W)))
-    _cc_bwd_delta_kernel[(B * H, triton.cdiv(W, bj))](
+    _bwd_delta_kernel[(B * H, triton.cdiv(W, bj))](
         dout, out, delta, *_strides(dout), *_strides(out), H, W, Cv, BLOCK_J=bj,
         BLOCK_CV=min(bcv, 64))
 
