@@ -22,6 +22,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -60,16 +62,11 @@ namespace fastctx {
 namespace cc_cpu {
 namespace {
 
-#define CC_OP "fastctx.criss_cross_attention"
+using cpu::compute_dtype;
+using cpu::prepare;
+using cpu::use_avx2;
 
-bool use_avx2() {
-#ifdef FASTCTX_CC_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+#define CC_OP "fastctx.criss_cross_attention"
 
 template <class T>
 void fwd_task(const FwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch) {
@@ -96,26 +93,6 @@ void prep_task(const T* dO, const T* O, const T* lse, int64_t Cv, int64_t HW, in
   isa_base::prep_row<T>(dO, O, lse, Cv, HW, W, Wp, D, Lp);
 }
 
-// Zero-initialised, 64-byte aligned per-thread scratch (zero padding lanes matter: see the
-// kernels header).
-template <class T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
-    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p_ != nullptr, CC_OP ": could not allocate ", bytes, " bytes of scratch");
-    std::memset(p_, 0, bytes);
-  }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* data() const { return p_; }
-
- private:
-  T* p_;
-};
-
 // Row stride of the scratch rows: W rounded up to 64 bytes.
 template <class T>
 int64_t padded_width(int64_t W) {
@@ -138,7 +115,7 @@ void for_each_row_block(int64_t B, int64_t H, int64_t scratch_elems, const Fn& f
     const int64_t units = g * nrb;
     const int64_t shares = std::min(units, nthr);
     at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
-      Scratch<T> s(scratch_elems);
+      cpu::Scratch<T> s(scratch_elems, CC_OP);
       for (int64_t p = begin; p < end; ++p) {
         // Share p: register blocks [u0, u1) of the group, image by image, kTR rows at a time.
         const int64_t u0 = units * p / shares, u1 = units * (p + 1) / shares;
@@ -154,45 +131,16 @@ void for_each_row_block(int64_t B, int64_t H, int64_t scratch_elems, const Fn& f
   }
 }
 
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_cpu_4d(const at::Tensor& t, const char* op, const char* name, const char* shape,
-                  const at::Tensor& ref) {
-  TORCH_CHECK(t.defined(), CC_OP " (", op, "): ", name, " is undefined");
-  TORCH_CHECK(t.device() == ref.device(), CC_OP " (", op, "): ", name, " is on ", t.device(),
-              " but q is on ", ref.device());
-  TORCH_CHECK(t.device().is_cpu(), CC_OP " (", op, "): ", name,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == 4, CC_OP " (", op, "): ", name, " must be 4-D ", shape, ", got shape ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), CC_OP " (", op, "): ", name, " has dtype ",
-              t.scalar_type(), " but q has dtype ", ref.scalar_type());
-}
-
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  check_cpu_4d(q, op, "q", "[B, Cqk, H, W]", q);
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              CC_OP " (", op, "): q must be float16, bfloat16, float32 or float64, got ", st);
-  check_cpu_4d(k, op, "k", "[B, Cqk, H, W]", q);
-  check_cpu_4d(v, op, "v", "[B, Cv, H, W]", q);
+  cpu::check_tensor(CC_OP, op, q, "q", 4, "[B, Cqk, H, W]", q);
+  cpu::check_float(CC_OP, op, q, "q");
+  cpu::check_tensor(CC_OP, op, k, "k", 4, "[B, Cqk, H, W]", q);
+  cpu::check_tensor(CC_OP, op, v, "v", 4, "[B, Cv, H, W]", q);
   TORCH_CHECK(k.sizes() == q.sizes(), CC_OP " (", op, "): q and k must have the same shape, got q ",
               q.sizes(), " and k ", k.sizes());
   TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3),
               CC_OP " (", op, "): v must match q in batch and spatial size, got q ", q.sizes(),
               " and v ", v.sizes());
-}
-
-// The one copy (see the top of the file): NCHW-contiguous in the compute dtype. (Not
-// Tensor::to(dtype, ..., MemoryFormat::Contiguous): that aliases any tensor whose
-// suggest_memory_format() is Contiguous, e.g. a permuted one, without making it contiguous.)
-at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
-  if (t.scalar_type() == ct) return t.contiguous();
-  at::Tensor r = at::empty(t.sizes(), t.options().dtype(ct));
-  r.copy_(t);
-  return r;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -237,8 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
   check_qkv(q_in, k_in, v_in, "cc_bwd");
-  check_cpu_4d(dout_in, "cc_bwd", "dout", "[B, Cv, H, W]", q_in);
-  check_cpu_4d(out_in, "cc_bwd", "out", "[B, Cv, H, W]", q_in);
+  cpu::check_tensor(CC_OP, "cc_bwd", dout_in, "dout", 4, "[B, Cv, H, W]", q_in);
+  cpu::check_tensor(CC_OP, "cc_bwd", out_in, "out", 4, "[B, Cv, H, W]", q_in);
   TORCH_CHECK(dout_in.sizes() == v_in.sizes(), CC_OP " (cc_bwd): dout must have the shape of v ",
               v_in.sizes(), ", got ", dout_in.sizes());
   TORCH_CHECK(out_in.sizes() == v_in.sizes(), CC_OP " (cc_bwd): out must have the shape of v ",

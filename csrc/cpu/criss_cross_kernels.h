@@ -62,6 +62,10 @@
 #include <type_traits>
 #include <utility>
 
+#define FASTCTX_VEC_ISA FASTCTX_CC_ISA
+#include "vec.h"
+#undef FASTCTX_VEC_ISA
+
 // Shared by every instruction set (defined once): blocking constants and task arguments.
 #ifndef FASTCTX_CC_CPU_ARGS_DEFINED
 #define FASTCTX_CC_CPU_ARGS_DEFINED
@@ -123,17 +127,17 @@ namespace cc_cpu {
 namespace FASTCTX_CC_ISA {
 
 template <class T, int VL>
-struct VecType {
-  typedef T type __attribute__((vector_size(sizeof(T) * VL)));
-};
-template <class T>
-struct VecType<T, 1> {
-  typedef T type;
-};
-
-template <class T, int VL>
-struct Kern {
-  typedef typename VecType<T, VL>::type V;
+struct Kern : cpu::FASTCTX_CC_ISA::Vec<T, VL> {
+  typedef cpu::FASTCTX_CC_ISA::Vec<T, VL> Base;
+  typedef typename Base::V V;
+  using Base::bcast;
+  using Base::load;
+  using Base::load_lo;
+  using Base::store;
+  using Base::store_lo;
+  using Base::vexp;
+  using Base::vmax;
+  using Base::zero;
 
   struct Win {
     int64_t j0;  // first column of the window
@@ -143,75 +147,6 @@ struct Kern {
     const int64_t j = w * VL;
     const int64_t j0 = std::min<int64_t>(j, W - VL);
     return {j0, static_cast<int>(j - j0)};
-  }
-
-  static inline V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static inline V zero() { return V{}; }
-  // (Not V{} + s: adding +0.0 is no identity for -0.0, so the add would stay in the code; an
-  // initialiser list of VL copies becomes one broadcast.)
-  template <size_t... I>
-  static inline V bcast_impl(T s, std::index_sequence<I...>) {
-    return V{(static_cast<void>(I), s)...};
-  }
-  static inline V bcast(T s) {
-    if constexpr (VL == 1) {
-      return s;
-    } else {
-      return bcast_impl(s, std::make_index_sequence<VL>{});
-    }
-  }
-  // Lanes [lo, VL) of p; the others 0.
-  static inline V load_lo(const T* p, int lo) {
-    if (lo == 0) return load(p);
-    T tmp[VL];
-    for (int l = 0; l < VL; ++l) tmp[l] = l < lo ? T(0) : p[l];
-    return load(tmp);
-  }
-  // Stores lanes [lo, VL) only.
-  static inline void store_lo(T* p, V v, int lo) {
-    if (lo == 0) return store(p, v);
-    T tmp[VL];
-    store(tmp, v);
-    for (int l = lo; l < VL; ++l) p[l] = tmp[l];
-  }
-  static inline V vmax(V a, V b) { return a > b ? a : b; }
-
-  // exp, lane-wise. float: Cephes expf (range reduction by ln 2, degree-6 polynomial, about
-  // 1 ulp), 0 below ln(FLT_MIN). Other types: std::exp per lane.
-  static inline V vexp(V x) {
-    if constexpr (VL > 1 && std::is_same<T, float>::value) {
-      typedef int32_t VI __attribute__((vector_size(sizeof(T) * VL)));
-      const V lo = bcast(-87.33654475f), hi = bcast(88.0f);
-      const V xc = x < lo ? lo : (x > hi ? hi : x);
-      const V magic = bcast(12582912.0f);  // 1.5 * 2^23: (t + magic) - magic rounds t
-      const V n = (xc * bcast(1.44269504088896341f) + magic) - magic;
-      V r = xc - n * bcast(0.693359375f);
-      r = r - n * bcast(-2.12194440e-4f);
-      const V z = r * r;
-      V p = bcast(1.9875691500e-4f);
-      p = p * r + bcast(1.3981999507e-3f);
-      p = p * r + bcast(8.3334519073e-3f);
-      p = p * r + bcast(4.1665795894e-2f);
-      p = p * r + bcast(1.6666665459e-1f);
-      p = p * r + bcast(5.0000001201e-1f);
-      p = p * z + r + bcast(1.0f);
-      const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
-      V two_n;
-      std::memcpy(&two_n, &e, sizeof(V));
-      const V res = p * two_n;
-      return x < lo ? zero() : res;
-    } else if constexpr (VL > 1) {
-      V y;
-      for (int l = 0; l < VL; ++l) y[l] = std::exp(x[l]);
-      return y;
-    } else {
-      return std::exp(x);
-    }
   }
 
   // acc[r][t] += a_r * b_t over an RR x CC register block (RR * CC = 12 accumulators). The

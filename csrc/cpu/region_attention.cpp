@@ -30,6 +30,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -64,18 +66,13 @@ namespace fastctx {
 namespace ra_cpu {
 namespace {
 
+using cpu::compute_dtype;
+using cpu::prepare;
+using cpu::use_avx2;
+
 #define RA_OP "fastctx.region_attention"
 
 constexpr int64_t kPartialBytes = int64_t(32) << 20;  // backward: partial sums of a wave, at most
-
-bool use_avx2() {
-#ifdef FASTCTX_RA_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 template <class T>
 void fwd_block(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
@@ -94,66 +91,13 @@ void bwd_task(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t0, int64_t
   isa_base::bwd_task<T>(a, g, b, t0, t1, scratch, part);
 }
 
-// Zero-initialised, 64-byte aligned per-thread scratch (the zeros keep every stale scratch column
-// finite and the padding columns s >= S of the transposed buffers zero: see the kernels header).
-template <class T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
-    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p_ != nullptr, RA_OP ": could not allocate ", bytes, " bytes of scratch");
-    std::memset(p_, 0, bytes);
-  }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* data() const { return p_; }
-
- private:
-  T* p_;
-};
-
-// Runs fn(i, scratch) for every i in [0, n) on up to get_num_threads() threads, each with its
-// own zero-initialised scratch of scratch_elems values. Items are claimed one at a time from a
-// shared counter, so a thread that is descheduled (a loaded machine) holds up no one. Which
-// thread runs an item never changes its result.
-template <class T, class Fn>
-void for_each_item(int64_t n, int64_t scratch_elems, const Fn& fn) {
-  const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
-    Scratch<T> s(scratch_elems);
-    for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
-  });
-}
-
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
-                  const char* shape, const at::Tensor& q) {
-  TORCH_CHECK(t.defined(), RA_OP " (", op, "): ", name, " is undefined");
-  TORCH_CHECK(t.device() == q.device(), RA_OP " (", op, "): ", name, " is on ", t.device(),
-              " but q is on ", q.device());
-  TORCH_CHECK(t.device().is_cpu(), RA_OP " (", op, "): ", name,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, RA_OP " (", op, "): ", name, " must be ", dim, "-D ", shape,
-              ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), RA_OP " (", op, "): ", name, " has dtype ",
-              t.scalar_type(), " but q has dtype ", q.scalar_type());
-}
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& bias, const char* op) {
-  check_tensor(q, op, "q", 4, "[B, Cqk, H, W]", q);
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              RA_OP " (", op, "): q must be float16, bfloat16, float32 or float64, got ", st);
-  check_tensor(k, op, "k", 3, "[B, Cqk, S]", q);
-  check_tensor(v, op, "v", 3, "[B, Cv, S]", q);
-  check_tensor(bias, op, "bias", 2, "[B, S]", q);
+  cpu::check_tensor(RA_OP, op, q, "q", 4, "[B, Cqk, H, W]", q);
+  cpu::check_float(RA_OP, op, q, "q");
+  cpu::check_tensor(RA_OP, op, k, "k", 3, "[B, Cqk, S]", q);
+  cpu::check_tensor(RA_OP, op, v, "v", 3, "[B, Cv, S]", q);
+  cpu::check_tensor(RA_OP, op, bias, "bias", 2, "[B, S]", q);
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1),
               RA_OP " (", op, "): k must be [B, Cqk, S] with B and Cqk of q, got q ", q.sizes(),
               " and k ", k.sizes());
@@ -163,16 +107,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(bias.size(0) == k.size(0) && bias.size(1) == k.size(2),
               RA_OP " (", op, "): bias must be [B, S] = [", k.size(0), ", ", k.size(2),
               "], got ", bias.sizes());
-}
-
-// The one copy (see the top of the file): contiguous in the compute dtype. (Not
-// Tensor::to(dtype, ..., MemoryFormat::Contiguous): that aliases any tensor whose
-// suggest_memory_format() is Contiguous, e.g. a permuted one, without making it contiguous.)
-at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
-  if (t.scalar_type() == ct) return t.contiguous();
-  at::Tensor r = at::empty(t.sizes(), t.options().dtype(ct));
-  r.copy_(t);
-  return r;
 }
 
 // [B, C, S] -> [B, S, C] contiguous (small: no pixel axis).
@@ -202,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in, const at::
                        out_c.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
                        Cqk, Cv, S, N, static_cast<T>(scale)};
     const int64_t scratch = fwd_scratch(g, Cqk, S);
-    for_each_item<T>(B * g.nblocks, scratch, [&](int64_t u, T* s) {
+    cpu::for_each_item<T>(B * g.nblocks, scratch, RA_OP, [&](int64_t u, T* s) {
       fwd_block<T>(a, g, u / g.nblocks, u % g.nblocks, s);
     });
   });
@@ -216,8 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
     const at::Tensor& v_in, const at::Tensor& bias_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, double scale) {
   check_inputs(q_in, k_in, v_in, bias_in, "ra_bwd");
-  check_tensor(dout_in, "ra_bwd", "dout", 4, "[B, Cv, H, W]", q_in);
-  check_tensor(out_in, "ra_bwd", "out", 4, "[B, Cv, H, W]", q_in);
+  cpu::check_tensor(RA_OP, "ra_bwd", dout_in, "dout", 4, "[B, Cv, H, W]", q_in);
+  cpu::check_tensor(RA_OP, "ra_bwd", out_in, "out", 4, "[B, Cv, H, W]", q_in);
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t S = k_in.size(2), Cv = v_in.size(1), N = H * W;
   const std::array<int64_t, 4> oshape{B, Cv, H, W};
@@ -275,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
       const int64_t rows = Cqk + Cv + 1, Sp = g.Sp;
       for (int64_t w0 = 0; w0 < ntask; w0 += G) {
         const int64_t nt = std::min(G, ntask - w0);
-        for_each_item<T>(nt, scratch, [&](int64_t i, T* s) {
+        cpu::for_each_item<T>(nt, scratch, RA_OP, [&](int64_t i, T* s) {
           const int64_t t = w0 + i, b = t / tpi, c = t % tpi;
           bwd_task<T>(a, g, b, g.nblocks * c / tpi, g.nblocks * (c + 1) / tpi, s, part + i * psize);
         });

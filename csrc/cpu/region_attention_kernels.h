@@ -55,6 +55,10 @@
 #include <type_traits>
 #include <utility>
 
+#define FASTCTX_VEC_ISA FASTCTX_RA_ISA
+#include "vec.h"
+#undef FASTCTX_VEC_ISA
+
 // Shared by every instruction set (defined once): blocking constants, geometry, task arguments.
 #ifndef FASTCTX_RA_CPU_ARGS_DEFINED
 #define FASTCTX_RA_CPU_ARGS_DEFINED
@@ -150,78 +154,16 @@ namespace ra_cpu {
 namespace FASTCTX_RA_ISA {
 
 template <class T, int VL>
-struct VecType {
-  typedef T type __attribute__((vector_size(sizeof(T) * VL)));
-};
-template <class T>
-struct VecType<T, 1> {
-  typedef T type;
-};
-
-template <class T, int VL>
-struct Kern {
-  typedef typename VecType<T, VL>::type V;
-
-  static inline V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static inline V zero() { return V{}; }
-  template <size_t... I>
-  static inline V bcast_impl(T s, std::index_sequence<I...>) {
-    return V{(static_cast<void>(I), s)...};
-  }
-  static inline V bcast(T s) {
-    if constexpr (VL == 1) {
-      return s;
-    } else {
-      return bcast_impl(s, std::make_index_sequence<VL>{});
-    }
-  }
-  static inline V vmax(V a, V b) { return a > b ? a : b; }
-  static inline T lane(V v, int l) {
-    if constexpr (VL == 1) {
-      (void)l;
-      return v;
-    } else {
-      return v[l];
-    }
-  }
-
-  // exp, lane-wise. float: Cephes expf (range reduction by ln 2, degree-6 polynomial, about
-  // 1 ulp), 0 below ln(FLT_MIN) (so exp(-inf) = 0). Other types: std::exp per lane.
-  static inline V vexp(V x) {
-    if constexpr (VL > 1 && std::is_same<T, float>::value) {
-      typedef int32_t VI __attribute__((vector_size(sizeof(T) * VL)));
-      const V lo = bcast(-87.33654475f), hi = bcast(88.0f);
-      const V xc = x < lo ? lo : (x > hi ? hi : x);
-      const V magic = bcast(12582912.0f);  // 1.5 * 2^23: (t + magic) - magic rounds t
-      const V n = (xc * bcast(1.44269504088896341f) + magic) - magic;
-      V r = xc - n * bcast(0.693359375f);
-      r = r - n * bcast(-2.12194440e-4f);
-      const V z = r * r;
-      V p = bcast(1.9875691500e-4f);
-      p = p * r + bcast(1.3981999507e-3f);
-      p = p * r + bcast(8.3334519073e-3f);
-      p = p * r + bcast(4.1665795894e-2f);
-      p = p * r + bcast(1.6666665459e-1f);
-      p = p * r + bcast(5.0000001201e-1f);
-      p = p * z + r + bcast(1.0f);
-      const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
-      V two_n;
-      std::memcpy(&two_n, &e, sizeof(V));
-      const V res = p * two_n;
-      return x < lo ? zero() : res;
-    } else if constexpr (VL > 1) {
-      V y;
-      for (int l = 0; l < VL; ++l) y[l] = std::exp(x[l]);
-      return y;
-    } else {
-      return std::exp(x);
-    }
-  }
+struct Kern : cpu::FASTCTX_RA_ISA::Vec<T, VL> {
+  typedef cpu::FASTCTX_RA_ISA::Vec<T, VL> Base;
+  typedef typename Base::V V;
+  using Base::bcast;
+  using Base::lane;
+  using Base::load;
+  using Base::store;
+  using Base::vexp;
+  using Base::vmax;
+  using Base::zero;
 
   // ------------------------------------------------------------------------------------------
   // The GEMM. Register block: C[r * cms + col[t]] (= or +=) sum_{kk < K} A[r * ams + kk] *
