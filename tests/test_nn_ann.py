@@ -263,6 +263,26 @@ def test_query_scales_upsample_back(train):
     _check_step(a, ref, (lo, hi), (lor, hir), lambda r, p, q: _mm_afnb(r, p, q, 5, (2,), ks, upsample=True), "afnb")
 
 
+def test_float32_module_matches_float64_mmseg():
+    m = _randomize(AFNB(8, 10, 6, 12)).eval()
+    low, high = torch.randn(2, 8, 17, 23), torch.randn(2, 10, 33, 65)
+    want = _mm_afnb(copy.deepcopy(m).double(), low.double(), high.double(), 6, (1,), (1, 3, 6, 8))
+    assert_close(m(low, high), want, torch.float32, "out")
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    m = _randomize(APNB(8, 4, 8, query_scales=(1, 2))).train()
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 8, 9, 10, requires_grad=True)
+    got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    (dx,) = torch.autograd.grad(got.tanh().sum(), x)
+    want = ref(x)
+    (wx,) = torch.autograd.grad(want.tanh().sum(), x)
+    assert_close(got, want.double(), torch.float32, "out")
+    assert_close(dx, wx.double(), torch.float32, "dx")
+
+
 def test_fresh_blocks_start_as_mmseg():
     """out_project starts at zero, so a fresh block's context is zero."""
     m = APNB(8, 4, 8).double().eval()

@@ -178,7 +178,7 @@ def test_matches_mmseg_isahead(H, W, df, train):
     C, Cqk = 12, 6
     m = _randomize(InterlacedSparseAttention(C, Cqk, df, backend="reference")).double().train(train)
     ref = copy.deepcopy(m)
-    x = torch.randn(1 if H * W > 5000 else 2, C, H, W, dtype=F64, requires_grad=True)
+    x = torch.randn(2, C, H, W, dtype=F64, requires_grad=True)
     xr = x.detach().clone().requires_grad_(True)
     out = m(x)
     assert fastctx.last_backend("interlaced_attention") == "reference"
@@ -198,6 +198,27 @@ def test_matches_mmseg_isahead(H, W, df, train):
     x2 = torch.randn(1, C, H, W, dtype=F64)
     with torch.no_grad():
         assert_close(m(x2), _mm_isa(ref, x2, df, Cqk), F64, "out after a step")
+
+
+def test_float32_module_matches_float64_mmseg():
+    m = _randomize(InterlacedSparseAttention(12, 6)).eval()
+    x = torch.randn(2, 12, 33, 65)
+    want = _mm_isa(copy.deepcopy(m).double(), x.double(), (8, 8), 6)
+    assert_close(m(x), want, torch.float32, "out")
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_compile_fullgraph(mask_padding):
+    torch._dynamo.reset()
+    m = _randomize(InterlacedSparseAttention(8, 4, (4, 4), mask_padding=mask_padding)).train()
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 8, 9, 10, requires_grad=True)
+    got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    (dx,) = torch.autograd.grad(got.tanh().sum(), x)
+    want = ref(x)
+    (wx,) = torch.autograd.grad(want.tanh().sum(), x)
+    assert_close(got, want.double(), torch.float32, "out")
+    assert_close(dx, wx.double(), torch.float32, "dx")
 
 
 # ------------------------------------------------------------------------------ mask_padding
