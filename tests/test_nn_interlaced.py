@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastctx
-from fastctx.nn.interlaced import ConvModule, InterlacedSparseAttention
+from fastctx.nn._conv import ConvModule
+from fastctx.nn.interlaced import InterlacedSparseAttention
 from tests._utils import assert_close
 
 F64 = torch.float64

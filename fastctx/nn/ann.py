@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastctx.nn.interlaced import BN, RELU, ConvModule
+from fastctx.nn._conv import BN, RELU, ConvModule
 from fastctx.ops.pyramid import pyramid_attention
 
 __all__ = ["AFNB", "APNB", "PyramidSelfAttentionBlock"]
