@@ -355,16 +355,15 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     16-bit: 64 queries x 64 keys per tile (a short 8x8 group is one tile; a long group of 128 or
     169 members two or three), Cqk in one block up to 128, else chunks of 64, Cv chunks of up to
     128. float32 ("ieee" dots are FMA loops): 32 x 32 tiles, Cqk one block up to 64, else 32,
-    Cv chunks of 32. float64: 16 x 16 tiles and all channels in one block (the verification path;
+    Cv chunks of 32. float64: 32 x 32 tiles and all channels in one block (the verification path;
     the shared chunked dot helper accumulates in float32). Not yet timed on a GPU.
     """
     np2 = triton.next_power_of_2
+    f32 = dtype in (torch.float32, torch.float64)
+    blk = min(32 if f32 else 64, max(16, np2(L)))
     if dtype == torch.float64:
-        blk = 16
         return {"BLOCK_M": blk, "BLOCK_N": blk, "BLOCK_CQK": max(16, np2(Cqk)),
                 "BLOCK_CV": max(16, np2(Cv))}
-    f32 = dtype == torch.float32
-    blk = min(32 if f32 else 64, max(16, np2(L)))
     cqk_max = 64 if f32 else 128
     return {
         "BLOCK_M": blk,
