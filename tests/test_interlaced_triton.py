@@ -68,7 +68,8 @@ def _ref_lse(q, k, bh, bw, long_mode, scale):
     """logsumexp over each position's group of scale * <q, k>, float64, [B, H, W]."""
     B, C, H, W = q.shape
     g = _group_ids(H, W, bh, bw, long_mode)
-    e = scale * torch.einsum("bcn,bcm->bnm", q.double().reshape(B, C, -1), k.double().reshape(B, C, -1))
+    qf, kf = q.double().reshape(B, C, -1), k.double().reshape(B, C, -1)
+    e = scale * torch.einsum("bcn,bcm->bnm", qf, kf)  # [B, H * W, H * W]
     e = e.masked_fill(g[:, None] != g[None, :], float("-inf"))
     return torch.logsumexp(e, -1).reshape(B, H, W)
 

@@ -6,12 +6,12 @@ the positions of equal ``(a, b)`` (``L = (H / bh) * (W / bw)`` members, ``G = bh
 Dense softmax attention inside each group, ``lse`` its logsumexp.
 
 No permuted copies: member ``m`` of group ``g`` is read straight from the strided NCHW tensors.
-Both groupings are one affine pattern (host function :func:`_geometry`): group g has its origin at
-row ``(g // GW) * G_SH``, column ``(g % GW) * G_SW``, and member m sits ``(m // MW) * M_SH`` rows and
-``(m % MW) * M_SW`` columns from it (computed inline: a jit helper call costs the interpreter
-more than the arithmetic) (long: GW = bw, G_S* = 1, MW = W / bw, M_S* = (bh, bw); short:
-GW = W / bw, G_S* = (bh, bw), MW = bw, M_S* = 1). Inputs keep their strides; outputs are
-allocated NCHW-contiguous.
+Both groupings are one affine pattern (host function :func:`_geometry`): group g has its origin
+at row ``(g // GW) * G_SH``, column ``(g % GW) * G_SW``, and member m sits ``(m // MW) * M_SH``
+rows and ``(m % MW) * M_SW`` columns from it (long: GW = bw, G_S* = 1, MW = W / bw,
+M_S* = (bh, bw); short: GW = W / bw, G_S* = (bh, bw), MW = bw, M_S* = 1). The kernels compute
+these offsets inline (a jit helper call costs the interpreter more than the arithmetic). Inputs
+keep their strides; outputs are allocated NCHW-contiguous.
 
 Kernels, in "keys x queries" tiles so that per-query vectors come from axis-0 reductions (the
 dk/dv kernel is the mirror, "queries x keys"), as in region_attention:
@@ -198,7 +198,8 @@ def _isa_bwd_dq_kernel(
         b_s, b_kt = _row_dot(b_q, p_q, o_qc, o_qm, p_k, o_kn, o_kc, stride_qc, stride_kc, m_m,
                              m_n, Cqk, BLOCK_CQK, BLOCK_N, BLOCK_M, ONE_CQK, DOT_PRECISION,
                              DOT_F32)  # [BLOCK_N, BLOCK_M]
-        b_p = tl.where(m_n[:, None], tl.exp2(b_s * b_qk - b_lse[None, :]), 0.0)  # [BLOCK_N, BLOCK_M]
+        b_p = tl.exp2(b_s * b_qk - b_lse[None, :])
+        b_p = tl.where(m_n[:, None], b_p, 0.0)  # [BLOCK_N, BLOCK_M]: padded keys 0
         b_da, _ = _row_dot(b_do, p_do, o_dc, o_dm, p_v, o_vn, o_vc, stride_dc, stride_vc, m_m,
                            m_n, Cv, BLOCK_CV, BLOCK_N, BLOCK_M, ONE_CV, DOT_PRECISION,
                            DOT_F32)  # [BLOCK_N, BLOCK_M]
@@ -284,7 +285,8 @@ def _isa_bwd_dkdv_kernel(
         o_qm, o_dm = r_m * stride_qh + c_m * stride_qw, r_m * stride_dh + c_m * stride_dw
         o_sm = r_m * W + c_m
         # padded queries: lse +inf, so p = 0
-        b_lse = tl.load(p_lse + o_sm, mask=m_m, other=float("inf")) * 1.4426950408889634  # [BLOCK_M]
+        b_lse = tl.load(p_lse + o_sm, mask=m_m, other=float("inf"))
+        b_lse = b_lse * 1.4426950408889634  # [BLOCK_M]
         b_s, b_qt = _row_dot(b_k, p_k, o_kc, o_kn, p_q, o_qm, o_qc, stride_kc, stride_qc, m_n,
                              m_m, Cqk, BLOCK_CQK, BLOCK_M, BLOCK_N, ONE_CQK, DOT_PRECISION,
                              DOT_F32)  # [BLOCK_M, BLOCK_N]
