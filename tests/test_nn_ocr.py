@@ -194,8 +194,6 @@ def test_object_attention_matches_mmseg(case, train):
                 b.running_var.uniform_(0.5, 2.0)
                 b.weight.data.uniform_(0.5, 1.5)
                 b.bias.data.uniform_(-0.2, 0.2)
-    if B * K == 1 and train:
-        pytest.skip("mmseg's own BN on the [1, C, 1, 1] regions refuses training (1 value per channel)")
     _run_both(m, 1.0, B, C, H, W, K, "random", train)
 
 
@@ -261,6 +259,9 @@ def test_bad_forward_inputs():
         m(x, torch.randn(2, 12, 4, 2))
     with pytest.raises(TypeError, match=r"key_feats must be a torch.Tensor, got list"):
         m(x, [1, 2])
+    one_region = torch.randn(1, 12, 1, 1)  # mmseg's BN on [1, C, 1, 1] regions refuses training too
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training"):
+        m.train()(x[:1], one_region)
     with pytest.raises(ValueError, match=r"fastctx.spatial_gather: scale must be positive"):
         SpatialGather(0)(x, torch.randn(2, 4, 7, 5))
     with pytest.raises(ValueError, match=r"fastctx.spatial_gather: feats and logits must agree"):
