@@ -1,0 +1,267 @@
+"""OCRNet's object-contextual blocks, with mmsegmentation 1.2.2's module layout.
+
+:class:`SpatialGather` is mmseg's ``SpatialGatherModule`` and :class:`ObjectAttention` its
+``ObjectAttentionBlock`` (``mmseg/models/decode_heads/ocr_head.py``), the projections built as
+mmcv's ``ConvModule`` (submodules ``conv``, ``bn``/``gn``, ``activate``), so the state-dict keys of
+those submodules are mmseg's and a checkpoint loads unchanged (strip the ``decode_head.
+object_context_block.`` prefix). The pixel-region attention runs as :func:`fastctx.region_attention`
+and the soft region pooling as :func:`fastctx.spatial_gather`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastctx.ops.ocr import region_attention, spatial_gather
+
+__all__ = ["ConvModule", "ObjectAttention", "SpatialGather"]
+
+# mmcv's build_norm_layer: config type -> (layer, abbreviation = submodule name).
+_MMCV_NORMS: dict[str, tuple[type[nn.Module], str]] = {
+    "BN": (nn.BatchNorm2d, "bn"),
+    "BN2d": (nn.BatchNorm2d, "bn"),
+    "SyncBN": (nn.SyncBatchNorm, "bn"),
+    "GN": (nn.GroupNorm, "gn"),
+}
+# Parameter-free pointwise activations; mmcv's and sssegmentation's names are torch's.
+_ACTIVATIONS = ("ReLU", "LeakyReLU", "ReLU6", "ELU", "GELU", "SiLU", "Sigmoid", "Tanh")
+
+
+def _cfg_type(who: str, what: str, cfg: object, allowed) -> tuple[str, dict]:
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise TypeError(f"{who}: {what} must be None or a dict with a 'type', got {cfg!r}")
+    cfg = dict(cfg)
+    kind = cfg.pop("type")
+    if kind not in allowed:
+        raise ValueError(f"{who}: {what} type {kind!r} is not supported; use one of {sorted(allowed)}")
+    return kind, cfg
+
+
+def build_activation(who: str, act_cfg: dict | None) -> nn.Module:
+    """``nn.Identity()`` for None, else the torch activation named by ``act_cfg['type']``.
+
+    ``inplace`` is dropped: an out-of-place activation computes the same values.
+    """
+    if act_cfg is None:
+        return nn.Identity()
+    kind, kwargs = _cfg_type(who, "act_cfg", act_cfg, _ACTIVATIONS)
+    kwargs.pop("inplace", None)
+    return getattr(nn, kind)(**kwargs)
+
+
+class ConvModule(nn.Module):
+    """mmcv's ``ConvModule`` in its default order conv -> norm -> act, with its names.
+
+    Submodules: ``conv`` (``nn.Conv2d``; bias only without a norm, mmcv's ``bias='auto'``), the
+    norm under mmcv's abbreviation (``bn`` for ``BN``/``BN2d``/``SyncBN``, ``gn`` for ``GN``) and
+    ``activate``. Initialised as mmcv does (Kaiming normal, fan-out, for the conv; norm weight 1,
+    bias 0).
+
+    Args:
+        in_channels (int), out_channels (int), kernel_size (int): as ``nn.Conv2d`` (no padding).
+        conv_cfg (dict | None): ``None`` or ``dict(type='Conv')`` / ``dict(type='Conv2d')``.
+            Default: None.
+        norm_cfg (dict | None): ``dict(type='BN' | 'BN2d' | 'SyncBN' | 'GN', ...)``; the other
+            keys go to the layer, ``requires_grad`` (default True) to its parameters.
+            Default: None.
+        act_cfg (dict | None): ``dict(type='ReLU')`` etc. Default: ``dict(type='ReLU')``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        conv_cfg: dict | None = None,
+        norm_cfg: dict | None = None,
+        act_cfg: dict | None = {"type": "ReLU"},  # noqa: B006 (mmcv's default; never mutated)
+    ) -> None:
+        super().__init__()
+        who = "fastctx.nn.ConvModule"
+        if conv_cfg is not None:
+            _cfg_type(who, "conv_cfg", conv_cfg, ("Conv", "Conv2d"))
+            if len(conv_cfg) > 1:
+                raise ValueError(f"{who}: conv_cfg takes no options besides 'type', got {conv_cfg!r}")
+        self.conv_cfg, self.norm_cfg, self.act_cfg = conv_cfg, norm_cfg, act_cfg
+        self.with_norm = norm_cfg is not None
+        self.with_activation = act_cfg is not None
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, bias=not self.with_norm)
+        self.norm_name = None
+        if self.with_norm:
+            kind, kwargs = _cfg_type(who, "norm_cfg", norm_cfg, _MMCV_NORMS)
+            requires_grad = kwargs.pop("requires_grad", True)
+            layer, self.norm_name = _MMCV_NORMS[kind]
+            norm = layer(num_channels=out_channels, **kwargs) if kind == "GN" else layer(out_channels, **kwargs)
+            for p in norm.parameters():
+                p.requires_grad = requires_grad
+            self.add_module(self.norm_name, norm)
+        if self.with_activation:
+            self.activate = build_activation(who, act_cfg)
+        self.init_weights()
+
+    @property
+    def norm(self) -> nn.Module | None:
+        return getattr(self, self.norm_name) if self.norm_name else None
+
+    def init_weights(self) -> None:
+        if self.with_activation and self.act_cfg["type"] == "LeakyReLU":
+            nonlinearity, a = "leaky_relu", self.act_cfg.get("negative_slope", 0.01)
+        else:
+            nonlinearity, a = "relu", 0
+        nn.init.kaiming_normal_(self.conv.weight, a=a, mode="fan_out", nonlinearity=nonlinearity)
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+        if self.with_norm and getattr(self.norm, "weight", None) is not None:
+            nn.init.ones_(self.norm.weight)
+            nn.init.zeros_(self.norm.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.with_norm:
+            x = self.norm(x)
+        if self.with_activation:
+            x = self.activate(x)
+        return x
+
+
+class SpatialGather(nn.Module):
+    """mmseg's ``SpatialGatherModule``: one soft-pooled region per class, via
+    :func:`fastctx.spatial_gather` (softmax of ``scale * probs`` over the PIXELS).
+
+    Args:
+        scale (float): multiplies the logits; must be positive. Default: ``1``.
+        backend (str | None): passed to :func:`fastctx.spatial_gather`. Default: None.
+
+    Shape:
+        ``feats [B, C, H, W]``, ``probs [B, K, H, W]`` (the auxiliary head's raw logits)
+        -> ``[B, C, K, 1]`` (mmseg's layout).
+
+    Example::
+
+        >>> gather = fastctx.nn.SpatialGather(1)
+        >>> gather(torch.randn(2, 64, 33, 65), torch.randn(2, 19, 33, 65)).shape
+        torch.Size([2, 64, 19, 1])
+    """
+
+    def __init__(self, scale: float = 1, backend: str | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, feats: Tensor, probs: Tensor) -> Tensor:
+        return spatial_gather(feats, probs, self.scale, backend=self.backend).unsqueeze(3)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, backend={self.backend!r}"
+
+
+def _project(in_channels: int, channels: int, num_convs: int, conv_cfg, norm_cfg, act_cfg) -> nn.Module:
+    """mmseg ``SelfAttentionBlock.build_project`` with ``use_conv_module=True``: one ConvModule,
+    or an ``nn.Sequential`` of ``num_convs`` of them."""
+    convs = [ConvModule(in_channels, channels, 1, conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)]
+    convs += [
+        ConvModule(channels, channels, 1, conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)
+        for _ in range(num_convs - 1)
+    ]
+    return nn.Sequential(*convs) if len(convs) > 1 else convs[0]
+
+
+class ObjectAttention(nn.Module):
+    """mmseg's ``ObjectAttentionBlock`` (OCRHead): pixels attend to the class regions.
+
+    ``q = query_project(x)`` (2 x ConvModule, ``in -> channels``), ``k = key_project(regions)``
+    (2 x ConvModule), ``v = value_project(regions)`` (ConvModule), ``context =
+    out_project(region_attention(q, k, v, scale=channels ** -0.5))`` (ConvModule, ``channels ->
+    in``), ``out = bottleneck(cat([context, x]))`` (ConvModule, ``2 * in -> in``). State-dict keys
+    as mmseg: ``key_project.{0,1}.conv.weight``, ``key_project.{0,1}.bn.*``, ``query_project.*``,
+    ``value_project.conv.weight``, ``value_project.bn.*``, ``out_project.*``, ``bottleneck.*``.
+    The key/value projections run on the ``[B, C, K, 1]`` regions as in mmseg (so their BN, in
+    training, takes its statistics over the ``B * K`` regions, as mmseg's does).
+
+    Args:
+        in_channels (int): ``C`` of the pixel features and of the regions.
+        channels (int): ``ocr_channels`` of the attention (256 in OCRNet).
+        scale (int): mmseg's OCRHead ``scale``. Only ``1`` runs: for ``scale > 1`` mmseg's block
+            max-pools the queries and its own forward then fails, so it is refused here.
+            Default: ``1``.
+        conv_cfg, norm_cfg, act_cfg (dict | None): as mmcv's ``ConvModule``.
+            Default: None, ``dict(type='BN')``, ``dict(type='ReLU')`` (mmseg's OCRNet configs use
+            ``SyncBN``, whose single-process forward is BN's).
+        backend (str | None): passed to :func:`fastctx.region_attention`. Default: None.
+
+    Shape:
+        ``query_feats [B, C, H, W]``, ``key_feats [B, C, K, 1]`` (or ``[B, C, K]``) ->
+        ``[B, C, H, W]``.
+
+    Example::
+
+        >>> block = fastctx.nn.ObjectAttention(64, 32)
+        >>> x = torch.randn(2, 64, 33, 65)
+        >>> regions = fastctx.nn.SpatialGather()(x, torch.randn(2, 19, 33, 65))
+        >>> block(x, regions).shape
+        torch.Size([2, 64, 33, 65])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        scale: int = 1,
+        conv_cfg: dict | None = None,
+        norm_cfg: dict | None = {"type": "BN"},  # noqa: B006 (never mutated)
+        act_cfg: dict | None = {"type": "ReLU"},  # noqa: B006
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        who = "fastctx.nn.ObjectAttention"
+        if scale > 1:
+            raise ValueError(
+                f"{who}: scale={scale} is not supported: mmseg 1.2.2's ObjectAttentionBlock then "
+                "max-pools the queries and its forward fails (it reshapes the pooled context to the "
+                "full size and calls resize without a size); OCRHead's default scale=1 runs"
+            )
+        self.key_in_channels = self.query_in_channels = self.out_channels = in_channels
+        self.in_channels = in_channels
+        self.channels = channels
+        self.scale = scale
+        self.share_key_query = False
+        self.conv_cfg, self.norm_cfg, self.act_cfg = conv_cfg, norm_cfg, act_cfg
+        self.backend = backend
+        self.key_project = _project(in_channels, channels, 2, conv_cfg, norm_cfg, act_cfg)
+        self.query_project = _project(in_channels, channels, 2, conv_cfg, norm_cfg, act_cfg)
+        self.value_project = _project(in_channels, channels, 1, conv_cfg, norm_cfg, act_cfg)
+        self.out_project = _project(channels, in_channels, 1, conv_cfg, norm_cfg, act_cfg)
+        self.query_downsample = None
+        self.key_downsample = None
+        self.matmul_norm = True
+        self.bottleneck = ConvModule(in_channels * 2, in_channels, 1, conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)
+
+    def _check(self, query_feats: object, key_feats: object) -> Tensor:
+        who = "fastctx.nn.ObjectAttention"
+        for name, t in (("query_feats", query_feats), ("key_feats", key_feats)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if query_feats.dim() != 4 or query_feats.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{who}: query_feats must be [B, {self.in_channels}, H, W], got {tuple(query_feats.shape)}"
+            )
+        regions = key_feats.squeeze(3) if key_feats.dim() == 4 and key_feats.shape[3] == 1 else key_feats
+        if regions.dim() != 3 or regions.shape[:2] != query_feats.shape[:2]:
+            raise ValueError(
+                f"{who}: key_feats must be the regions [B, {self.in_channels}, K, 1] (or [B, C, K]) of "
+                f"query_feats {tuple(query_feats.shape)}, got {tuple(key_feats.shape)}"
+            )
+        return regions.unsqueeze(3)
+
+    def forward(self, query_feats: Tensor, key_feats: Tensor) -> Tensor:
+        key_feats = self._check(query_feats, key_feats)
+        query = self.query_project(query_feats)  # [B, Cc, H, W]
+        key = self.key_project(key_feats).flatten(2)  # [B, Cc, K]
+        value = self.value_project(key_feats).flatten(2)  # [B, Cc, K]
+        context = region_attention(query, key, value, scale=self.channels**-0.5, backend=self.backend)
+        context = self.out_project(context)
+        return self.bottleneck(torch.cat([context, query_feats], dim=1))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, channels={self.channels}, backend={self.backend!r}"
