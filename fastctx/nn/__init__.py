@@ -4,6 +4,8 @@ from fastctx.nn.ann import AFNB, APNB, PyramidSelfAttentionBlock
 from fastctx.nn.criss_cross import RCCA, CrissCrossAttention, Scale
 from fastctx.nn._conv import ConvModule
 from fastctx.nn.interlaced import InterlacedSparseAttention, ISASelfAttentionBlock
+from fastctx.nn.isnet import ImageLevelContext, SemanticLevelContext
+from fastctx.nn.ocr import ObjectAttention, SpatialGather
 
 __all__ = [
     "AFNB",
@@ -11,8 +13,12 @@ __all__ = [
     "ConvModule",
     "CrissCrossAttention",
     "ISASelfAttentionBlock",
+    "ImageLevelContext",
     "InterlacedSparseAttention",
+    "ObjectAttention",
     "PyramidSelfAttentionBlock",
     "RCCA",
     "Scale",
+    "SemanticLevelContext",
+    "SpatialGather",
 ]

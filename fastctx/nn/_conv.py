@@ -75,7 +75,7 @@ def build_act(cfg: Mapping, where: str) -> nn.Module:
 
 
 def _check_conv_cfg(cfg: object, where: str) -> None:
-    if cfg is not None and not (isinstance(cfg, Mapping) and cfg.get("type") in ("Conv", "Conv2d")):
+    if cfg is not None and not (isinstance(cfg, Mapping) and cfg.get("type") in ("Conv", "Conv2d") and len(cfg) == 1):
         raise ValueError(f"{where}: only conv_cfg=None or dict(type='Conv2d') is supported, got {cfg!r}")
 
 
@@ -107,6 +107,7 @@ class ConvModule(nn.Module):
         where = "fastctx.nn.ConvModule"
         _check_conv_cfg(conv_cfg, where)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=norm_cfg is None)
+        self.with_norm, self.with_activation = norm_cfg is not None, act_cfg is not None  # as mmcv
         self.norm_name = None
         if norm_cfg is not None:
             self.norm_name, norm = build_norm(norm_cfg, out_channels, where)

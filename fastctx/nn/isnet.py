@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastctx.nn.ocr import build_activation
+from fastctx.nn._conv import build_act
 from fastctx.ops.ocr import region_attention
 from fastctx.ops.semantic import semantic_pool_regions
 
@@ -47,7 +47,7 @@ def _conv_block(who: str, cin: int, cout: int, kernel: int, norm_cfg, act_cfg) -
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=1, padding=kernel // 2, bias=False),
         _norm(who, cout, norm_cfg),
-        build_activation(who, act_cfg),
+        nn.Identity() if act_cfg is None else build_act(act_cfg, who),
     )
 
 
