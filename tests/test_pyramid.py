@@ -65,7 +65,10 @@ def _pool_cases():
 def _attn_cases():
     for backend, device, dtypes in RUNS:
         for dtype in dtypes:
-            shapes = ATTN if dtype in F16 or _interp(backend) else ATTN + ATTN_LARGE
+            if _interp(backend):  # the interpreter is slow: the 16-bit types on two shapes
+                shapes = ATTN[1:3] if dtype in F16 else ATTN
+            else:
+                shapes = ATTN if dtype in F16 else ATTN + ATTN_LARGE
             for shape, scales in shapes:
                 B, cq, cv, hq, wq, h, w = shape
                 yield pytest.param(backend, device, dtype, shape, scales,
@@ -201,16 +204,13 @@ def test_cpu_is_deterministic():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_forced_pixel_groups_triton(backend, device):
+def test_forced_pixel_groups_triton():
     """The Triton forward's split over pixel groups (float32 partials, then a sum) and its direct
     store (one group) agree with the reference."""
-    if backend != "triton":
-        pytest.skip("Triton only")
-    _need(backend)
+    _need("triton")
     from fastctx.triton.pyramid_pool import pp_fwd
 
-    x = torch.randn(2, 19, 23, 29, device=device)
+    x = torch.randn(2, 19, 41, 37, device=DEV)
     ref = python_ref.pyramid_pool(x.double(), (1, 3, 6, 8))
     for groups in (1, 2, 3):
         assert_close(pp_fwd(x, [1, 3, 6, 8], n_groups=groups), ref, torch.float32, f"out (groups={groups})")

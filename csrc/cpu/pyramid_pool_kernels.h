@@ -55,6 +55,21 @@ namespace fastctx {
 namespace pp_cpu {
 namespace FASTCTX_PP_ISA {
 
+// sum of a[w0 .. w1), in kLanes interleaved partial sums (one vector of accumulators instead of a
+// chain of dependent scalar adds), then added lane by lane: a fixed order.
+constexpr int64_t kLanes = 8;
+template <class T>
+inline T sum_range(const T* __restrict a, int64_t w0, int64_t w1) {
+  T part[kLanes] = {};
+  int64_t w = w0;
+  for (; w + kLanes <= w1; w += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[w + l];
+  T s = 0;
+  for (; w < w1; ++w) s += a[w];
+  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+}
+
 // out[k] = mean of x over key k's bin, for one plane. x: row h at x + h * sh (stride-1 columns);
 // acc: R * W scratch; rowbuf: W scratch (the row converted to T when X is a 16-bit type).
 template <class X, class T>
@@ -76,12 +91,9 @@ void fwd_plane(const Plan& p, const X* x, int64_t sh, T* __restrict acc, T* __re
       for (int64_t w = 0; w < W; ++w) a[w] += src[w];
     }
   }
-  for (int64_t k = 0; k < p.S; ++k) {
-    const T* a = acc + p.key_row[k] * W;
-    T s = 0;
-    for (int64_t w = p.key_c0[k]; w < p.key_c1[k]; ++w) s += a[w];
-    out[k] = static_cast<X>(s * static_cast<T>(p.key_inv[k]));
-  }
+  for (int64_t k = 0; k < p.S; ++k)
+    out[k] = static_cast<X>(sum_range(acc + p.key_row[k] * W, p.key_c0[k], p.key_c1[k]) *
+                            static_cast<T>(p.key_inv[k]));
 }
 
 // dx (one contiguous H x W plane) from dout[S] (T) of one plane; g: R * W scratch, rowbuf: W.

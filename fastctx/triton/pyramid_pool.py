@@ -184,7 +184,7 @@ def _blocks(C: int, S: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_N, BLOCK_S): tl.dot needs every dim >= 16; larger pixel blocks under the
     interpreter, whose cost is per block. Not yet timed on a GPU."""
     np2 = triton.next_power_of_2
-    return min(64, max(16, np2(C))), 256 if _INTERPRET else 64, min(128, max(16, np2(S)))
+    return min(64, max(16, np2(C))), 512 if _INTERPRET else 64, min(128, max(16, np2(S)))
 
 
 def _n_groups(n_blocks: int, programs: int, device: torch.device) -> int:
