@@ -123,7 +123,7 @@ def _strided(x: torch.Tensor, kind: str) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["channels_last", "sliced", "transposed"])
 def test_strided_inputs(backend, device, kind):
     _need(backend)
-    x = _strided(torch.randn(2, 10, 9, 13, device=device), kind).requires_grad_(True)
+    x = _strided(torch.randn(2, 37, 9, 13, device=device), kind).requires_grad_(True)  # 37: 16 + 16 + 5
     assert not x.is_contiguous()
     out = fastctx.pyramid_pool(x, (1, 3, 6, 8), backend=backend)
     out.backward(torch.ones_like(out))
@@ -144,6 +144,14 @@ def test_strided_inputs(backend, device, kind):
     assert_close(out, ref, torch.float32, "out")
     for name, t, t64 in zip(("dq", "dk", "dv"), (q, k, v), l64):
         assert_close(t.grad, t64.grad, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [(b, d, t) for b, d, ts in RUNS for t in ts])
+def test_pool_channels_last_every_dtype(backend, device, dtype):
+    _need(backend)
+    x = torch.randn(2, 21, 11, 6, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+    assert_close(fastctx.pyramid_pool(x, (1, 3, 6, 8), backend=backend),
+                 python_ref.pyramid_pool(x.double(), (1, 3, 6, 8)), dtype, "out")
 
 
 def test_gradcheck_cpu_float64():

@@ -2,8 +2,9 @@
 // ops fastctx::pp_fwd and fastctx::pp_bwd (schemas: csrc/ops/pyramid_pool.cpp). The per-plane
 // kernels and their design notes are in pyramid_pool_kernels.h.
 //
-// x is read through its strides when its columns are stride-1 (NCHW, and slices of it); any
-// other layout (channels_last) is first copied contiguous, once. 16-bit inputs are converted a
+// x is read through its strides, never copied: a plane at a time when its columns are stride-1
+// (NCHW, and slices of it), else (channels_last, transposed maps) 16 planes at a time,
+// vectorised along the channels. 16-bit inputs are converted a
 // row at a time; accumulation is float32 for float16 / bfloat16 / float32 and float64 for
 // float64. out [B, C, S] and dx [B, C, H, W] are contiguous, in the input dtype.
 //
@@ -57,6 +58,27 @@ void fwd_plane(const Plan& p, const X* x, int64_t sh, T* acc, T* rowbuf, X* out)
   if (use_avx2()) return isa_avx2::fwd_plane<X, T>(p, x, sh, acc, rowbuf, out);
 #endif
   isa_base::fwd_plane<X, T>(p, x, sh, acc, rowbuf, out);
+}
+
+template <class X, class T, bool SC1, int64_t NC>
+void fwd_planes_strided(const Plan& p, const X* x, int64_t sc, int64_t sh, int64_t sw, int64_t nc,
+                        T* acc, X* out) {
+#ifdef FASTCTX_PP_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::fwd_planes_strided<X, T, SC1, NC>(p, x, sc, sh, sw, nc, acc, out);
+#endif
+  isa_base::fwd_planes_strided<X, T, SC1, NC>(p, x, sc, sh, sw, nc, acc, out);
+}
+
+// Picks the instantiation: full chunks at a compile-time width, channels at stride 1 or not.
+template <class X, class T>
+void fwd_chunk(const Plan& p, const X* x, int64_t sc, int64_t sh, int64_t sw, int64_t nc, T* acc,
+               X* out) {
+  if (nc == kChunk) {
+    if (sc == 1) return fwd_planes_strided<X, T, true, kChunk>(p, x, sc, sh, sw, nc, acc, out);
+    return fwd_planes_strided<X, T, false, kChunk>(p, x, sc, sh, sw, nc, acc, out);
+  }
+  if (sc == 1) return fwd_planes_strided<X, T, true, 0>(p, x, sc, sh, sw, nc, acc, out);
+  fwd_planes_strided<X, T, false, 0>(p, x, sc, sh, sw, nc, acc, out);
 }
 
 template <class X, class T>
@@ -140,22 +162,33 @@ at::Tensor pp_fwd_cpu(const at::Tensor& x_in, at::IntArrayRef scales) {
   const Plan& p = pd.plan();
   auto out = at::empty({B, C, p.S}, x_in.options());
   if (B * C == 0) return out;
-  // columns must be stride-1 (any other strides are read as they are)
-  const at::Tensor x = (W > 1 && x_in.stride(3) != 1) ? x_in.contiguous() : x_in;
-  const int64_t sb = x.stride(0), sc = x.stride(1), sh = x.stride(2);
+  const at::Tensor& x = x_in;
+  const int64_t sb = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pp_fwd_cpu", [&] {
     using X = scalar_t;
     using T = std::conditional_t<std::is_same<X, double>::value, double, float>;
     const X* xp = x.const_data_ptr<X>();
     X* op = out.mutable_data_ptr<X>();
-    at::parallel_for(0, B * C, grain(H, W), [&](int64_t p0, int64_t p1) {
-      std::vector<T> acc(p.R * W), rowbuf(W);
-      for (int64_t i = p0; i < p1; ++i) {
-        const X* xi = xp + (i / C) * sb + (i % C) * sc;
-        fwd_plane<X, T>(p, xi, sh, acc.data(), rowbuf.data(), op + i * p.S);
-      }
-    });
+    if (W == 1 || sw == 1) {  // stride-1 columns: a plane at a time
+      at::parallel_for(0, B * C, grain(H, W), [&](int64_t p0, int64_t p1) {
+        std::vector<T> acc(p.R * W), rowbuf(W);
+        for (int64_t i = p0; i < p1; ++i) {
+          const X* xi = xp + (i / C) * sb + (i % C) * sc;
+          fwd_plane<X, T>(p, xi, sh, acc.data(), rowbuf.data(), op + i * p.S);
+        }
+      });
+    } else {  // chunks of kChunk planes, vectorised along the channels
+      const int64_t nch = (C + kChunk - 1) / kChunk;
+      at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<T> acc(kChunk * p.R * W);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / nch, c0 = (t % nch) * kChunk, nc = std::min(kChunk, C - c0);
+          fwd_chunk<X, T>(p, xp + b * sb + c0 * sc, sc, sh, sw, nc, acc.data(),
+                          op + (b * C + c0) * p.S);
+        }
+      });
+    }
   });
   return out;
 }

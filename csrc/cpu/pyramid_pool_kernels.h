@@ -11,7 +11,8 @@
 // Design, per (b, c) plane (one task; planes are independent, so results do not depend on the
 // thread count):
 // - An "acc row" is one row bin (scale, i) of one scale: R = sum(s) of them (18 for 1, 3, 6, 8).
-// - Forward: one pass over the plane's rows. Row h is added (vector adds along w) into the acc
+// - Forward: one pass over the plane's rows (planes whose columns are not stride-1 go by chunks
+//   of planes, vectorised along the channels: fwd_planes_strided). Row h is added (vector adds along w) into the acc
 //   rows of every row bin that contains it (one or two per scale); then each key (scale, i, j)
 //   sums its columns of its acc row and multiplies by 1 / area. The plane is read once whatever
 //   the number of scales; acc holds R x W values (9 KiB for the defaults at W = 128).
@@ -33,6 +34,10 @@
 #define FASTCTX_PP_CPU_PLAN_DEFINED
 namespace fastctx {
 namespace pp_cpu {
+
+// Planes (channels) handled together when the columns are not stride-1: 16 float32 channels of
+// a pixel are one 64-byte cache line in channels_last.
+constexpr int64_t kChunk = 16;
 
 // Index arrays of the bins of one call (every array owned by the launcher).
 struct Plan {
@@ -70,6 +75,24 @@ inline T sum_range(const T* __restrict a, int64_t w0, int64_t w1) {
   return s;
 }
 
+// Adds image row h (src, W values) into the acc rows of the row bins that contain it.
+template <class T>
+inline void add_row(const Plan& p, const T* __restrict src, int64_t h, T* __restrict acc) {
+  const int64_t W = p.W;
+  for (int64_t e = p.row_ptr[h]; e < p.row_ptr[h + 1]; ++e) {
+    T* __restrict a = acc + p.row_idx[e] * W;
+    for (int64_t w = 0; w < W; ++w) a[w] += src[w];
+  }
+}
+
+// out[k] = the column sum of key k's acc row over its columns, times 1 / area.
+template <class X, class T>
+inline void finish_plane(const Plan& p, const T* acc, X* __restrict out) {
+  for (int64_t k = 0; k < p.S; ++k)
+    out[k] = static_cast<X>(sum_range(acc + p.key_row[k] * p.W, p.key_c0[k], p.key_c1[k]) *
+                            static_cast<T>(p.key_inv[k]));
+}
+
 // out[k] = mean of x over key k's bin, for one plane. x: row h at x + h * sh (stride-1 columns);
 // acc: R * W scratch; rowbuf: W scratch (the row converted to T when X is a 16-bit type).
 template <class X, class T>
@@ -78,22 +101,47 @@ void fwd_plane(const Plan& p, const X* x, int64_t sh, T* __restrict acc, T* __re
   const int64_t W = p.W;
   std::fill(acc, acc + p.R * W, T(0));
   for (int64_t h = 0; h < p.H; ++h) {
-    const T* __restrict src;
     if constexpr (std::is_same<X, T>::value) {
-      src = x + h * sh;
+      add_row<T>(p, x + h * sh, h, acc);
     } else {
       const X* __restrict xr = x + h * sh;
       for (int64_t w = 0; w < W; ++w) rowbuf[w] = static_cast<T>(xr[w]);
-      src = rowbuf;
-    }
-    for (int64_t e = p.row_ptr[h]; e < p.row_ptr[h + 1]; ++e) {
-      T* __restrict a = acc + p.row_idx[e] * W;
-      for (int64_t w = 0; w < W; ++w) a[w] += src[w];
+      add_row<T>(p, rowbuf, h, acc);
     }
   }
-  for (int64_t k = 0; k < p.S; ++k)
-    out[k] = static_cast<X>(sum_range(acc + p.key_row[k] * W, p.key_c0[k], p.key_c1[k]) *
-                            static_cast<T>(p.key_inv[k]));
+  finish_plane<X, T>(p, acc, out);
+}
+
+// The same for NC planes (channel stride sc) whose columns are not stride-1 (channels_last, a
+// transposed map), vectorised along the channels: acc is [R][W][NC] and every pixel's NC
+// channels are added together (contiguous in channels_last, SC1: sc == 1), so x is still read
+// once, in cache-line-sized pieces. NC <= kChunk (a compile-time width for full chunks, the
+// tail's nc otherwise); acc: R * W * kChunk scratch; out: nc rows of S values.
+template <class X, class T, bool SC1, int64_t NC>
+void fwd_planes_strided(const Plan& p, const X* x, int64_t sc, int64_t sh, int64_t sw,
+                        int64_t nc_tail, T* __restrict acc, X* __restrict out) {
+  const int64_t W = p.W, nc = NC > 0 ? NC : nc_tail;
+  std::fill(acc, acc + p.R * W * nc, T(0));
+  for (int64_t h = 0; h < p.H; ++h) {
+    const X* xr = x + h * sh;
+    for (int64_t e = p.row_ptr[h]; e < p.row_ptr[h + 1]; ++e) {
+      T* __restrict a = acc + p.row_idx[e] * W * nc;
+      for (int64_t w = 0; w < W; ++w) {
+        const X* __restrict px = xr + w * sw;
+        T* __restrict aw = a + w * nc;
+        for (int64_t c = 0; c < nc; ++c) aw[c] += static_cast<T>(px[SC1 ? c : c * sc]);
+      }
+    }
+  }
+  T part[kChunk];
+  for (int64_t k = 0; k < p.S; ++k) {
+    for (int64_t c = 0; c < nc; ++c) part[c] = 0;
+    const T* a = acc + p.key_row[k] * W * nc;
+    for (int64_t w = p.key_c0[k]; w < p.key_c1[k]; ++w)
+      for (int64_t c = 0; c < nc; ++c) part[c] += a[w * nc + c];
+    const T inv = static_cast<T>(p.key_inv[k]);
+    for (int64_t c = 0; c < nc; ++c) out[c * p.S + k] = static_cast<X>(part[c] * inv);
+  }
 }
 
 // dx (one contiguous H x W plane) from dout[S] (T) of one plane; g: R * W scratch, rowbuf: W.

@@ -38,8 +38,7 @@ def pyramid_pool(x: Tensor, pool_scales: Sequence[int] = (1, 3, 6, 8), *, backen
     At scale ``s``, bin ``(i, j)`` averages rows ``floor(i * H / s)`` to ``ceil((i + 1) * H / s)``
     (exclusive) and the same columns, exactly as ``adaptive_avg_pool2d`` (bins overlap when
     ``H % s != 0``; a scale larger than the map repeats pixels). The compiled kernels read ``x``
-    once for all scales; the "cpu" backend copies ``x`` once when its columns are not stride-1
-    (channels_last), the "triton" backend reads any strides.
+    once for all scales, through its strides (NCHW, channels_last or any other layout: no copy).
 
     Args:
         x (Tensor): ``[B, C, H, W]``.
