@@ -5,17 +5,18 @@
 // NO INCLUDE GUARD, on purpose: pyramid_pool.cpp includes this file once per instruction set,
 // each time with FASTCTX_PP_ISA naming a namespace (and, for AVX2, under
 // `#pragma GCC target("avx2,fma")`), as region_attention_kernels.h does; the launcher picks one
-// at run time. The loops are plain element-wise loops along the stride-1 width axis, left to the
-// compiler's vectoriser.
+// at run time. The loops are plain element-wise loops along a stride-1 axis (the width, or the
+// channels of a channels_last map), left to the compiler's vectoriser.
 //
 // Design, per (b, c) plane (one task; planes are independent, so results do not depend on the
 // thread count):
 // - An "acc row" is one row bin (scale, i) of one scale: R = sum(s) of them (18 for 1, 3, 6, 8).
-// - Forward: one pass over the plane's rows (planes whose columns are not stride-1 go by chunks
-//   of planes, vectorised along the channels: fwd_planes_strided). Row h is added (vector adds along w) into the acc
+// - Forward: one pass over the plane's rows. Row h is added (vector adds along w) into the acc
 //   rows of every row bin that contains it (one or two per scale); then each key (scale, i, j)
 //   sums its columns of its acc row and multiplies by 1 / area. The plane is read once whatever
-//   the number of scales; acc holds R x W values (9 KiB for the defaults at W = 128).
+//   the number of scales; acc holds R x W values (9 KiB for the defaults at W = 128). Maps whose
+//   columns are not stride-1 go by chunks of kChunk planes, the same with acc [R][W][kChunk]
+//   and vector adds along the channels (fwd_planes_strided).
 // - Backward: each acc row g(scale, i)[w] = sum over the column bins j containing w of
 //   dout[key] / area; then dx row h = the sum of the acc rows of its row bins, in plan order, and
 //   each row of dx is written once.
