@@ -1,0 +1,257 @@
+"""Pyramid pool (ANN) in Triton: forward and backward kernels.
+
+At every scale ``s``, key ``(s, i, j)`` averages rows ``floor(i*H/s) .. ceil((i+1)*H/s)`` and the
+same columns (``adaptive_avg_pool2d``'s bins, overlapping when ``H % s != 0``); keys are
+flattened row-major and the scales concatenated: ``S = sum(s * s)``. Semantics:
+shared/docs/OPERATORS.md section 3. The bins of one call are a small table (first/last row and
+column, ``1 / area`` per key), built once per (scales, H, W, device) on the host.
+
+Both kernels are a matmul with the 0/1 bin-membership matrix ``P[n, key]`` (pixels x keys),
+generated tile by tile from the table, never stored:
+
+- forward, ``out[c, key] = inv_area[key] * sum_n x[c, n] P[n, key]``: a program owns a block of
+  channels, a block of keys and a group of pixels; it reads its pixels once for every scale
+  (``tl.dot`` of an x tile [BLOCK_C, BLOCK_N] with a P tile [BLOCK_N, BLOCK_S]). x is read in its
+  own dtype through its strides: P is exact in every dtype, and the dot accumulates in float32
+  (``input_precision="ieee"`` for float32). With one pixel group the program stores the output
+  directly; with several (more programs for a small batch) it stores float32 partial sums
+  [B, G, C, S] that torch adds over G (deterministic).
+- backward, ``dx[c, n] = sum_key dout[c, key] inv_area[key] P[n, key]``: a program owns a block
+  of pixels and a block of channels and loops over the keys; float32 operands, ``"ieee"`` dot;
+  every element of dx is written once, no atomics.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastctx.triton._common import _INTERPRET, _mm
+
+_OP = "fastctx.pyramid_pool"
+
+_HEURISTICS = {
+    # pixels at a constant stride (NCHW-contiguous or channels_last maps): n * stride_w
+    "FLAT": lambda a: a["N"] == a["W"] or a["stride_xh"] == a["W"] * a["stride_xw"],
+    # float32 dots in full precision (no TF32); P is 0/1, exact in the 16-bit types
+    "DOT_PRECISION": lambda a: "ieee" if a["x"].dtype == torch.float32 else "tf32",
+    # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
+    # (triton-lang/triton#11584): upcast them there
+    "DOT_F32": lambda a: _INTERPRET and a["x"].dtype == torch.bfloat16,
+}
+
+
+@triton.jit
+def _membership(o_n, W, r0, r1, c0, c1):
+    """P[n, key] as booleans [BLOCK_N, BLOCK_S]: pixel o_n = h * W + w lies in the key's bin."""
+    h = (o_n // W)[:, None]
+    w = (o_n % W)[:, None]
+    return (h >= r0[None, :]) & (h < r1[None, :]) & (w >= c0[None, :]) & (w < c1[None, :])
+
+
+@triton.jit
+def _load_bins(bins, o_s, m_s, S):
+    """First row, end row, first column, end column [BLOCK_S] (int32) and 1 / area (float32)
+    of keys o_s; masked keys get an empty bin and 0."""
+    r0 = tl.load(bins + o_s, mask=m_s, other=0)
+    r1 = tl.load(bins + S + o_s, mask=m_s, other=0)
+    c0 = tl.load(bins + 2 * S + o_s, mask=m_s, other=0)
+    c1 = tl.load(bins + 3 * S + o_s, mask=m_s, other=0)
+    return r0, r1, c0, c1
+
+
+@triton.heuristics(_HEURISTICS)
+@triton.jit
+def _pp_fwd_kernel(
+    x, bins, inv, out,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_ob, stride_og, stride_oc, stride_os,
+    C, W, N, S, n_per_group,
+    N_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    FLAT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """out[b, g, c-block, key-block] = inv_area * sum over pixel group g of x * P.
+
+    Grid: (cdiv(C, BLOCK_C) * N_S, B, G), N_S = cdiv(S, BLOCK_S); group g owns the pixels
+    [g * n_per_group, (g + 1) * n_per_group) (n_per_group a multiple of BLOCK_N).
+    """
+    i_cs = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(1).to(tl.int64)
+    i_g = tl.program_id(2).to(tl.int64)
+    i_c = i_cs // N_S
+    i_s = i_cs % N_S
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    o_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+    m_c = o_c < C
+    m_s = o_s < S
+    r0, r1, c0, c1 = _load_bins(bins, o_s, m_s, S)
+    p_x = x + i_b * stride_xb + (o_c * stride_xc)[:, None]  # [BLOCK_C, 1]
+    n_start = i_g * n_per_group
+    n_end = tl.minimum(N, n_start + n_per_group)
+    b_acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        m_n = o_n < n_end
+        if FLAT:
+            o_px = o_n * stride_xw
+        else:
+            o_px = (o_n // W) * stride_xh + (o_n % W) * stride_xw
+        b_x = tl.load(p_x + o_px[None, :], mask=m_c[:, None] & m_n[None, :], other=0.0)  # [BLOCK_C, BLOCK_N]
+        # (bool -> float32 -> x's dtype: the interpreter converts bool to bfloat16 wrongly)
+        b_p = _membership(o_n, W, r0, r1, c0, c1).to(tl.float32).to(b_x.dtype)  # [BLOCK_N, BLOCK_S]
+        b_acc += _mm(b_x, b_p, DOT_PRECISION, DOT_F32)
+    b_inv = tl.load(inv + o_s, mask=m_s, other=0.0)  # [BLOCK_S]
+    b_acc = b_acc * b_inv[None, :]
+    p_o = out + i_b * stride_ob + i_g * stride_og + (o_c * stride_oc)[:, None] + (o_s * stride_os)[None, :]
+    tl.store(p_o, b_acc.to(out.dtype.element_ty), mask=m_c[:, None] & m_s[None, :])
+
+
+@triton.jit
+def _pp_bwd_kernel(
+    dout, bins, inv, dx,
+    stride_db, stride_dc, stride_ds,
+    C, W, N, S,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """dx[b, c-block, n-block] = sum_key dout * inv_area * P; dx contiguous [B, C, N].
+
+    Grid: (cdiv(N, BLOCK_N), cdiv(C, BLOCK_C), B)
+    """
+    i_n = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    m_n = o_n < N
+    m_c = o_c < C
+    p_d = dout + i_b * stride_db + (o_c * stride_dc)[:, None]  # [BLOCK_C, 1]
+    b_acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        o_s = s0 + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+        m_s = o_s < S
+        r0, r1, c0, c1 = _load_bins(bins, o_s, m_s, S)
+        b_inv = tl.load(inv + o_s, mask=m_s, other=0.0)
+        b_d = tl.load(p_d + (o_s * stride_ds)[None, :], mask=m_c[:, None] & m_s[None, :], other=0.0)
+        b_d = b_d.to(tl.float32) * b_inv[None, :]  # [BLOCK_C, BLOCK_S]
+        h = (o_n // W)[None, :]
+        w = (o_n % W)[None, :]
+        b_pt = ((h >= r0[:, None]) & (h < r1[:, None]) & (w >= c0[:, None]) & (w < c1[:, None])).to(tl.float32)  # [BLOCK_S, BLOCK_N]
+        b_acc += tl.dot(b_d, b_pt, input_precision="ieee")
+    p_dx = dx + (i_b * C + o_c)[:, None] * N + o_n[None, :]
+    tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_c[:, None] & m_n[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# host functions
+# ----------------------------------------------------------------------------------------------
+def _check(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{_OP}: the Triton backend supports float32, float16 and bfloat16 inputs, got "
+            f"{name} {t.dtype} (use the CPU backend for float64)")
+    extent = max(t[0].numel(), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
+    if extent >= 2**31:
+        raise ValueError(
+            f"{_OP}: the Triton backend needs each sample to span fewer than 2**31 elements, got "
+            f"{name} of shape {tuple(t.shape)}, strides {tuple(t.stride())}")
+
+
+@functools.lru_cache(maxsize=64)
+def _bins(scales: tuple[int, ...], H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([4, S] int32: first row, end row, first column, end column; [S] float32: 1 / area)."""
+    if any(s <= 0 for s in scales) or H <= 0 or W <= 0:
+        raise ValueError(f"{_OP}: scales must be positive and the map non-empty, got scales {scales}, map {H}x{W}")
+    if max(H, W) >= 2**31:
+        raise ValueError(f"{_OP}: the Triton backend needs H, W < 2**31, got {H}x{W}")
+    rows, area = [[], [], [], []], []
+    for s in scales:
+        rb = [(i * H // s, -(-(i + 1) * H // s)) for i in range(s)]
+        cb = [(j * W // s, -(-(j + 1) * W // s)) for j in range(s)]
+        for a0, a1 in rb:
+            for b0, b1 in cb:
+                for lst, val in zip(rows, (a0, a1, b0, b1)):
+                    lst.append(val)
+                area.append((a1 - a0) * (b1 - b0))
+    bins = torch.tensor(rows, dtype=torch.int32).to(device)
+    inv = (1.0 / torch.tensor(area, dtype=torch.float64)).to(device, torch.float32)
+    return bins, inv
+
+
+def _blocks(C: int, S: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_N, BLOCK_S): tl.dot needs every dim >= 16; larger pixel blocks under the
+    interpreter, whose cost is per block. Not yet timed on a GPU."""
+    np2 = triton.next_power_of_2
+    return min(64, max(16, np2(C))), 512 if _INTERPRET else 64, min(128, max(16, np2(S)))
+
+
+def _n_groups(n_blocks: int, programs: int, device: torch.device) -> int:
+    """Pixel groups of the forward: about 2 programs per SM (1 on the CPU interpreter)."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_blocks // 4, triton.cdiv(target, programs)))
+
+
+def pp_fwd(x: torch.Tensor, scales: list[int], n_groups: int | None = None) -> torch.Tensor:
+    """Pyramid pool forward.
+
+    Args:
+        x (Tensor): [B, C, H, W], any strides; float32, float16 or bfloat16.
+        scales (list[int]): positive pool sizes.
+        n_groups (int | None): pixel groups (default: enough programs for the GPU; tests force it).
+
+    Returns:
+        Tensor: [B, C, S] contiguous, dtype of x.
+    """
+    _check(x, "x")
+    B, C, H, W = x.shape
+    N = H * W
+    bins, inv = _bins(tuple(int(s) for s in scales), H, W, x.device)
+    S = inv.numel()
+    bc, bn, bs = _blocks(C, S)
+    n_s = triton.cdiv(S, bs)
+    programs = triton.cdiv(C, bc) * n_s * B
+    n_blocks = triton.cdiv(N, bn)
+    g = n_groups or _n_groups(n_blocks, programs, x.device)
+    per = triton.cdiv(n_blocks, max(1, min(g, n_blocks))) * bn  # whole pixel blocks per group
+    g = triton.cdiv(N, per)  # no empty group
+    out = torch.empty((B, C, S), dtype=x.dtype, device=x.device)
+    if g == 1:
+        dst, dst_strides = out, (out.stride(0), 0, out.stride(1), out.stride(2))
+    else:
+        dst = torch.empty((B, g, C, S), dtype=torch.float32, device=x.device)
+        dst_strides = tuple(dst.stride())
+    _pp_fwd_kernel[(triton.cdiv(C, bc) * n_s, B, g)](
+        x, bins, inv, dst, *x.stride(), *dst_strides, C, W, N, S, per,
+        N_S=n_s, BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, num_warps=4)
+    if g > 1:
+        out.copy_(dst.sum(1))  # deterministic second-level sum over the pixel groups
+    return out
+
+
+def pp_bwd(dout: torch.Tensor, scales: list[int], H: int, W: int) -> torch.Tensor:
+    """Pyramid pool backward: every pixel gets the sum of dout / area over its bins.
+
+    Args:
+        dout (Tensor): [B, C, S] gradient of the output, any strides.
+        scales (list[int]): the forward's scales; H, W (int): the forward's map size.
+
+    Returns:
+        Tensor: dx [B, C, H, W], NCHW-contiguous, dtype of dout.
+    """
+    _check(dout, "dout")
+    B, C, S = dout.shape
+    bins, inv = _bins(tuple(int(s) for s in scales), int(H), int(W), dout.device)
+    if inv.numel() != S:
+        raise ValueError(f"{_OP}: dout must be [B, C, S] with S = {inv.numel()} for scales {list(scales)}, got {tuple(dout.shape)}")
+    N = H * W
+    dx = torch.empty((B, C, H, W), dtype=dout.dtype, device=dout.device)
+    _check(dx, "dx")
+    bc, bn, bs = _blocks(C, S)
+    _pp_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), B)](
+        dout, bins, inv, dx, *dout.stride(), C, W, N, S,
+        BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, num_warps=4)
+    return dx
