@@ -61,15 +61,17 @@ def test_use_backend_and_environment(monkeypatch):
         fastctx.criss_cross_attention(q, k, v)
 
 
-def test_explain_says_why_each_backend_declines():
+def test_explain_says_why_each_backend_declines(monkeypatch):
     why = fastctx.explain("criss_cross_attention", torch.randn(1, 2, 3, 3))
     assert why["reference"] == "ok" and why["cpu"] == "ok"
     assert "cuda tensors" in why["cuda"]
+    monkeypatch.setitem(backends._OPS, "interlaced_attention", backends.OpSupport())  # as if it had no kernels
     why = fastctx.explain("interlaced_attention", torch.randn(1, 2, 3, 3))
     assert "no compiled cpu kernel" in why["cpu"] and "no Triton kernel" in why["triton"]
 
 
-def test_ops_without_fast_kernels_use_the_reference():
+def test_ops_without_fast_kernels_use_the_reference(monkeypatch):
+    monkeypatch.setitem(backends._OPS, "pyramid_pool", backends.OpSupport())  # as if it had no kernels
     x = torch.randn(1, 4, 6, 6)
     fastctx.pyramid_pool(x)
     assert fastctx.last_backend("pyramid_pool") == "reference"

@@ -19,6 +19,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -43,14 +45,7 @@ namespace {
 
 #define PP_OP "fastctx.pyramid_pool"
 
-bool use_avx2() {
-#ifdef FASTCTX_PP_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+using cpu::use_avx2;
 
 template <class X, class T>
 void fwd_plane(const Plan& p, const X* x, int64_t sh, T* acc, T* rowbuf, X* out) {
@@ -140,15 +135,8 @@ class PlanData {
 
 void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
                   const char* shape) {
-  TORCH_CHECK(t.defined(), PP_OP " (", op, "): ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), PP_OP " (", op, "): ", name,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, PP_OP " (", op, "): ", name, " must be ", dim, "-D ", shape,
-              ", got shape ", t.sizes());
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              PP_OP " (", op, "): ", name, " must be float16, bfloat16, float32 or float64, got ",
-              st);
+  cpu::check_tensor(PP_OP, op, t, name, dim, shape, t, name);
+  cpu::check_float(PP_OP, op, t, name);
 }
 
 // Planes per parallel_for grain: about 64 Ki pixels.

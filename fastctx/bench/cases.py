@@ -150,3 +150,8 @@ CASES: dict[str, Callable[[bool], list[Case]]] = {
     "criss_cross_attention": criss_cross_cases,
     "region_attention": region_attention_cases,
 }
+
+# Each operator's cases live in their own module (they import Case and Target from here).
+from fastctx.bench.cases_pyramid import pyramid_attention_cases, pyramid_pool_cases  # noqa: E402
+
+CASES.update(pyramid_pool=pyramid_pool_cases, pyramid_attention=pyramid_attention_cases)
