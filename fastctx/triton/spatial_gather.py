@@ -294,13 +294,13 @@ def _launch(cfg: dict, dtype: torch.dtype) -> dict:
             "num_stages": 2 if f32 else 3}
 
 
-def _n_split(n_blocks: int, programs_per_split: int, device: torch.device) -> int:
+def _n_split(n_blocks: int, programs_per_split: int, max_split: int, device: torch.device) -> int:
     """Pixel splits of the forward: about 4 programs per SM (1 split on the CPU interpreter), at
-    most one split per pixel block."""
+    most one split per pixel block and at most max_split."""
     if device.type != "cuda":
         return 1
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_blocks, triton.cdiv(target, programs_per_split)))
+    return max(1, min(n_blocks, max_split, triton.cdiv(target, programs_per_split)))
 
 
 def _fwd(feats, logits, scale: float, cfg: dict, n_split: int | None = None):
@@ -311,7 +311,9 @@ def _fwd(feats, logits, scale: float, cfg: dict, n_split: int | None = None):
     bn, bc, bk = cfg["BLOCK_N"], cfg["BLOCK_C"], cfg["BLOCK_K"]
     n_c, n_k = triton.cdiv(C, bc), triton.cdiv(K, bk)
     n_blocks = triton.cdiv(N, bn)
-    s = n_split or _n_split(n_blocks, B * n_c * n_k, feats.device)
+    # each split writes float32 partials of C x K: keep them under ~10 % of the bytes of feats
+    max_split = max(1, N * feats.element_size() // (40 * K))
+    s = n_split or _n_split(n_blocks, B * n_c * n_k, max_split, feats.device)
     pix = triton.cdiv(n_blocks, s) * bn  # whole pixel blocks per split
     s = triton.cdiv(N, pix)  # no empty split
     out = torch.empty((B, C, K), dtype=feats.dtype, device=feats.device)
