@@ -80,11 +80,17 @@ def test_parity(backend, device, dtype, shape, kind):
         assert torch.isfinite(feats.grad).all() and torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize("layout", ["flat", "cropped"])
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d, _ in RUNS])
-def test_strided_inputs(backend, device):
-    # channels_last feats with a channel stride of 2; logits sliced along the width
-    feats = torch.randn(2, 14, 9, 11, device=device).to(memory_format=torch.channels_last)[:, ::2]
-    logits = torch.randn(2, 5, 9, 22, device=device)[..., ::2]
+def test_strided_inputs(backend, device, layout):
+    # flat: channels_last feats with a channel stride of 2, logits with a width stride of 2 (one
+    # stride per pixel); cropped: windows of larger maps (rows and columns at unrelated strides)
+    if layout == "flat":
+        feats = torch.randn(2, 14, 9, 11, device=device).to(memory_format=torch.channels_last)[:, ::2]
+        logits = torch.randn(2, 5, 9, 22, device=device)[..., ::2]
+    else:
+        feats = torch.randn(2, 14, 10, 13, device=device).to(memory_format=torch.channels_last)[:, ::2, 1:, 1:12]
+        logits = torch.randn(2, 5, 11, 13, device=device)[:, :, 2:, :11]
     feats.requires_grad_(True)
     logits.requires_grad_(True)
     assert not feats.is_contiguous() and not logits.is_contiguous()
