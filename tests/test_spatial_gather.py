@@ -205,12 +205,13 @@ def test_triton_refuses_float64():
         (lambda: torch.ops.fastctx.sg_fwd(r(1, 4, 5, 6), r(1, 3, 5, 7), 1.0), r"feats and logits must agree in batch and spatial size, got feats \[1, 4, 5, 6\] and logits \[1, 3, 5, 7\]"),
         (lambda: torch.ops.fastctx.sg_fwd(r(1, 4, 5, 6), r(1, 3, 5, 6), 0.0), "scale must be positive and finite, got 0"),
         (lambda: torch.ops.fastctx.sg_fwd(r(4, 5, 6), r(1, 3, 5, 6), 1.0), r"feats must be 4-D \[B, C, H, W\], got shape \[4, 5, 6\]"),
+        (lambda: torch.ops.fastctx.sg_fwd(r(1, 0, 5, 6), r(1, 3, 5, 6), 1.0), r"feats and logits must not be empty, got feats \[1, 0, 5, 6\]"),
         (lambda: torch.ops.fastctx.sg_fwd(r(1, 4, 5, 6), r(1, 3, 5, 6).double(), 1.0), "logits has dtype Double but feats has dtype Float"),
         (lambda: torch.ops.fastctx.sg_bwd(r(1, 4, 2), r(1, 4, 5, 6), r(1, 3, 5, 6), r(1, 4, 3), r(1, 3), 1.0), r"dregions and regions must be \[B, C, K\] = \[1, 4, 3\], got \[1, 4, 2\]"),
         (lambda: torch.ops.fastctx.sg_bwd(r(1, 4, 3), r(1, 4, 5, 6), r(1, 3, 5, 6), r(1, 4, 3), r(1, 3).double(), 1.0), "lse must have dtype Float for Float inputs, got Double"),
         (lambda: torch.ops.fastctx.sg_bwd(r(1, 4, 3), r(1, 4, 5, 6), r(1, 3, 5, 6), r(1, 4, 3), r(3), 1.0), r"lse must have shape \[B, K\] = \[1, 3\], got \[3\]"),
     ],
-    ids=["fwd-size", "fwd-scale", "fwd-rank", "fwd-dtype", "bwd-dregions", "bwd-lse-dtype", "bwd-lse-shape"],
+    ids=["fwd-size", "fwd-scale", "fwd-rank", "fwd-empty", "fwd-dtype", "bwd-dregions", "bwd-lse-dtype", "bwd-lse-shape"],
 )
 def test_compiled_op_checks(call, pattern):
     """The compiled ops check their inputs themselves (they are reachable as torch.ops)."""

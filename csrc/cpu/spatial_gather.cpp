@@ -141,6 +141,9 @@ void check_inputs(const at::Tensor& feats, const at::Tensor& logits, double scal
                   logits.size(3) == feats.size(3),
               SG_OP " (", op, "): feats and logits must agree in batch and spatial size, got "
               "feats ", feats.sizes(), " and logits ", logits.sizes());
+  TORCH_CHECK(feats.numel() > 0 && logits.numel() > 0, SG_OP " (", op,
+              "): feats and logits must not be empty, got feats ", feats.sizes(), " and logits ",
+              logits.sizes());
   TORCH_CHECK(std::isfinite(scale) && scale > 0, SG_OP " (", op,
               "): scale must be positive and finite, got ", scale);
 }
@@ -164,8 +167,6 @@ std::tuple<at::Tensor, at::Tensor> sg_fwd_cpu(const at::Tensor& feats_in,
   const auto copts = feats_in.options().dtype(ct);
   auto lse = at::empty({B, K}, copts);
   auto out = at::empty({B, C, K}, feats_in.options());
-  if (B == 0 || C == 0 || K == 0) return {out, lse};
-  TORCH_CHECK(N > 0, SG_OP " (sg_fwd): the map is empty, feats ", feats_in.sizes());
 
   const at::Tensor f = prepare(feats_in, ct), l = prepare(logits_in, ct);
   at::Tensor out_c = ct == dt ? out : at::empty({B, C, K}, copts);
@@ -253,7 +254,6 @@ std::tuple<at::Tensor, at::Tensor> sg_bwd_cpu(const at::Tensor& dout_in,
   const auto copts = feats_in.options().dtype(ct);
   auto dfeats = at::empty(feats_in.sizes(), feats_in.options());
   auto dlogits = at::empty(logits_in.sizes(), logits_in.options());
-  if (B == 0 || C == 0 || K == 0 || N == 0) return {dfeats.zero_(), dlogits.zero_()};
 
   const at::Tensor f = prepare(feats_in, ct), l = prepare(logits_in, ct);
   const at::Tensor dR = prepare(dout_in, ct), R = prepare(out_in, ct), lse = lse_in.contiguous();
