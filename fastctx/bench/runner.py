@@ -5,7 +5,8 @@ gradients for one random upstream gradient); each candidate is first checked aga
 candidate that fails parity is reported as failed and not timed), then timed forward (no grad),
 backward (``torch.autograd.grad`` on a retained graph) and forward+backward, with its peak memory
 for forward and for forward+backward. Ratios are against the reference and the strongest
-plain-PyTorch formulation of the same run.
+plain-PyTorch formulation of the same run. A case's ``timing_only`` candidates (e.g. a bandwidth
+floor that only reads the inputs) are timed without the parity check.
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
         except Exception as e:  # a crash is reported, not hidden
             rows.append(_row(case, dtype, device, cand, "-", status=f"error: {type(e).__name__}: {e}"))
             continue
-        problems = [mismatch(out, truth_out, dtype, "out")]
-        problems += [mismatch(g, t, dtype, f"grad{i}") for i, (g, t) in enumerate(zip(grads, truth_grads))]
+        timing_only = cand in case.timing_only  # e.g. a bandwidth floor: timed, not checked
+        problems = []
+        if not timing_only:
+            problems = [mismatch(out, truth_out, dtype, "out")]
+            problems += [mismatch(g, t, dtype, f"grad{i}") for i, (g, t) in enumerate(zip(grads, truth_grads))]
         problems = [p for p in problems if p]
         if problems:
             rows.append(_row(case, dtype, device, cand, "-", status="FAILED parity: " + problems[0].splitlines()[0]))
@@ -139,7 +143,8 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
         peaks = {"fwd": peak_mib(fwd, device), "bwd": None, "fwd+bwd": peak_mib(full, device)}
         for mode in MODES:
             med, p20, p80 = timings[mode]
-            rows.append(_row(case, dtype, device, cand, mode, median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=peaks[mode]))
+            rows.append(_row(case, dtype, device, cand, mode, median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=peaks[mode],
+                             status="ok (timing only, no parity check)" if timing_only else "ok"))
         log(
             f"  {cand:10s} fwd {timings['fwd'][0]:9.3f} ms  bwd {timings['bwd'][0]:9.3f} ms  "
             f"fwd+bwd {timings['fwd+bwd'][0]:9.3f} ms  peak {peaks['fwd+bwd'] if peaks['fwd+bwd'] is None else round(peaks['fwd+bwd'], 1)} MiB"

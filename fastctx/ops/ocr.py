@@ -1,7 +1,7 @@
 """OCR: spatial gather (soft region pooling) and pixel-region attention.
 
-``region_attention`` has compiled CPU and Triton kernels (custom ops with autograd, as
-criss-cross); ``spatial_gather`` only the "reference" backend so far.
+Both have compiled CPU and Triton kernels: custom ops with a fake implementation and registered
+autograd (the forward returns a log-sum-exp that the backward uses).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
 from fastctx.ops._kernels import kernels
 
-register_op("spatial_gather", OpSupport())
+register_op("spatial_gather", OpSupport(compiled="sg_fwd", triton=True))
 register_op("region_attention", OpSupport(compiled="ra_fwd", triton=True))
 
 
@@ -23,22 +23,79 @@ def spatial_gather(feats: Tensor, logits: Tensor, scale: float = 1.0, *, backend
 
     Args:
         feats (Tensor): ``[B, C, H, W]``.
-        logits (Tensor): ``[B, K, H, W]`` raw class logits (``-inf`` allowed; a class whose
-            logits are all ``-inf`` gets a zero region).
+        logits (Tensor): ``[B, K, H, W]`` raw class logits (``-inf`` allowed, ``+inf`` and NaN
+            refused; a class whose logits are all ``-inf`` gets a zero region and zero
+            gradients).
         scale (float): multiplies the logits. Default: ``1.0``.
         backend (str | None): see :mod:`fastctx.backends`. Default: None.
 
     Returns:
         Tensor: ``[B, C, K]`` (mmseg returns it as ``[B, C, K, 1]``).
+
+    The "cpu" and "triton" backends stream the pixels once with an online softmax per class and
+    keep no ``[B, K, H, W]`` weights; the backward recomputes them from the saved log-sum-exp.
+    The "cpu" backend copies strided (e.g. channels_last) and 16-bit inputs once (16-bit to
+    float32); the Triton kernels read any strides.
     """
     op = "spatial_gather"
     _validate.feats_logits(op, feats, logits)
+    if _validate.check_nan_enabled() and bool(torch.isposinf(logits).any()):
+        raise ValueError(f"fastctx.{op}: logits (shape {tuple(logits.shape)}) contains +inf; only -inf is allowed")
     scale = _validate.scale(op, scale)
     if scale <= 0:
         raise ValueError(f"fastctx.{op}: scale must be positive (it multiplies logits that may be -inf), got {scale}")
     feats, logits = _validate.autocast(feats, logits)
-    choose_backend(op, feats, backend)
-    return python_ref.spatial_gather(feats, logits, scale)
+    name = choose_backend(op, feats, backend)
+    if name == "reference":
+        return python_ref.spatial_gather(feats, logits, scale)
+    out, _ = _sg_fwd(feats, logits, scale, name)
+    return out
+
+
+def _sg_kernels(backend: str):
+    return kernels("spatial_gather", backend, ("sg_fwd", "sg_bwd"), ("fastctx.triton.spatial_gather", "sg_fwd", "sg_bwd"))
+
+
+@torch.library.custom_op("fastctx::spatial_gather_fwd", mutates_args=())
+def _sg_fwd(feats: Tensor, logits: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _sg_kernels(backend)[0](feats, logits, scale)
+
+
+@_sg_fwd.register_fake
+def _(feats, logits, scale, backend):
+    B, C = feats.shape[:2]
+    K = logits.shape[1]
+    lse_dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    return feats.new_empty((B, C, K)), feats.new_empty((B, K), dtype=lse_dtype)
+
+
+@torch.library.custom_op("fastctx::spatial_gather_bwd", mutates_args=())
+def _sg_bwd(
+    dout: Tensor, feats: Tensor, logits: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    return _sg_kernels(backend)[1](dout, feats, logits, out, lse, scale)
+
+
+@_sg_bwd.register_fake
+def _(dout, feats, logits, out, lse, scale, backend):
+    return feats.new_empty(feats.shape), logits.new_empty(logits.shape)
+
+
+def _sg_setup_context(ctx, inputs, output):
+    feats, logits, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(feats, logits, out, lse)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _sg_backward(ctx, dout, _dlse):
+    feats, logits, out, lse = ctx.saved_tensors
+    dfeats, dlogits = _sg_bwd(dout.contiguous(), feats, logits, out, lse, ctx.scale, ctx.backend)
+    return dfeats, dlogits, None, None
+
+
+_sg_fwd.register_autograd(_sg_backward, setup_context=_sg_setup_context)
 
 
 def region_attention(

@@ -1,0 +1,301 @@
+// Spatial gather (OCR's soft region pooling), CPU: launchers and the CPU registration of the ops
+// fastctx::sg_fwd and fastctx::sg_bwd (schemas: csrc/ops/spatial_gather.cpp). The per-task
+// kernels and their design notes are in spatial_gather_kernels.h.
+//
+// Inputs are made contiguous in the compute dtype by prepare(): a no-op for NCHW float32 /
+// float64 input; channels_last or other strided inputs, and float16 / bfloat16 inputs (upcast
+// to float32), are copied once. Outputs are contiguous in the input dtype; lse is float32
+// (float64 for float64 inputs). Accumulation is float32 for float16 / bfloat16 / float32 and
+// float64 for float64. No tensor of size B x K x N is allocated besides the dlogits output.
+//
+// Forward: tasks (image, pixel chunk), chunks fixed by N alone, each writing its own partial
+// (regions, running max, running sum); the partials of an image are merged in chunk order.
+// Backward: tasks (image, pixel block), independent (no sums over pixels). Both are
+// bit-identical run to run and for any thread count.
+//
+// Parallelism: at::parallel_for, one worker per thread, claiming items from a shared counter.
+// Vector code: the kernels are compiled for the baseline target and (x86-64 with GCC) for
+// AVX2 + FMA; __builtin_cpu_supports picks one at run time.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+
+// 32-byte vector types in the baseline build: GCC notes the ABI of passing them without AVX.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define FASTCTX_SG_ISA isa_base
+#include "spatial_gather_kernels.h"
+#undef FASTCTX_SG_ISA
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTCTX_SG_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define FASTCTX_SG_ISA isa_avx2
+#include "spatial_gather_kernels.h"
+#undef FASTCTX_SG_ISA
+#pragma GCC pop_options
+#endif
+
+namespace fastctx {
+namespace sg_cpu {
+namespace {
+
+#define SG_OP "fastctx.spatial_gather"
+
+bool use_avx2() {
+#ifdef FASTCTX_SG_HAVE_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <class T>
+void fwd_task(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t c, T* scratch, T* part) {
+#ifdef FASTCTX_SG_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::fwd_task<T>(a, g, b, c, scratch, part);
+#endif
+  isa_base::fwd_task<T>(a, g, b, c, scratch, part);
+}
+
+template <class T>
+void bwd_block(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
+#ifdef FASTCTX_SG_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::bwd_block<T>(a, g, b, t, scratch);
+#endif
+  isa_base::bwd_block<T>(a, g, b, t, scratch);
+}
+
+// Zero-initialised, 64-byte aligned per-thread scratch.
+template <class T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p_ != nullptr, SG_OP ": could not allocate ", bytes, " bytes of scratch");
+    std::memset(p_, 0, bytes);
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  T* p_;
+};
+
+// Runs fn(i, scratch) for every i in [0, n) on up to get_num_threads() threads, each with its
+// own zero-initialised scratch of scratch_elems values; items are claimed from a shared counter.
+// Which thread runs an item never changes its result.
+template <class T, class Fn>
+void for_each_item(int64_t n, int64_t scratch_elems, const Fn& fn) {
+  const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
+    Scratch<T> s(scratch_elems);
+    for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
+  });
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
+                  const char* shape, const at::Tensor& feats) {
+  TORCH_CHECK(t.defined(), SG_OP " (", op, "): ", name, " is undefined");
+  TORCH_CHECK(t.device() == feats.device(), SG_OP " (", op, "): ", name, " is on ", t.device(),
+              " but feats is on ", feats.device());
+  TORCH_CHECK(t.device().is_cpu(), SG_OP " (", op, "): ", name,
+              " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, SG_OP " (", op, "): ", name, " must be ", dim, "-D ", shape,
+              ", got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == feats.scalar_type(), SG_OP " (", op, "): ", name,
+              " has dtype ", t.scalar_type(), " but feats has dtype ", feats.scalar_type());
+}
+
+void check_inputs(const at::Tensor& feats, const at::Tensor& logits, double scale,
+                  const char* op) {
+  check_tensor(feats, op, "feats", 4, "[B, C, H, W]", feats);
+  const auto st = feats.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              SG_OP " (", op, "): feats must be float16, bfloat16, float32 or float64, got ", st);
+  check_tensor(logits, op, "logits", 4, "[B, K, H, W]", feats);
+  TORCH_CHECK(logits.size(0) == feats.size(0) && logits.size(2) == feats.size(2) &&
+                  logits.size(3) == feats.size(3),
+              SG_OP " (", op, "): feats and logits must agree in batch and spatial size, got "
+              "feats ", feats.sizes(), " and logits ", logits.sizes());
+  TORCH_CHECK(feats.numel() > 0 && logits.numel() > 0, SG_OP " (", op,
+              "): feats and logits must not be empty, got feats ", feats.sizes(), " and logits ",
+              logits.sizes());
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, SG_OP " (", op,
+              "): scale must be positive and finite, got ", scale);
+}
+
+// Contiguous in the compute dtype. (Not Tensor::to(dtype, ..., MemoryFormat::Contiguous): that
+// aliases any tensor whose suggest_memory_format() is Contiguous, e.g. a permuted one.)
+at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
+  if (t.scalar_type() == ct) return t.contiguous();
+  at::Tensor r = at::empty(t.sizes(), t.options().dtype(ct));
+  r.copy_(t);
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> sg_fwd_cpu(const at::Tensor& feats_in,
+                                              const at::Tensor& logits_in, double scale) {
+  check_inputs(feats_in, logits_in, scale, "sg_fwd");
+  const int64_t B = feats_in.size(0), C = feats_in.size(1), K = logits_in.size(1);
+  const int64_t N = feats_in.size(2) * feats_in.size(3);
+  const at::ScalarType dt = feats_in.scalar_type(), ct = compute_dtype(dt);
+  const auto copts = feats_in.options().dtype(ct);
+  auto lse = at::empty({B, K}, copts);
+  auto out = at::empty({B, C, K}, feats_in.options());
+
+  const at::Tensor f = prepare(feats_in, ct), l = prepare(logits_in, ct);
+  at::Tensor out_c = ct == dt ? out : at::empty({B, C, K}, copts);
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "sg_fwd_cpu", [&] {
+    using T = scalar_t;
+    const Geom g = make_geom<T>(N, K);
+    const FwdArgs<T> a{f.const_data_ptr<T>(), l.const_data_ptr<T>(), C, K, N,
+                       static_cast<T>(scale)};
+    const int64_t ntask = B * g.nchunk, psize = fwd_partial(g, C), Kp = g.Kp;
+    at::Tensor part_t = at::empty({ntask, psize}, copts);
+    T* part = part_t.mutable_data_ptr<T>();
+    for_each_item<T>(ntask, fwd_scratch(g), [&](int64_t i, T* s) {
+      fwd_task<T>(a, g, i / g.nchunk, i % g.nchunk, s, part + i * psize);
+    });
+
+    // Merge the chunks of each image, in chunk order: coef[b][c][k] = exp(M_c - M) / L.
+    const T ninf = -std::numeric_limits<T>::infinity();
+    at::Tensor coef_t = at::empty({ntask, K}, copts);
+    T* coef = coef_t.mutable_data_ptr<T>();
+    T* LSE = lse.mutable_data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < K; ++k) {
+        T m = ninf;
+        for (int64_t c = 0; c < g.nchunk; ++c)
+          m = std::max(m, part[(b * g.nchunk + c) * psize + (C * Kp) + k]);
+        if (m == ninf) {  // every logit of the class is -inf: zero region
+          for (int64_t c = 0; c < g.nchunk; ++c) coef[(b * g.nchunk + c) * K + k] = T(0);
+          LSE[b * K + k] = ninf;
+          continue;
+        }
+        T sum = T(0);
+        for (int64_t c = 0; c < g.nchunk; ++c) {
+          const T* p = part + (b * g.nchunk + c) * psize + C * Kp;
+          sum += p[Kp + k] * std::exp(p[k] - m);  // (a chunk with M_c = -inf adds 0)
+        }
+        for (int64_t c = 0; c < g.nchunk; ++c) {
+          const T* p = part + (b * g.nchunk + c) * psize + C * Kp;
+          coef[(b * g.nchunk + c) * K + k] = std::exp(p[k] - m) / sum;
+        }
+        LSE[b * K + k] = m + std::log(sum);  // sum >= 1: the maximum contributes exp(0)
+      }
+    T* O = out_c.mutable_data_ptr<T>();
+    at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / (K * g.nchunk)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / C, ch = r % C;
+        T* o = O + r * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = T(0);
+        for (int64_t c = 0; c < g.nchunk; ++c) {
+          const T* src = part + (b * g.nchunk + c) * psize + ch * Kp;
+          const T* cf = coef + (b * g.nchunk + c) * K;
+          for (int64_t k = 0; k < K; ++k) o[k] += src[k] * cf[k];
+        }
+      }
+    });
+  });
+  if (ct != dt) out.copy_(out_c);
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> sg_bwd_cpu(const at::Tensor& dout_in,
+                                              const at::Tensor& feats_in,
+                                              const at::Tensor& logits_in,
+                                              const at::Tensor& out_in, const at::Tensor& lse_in,
+                                              double scale) {
+  check_inputs(feats_in, logits_in, scale, "sg_bwd");
+  const int64_t B = feats_in.size(0), C = feats_in.size(1), K = logits_in.size(1);
+  const int64_t N = feats_in.size(2) * feats_in.size(3);
+  check_tensor(dout_in, "sg_bwd", "dregions", 3, "[B, C, K]", feats_in);
+  check_tensor(out_in, "sg_bwd", "regions", 3, "[B, C, K]", feats_in);
+  for (const at::Tensor* t : {&dout_in, &out_in})
+    TORCH_CHECK(t->size(0) == B && t->size(1) == C && t->size(2) == K,
+                SG_OP " (sg_bwd): dregions and regions must be [B, C, K] = [", B, ", ", C, ", ",
+                K, "], got ", t->sizes());
+  const at::ScalarType dt = feats_in.scalar_type(), ct = compute_dtype(dt);
+  TORCH_CHECK(lse_in.defined() && lse_in.device() == feats_in.device(),
+              SG_OP " (sg_bwd): lse must be a tensor on ", feats_in.device());
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == B && lse_in.size(1) == K,
+              SG_OP " (sg_bwd): lse must have shape [B, K] = [", B, ", ", K, "], got ",
+              lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == ct, SG_OP " (sg_bwd): lse must have dtype ", ct, " for ",
+              dt, " inputs, got ", lse_in.scalar_type());
+
+  const auto copts = feats_in.options().dtype(ct);
+  auto dfeats = at::empty(feats_in.sizes(), feats_in.options());
+  auto dlogits = at::empty(logits_in.sizes(), logits_in.options());
+
+  const at::Tensor f = prepare(feats_in, ct), l = prepare(logits_in, ct);
+  const at::Tensor dR = prepare(dout_in, ct), R = prepare(out_in, ct), lse = lse_in.contiguous();
+  const at::Tensor dRT = dR.transpose(1, 2).contiguous();
+  at::Tensor df_c = ct == dt ? dfeats : at::empty(feats_in.sizes(), copts);
+  at::Tensor dl_c = ct == dt ? dlogits : at::empty(logits_in.sizes(), copts);
+  // (the outputs are allocated contiguous: at::empty with sizes only)
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "sg_bwd_cpu", [&] {
+    using T = scalar_t;
+    const Geom g = make_geom<T>(N, K);
+    // D[b][k] = sum_c dR[b][c][k] * R[b][c][k], in channel order.
+    at::Tensor D_t = at::empty({B, K}, copts);
+    T* Dp = D_t.mutable_data_ptr<T>();
+    const T* dRp = dR.const_data_ptr<T>();
+    const T* Rp = R.const_data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      T* d = Dp + b * K;
+      for (int64_t k = 0; k < K; ++k) d[k] = T(0);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t k = 0; k < K; ++k) d[k] += dRp[(b * C + c) * K + k] * Rp[(b * C + c) * K + k];
+    }
+    const BwdArgs<T> a{f.const_data_ptr<T>(),   l.const_data_ptr<T>(),   dRp,
+                       dRT.const_data_ptr<T>(), lse.const_data_ptr<T>(), Dp,
+                       df_c.mutable_data_ptr<T>(), dl_c.mutable_data_ptr<T>(),
+                       C, K, N, static_cast<T>(scale)};
+    for_each_item<T>(B * g.nblocks, bwd_scratch(g, C, K), [&](int64_t u, T* s) {
+      bwd_block<T>(a, g, u / g.nblocks, u % g.nblocks, s);
+    });
+  });
+  if (ct != dt) {
+    dfeats.copy_(df_c);
+    dlogits.copy_(dl_c);
+  }
+  return {dfeats, dlogits};
+}
+
+}  // namespace
+}  // namespace sg_cpu
+}  // namespace fastctx
+
+TORCH_LIBRARY_IMPL(fastctx, CPU, m) {
+  m.impl("sg_fwd", &fastctx::sg_cpu::sg_fwd_cpu);
+  m.impl("sg_bwd", &fastctx::sg_cpu::sg_bwd_cpu);
+}

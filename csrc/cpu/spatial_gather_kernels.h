@@ -1,0 +1,482 @@
+// Spatial gather (OCR's soft region pooling), CPU kernels: the per-task work of fastctx::sg_fwd /
+// sg_bwd. Launchers, checks and registration: spatial_gather.cpp. Contract:
+// shared/docs/OPERATORS.md section 4 (spatial_gather).
+//
+// NO INCLUDE GUARD, on purpose (the pattern of region_attention_kernels.h): spatial_gather.cpp
+// includes this file once per instruction set, each time with FASTCTX_SG_ISA naming a namespace
+// (and, for AVX2, under `#pragma GCC target("avx2,fma")`); the launcher picks one at run time.
+//
+// Design (NCHW: per image, feats is a C x N matrix F and logits a K x N matrix L, pixel axis n
+// stride 1; R = regions[b] is C x K):
+// - One register-blocked GEMM kernel, 4 rows x 3 vectors (8 x 1 for a last narrow panel):
+//     C[m][col] (+)= sum_kk A[m][kk] * B[kk][col]     (A broadcast, B and C vectors along col)
+//   used three ways:
+//     R  [c][k] += sum_n F[c][n] * Pt[n][k]       forward (vectors along classes; Pt: the block's
+//                                                  softmax numerators, transposed, [nb][Kp])
+//     G  [k][n]  = sum_c dRT[k][c] * Fb[c][n]     backward (vectors along pixels; Fb: the block's
+//                                                  feats packed, dRT: dregions transposed)
+//     dF [c][n]  = sum_k dR[c][k] * W[k][n]       backward, straight into the NCHW dfeats
+// - Forward: a task is a fixed pixel range (chunk) of one image; it streams the range in blocks of
+//   kFwdNB pixels with an online softmax per class: running max M[k] and sum L[k] of
+//   exp(scale * l - M[k]); when a block raises M[k], the task's partial R column k and L[k] are
+//   multiplied by exp(M_old - M_new) before the block is added. Each task leaves (R, M, L) in its
+//   own partial buffer; the launcher merges the chunks of an image in chunk order. The chunks
+//   depend only on N, so the result is bit-identical run to run and for any thread count.
+//   Nothing of size K x N is stored: per-thread scratch holds one block's Pt.
+// - Backward, per block of pixels (no reduction over pixels, so blocks are independent):
+//   W = exp(scale * l - lse), G = dR^T F, dlogits = scale * W * (G - D) with D[k] =
+//   sum_c dR[c][k] R[c][k] (from the saved regions), dfeats = dR W.
+// - Pixel vectors in the backward: a block of nb pixels (NB = kNBW * VL, a last block of fewer
+//   than VL pixels merged into the one before) is covered by windows of VL lanes, the last one
+//   shifted left to end at the block's last pixel (its overlap is recomputed with the same
+//   arithmetic): no load or store leaves the block. VL = 1 when N < vec_lanes.
+// - A class whose logits are all -inf: M stays -inf, its exps use 0 as the max (exp(-inf) = 0),
+//   R = 0, lse = -inf; the backward uses +inf for its lse, so W = 0 and every gradient is 0.
+
+#ifndef FASTCTX_SG_ISA
+#error "spatial_gather_kernels.h: define FASTCTX_SG_ISA (a namespace name) before including"
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// Shared by every instruction set (defined once): blocking constants, geometry, task arguments.
+#ifndef FASTCTX_SG_CPU_ARGS_DEFINED
+#define FASTCTX_SG_CPU_ARGS_DEFINED
+namespace fastctx {
+namespace sg_cpu {
+
+constexpr int kMR = 4;                  // GEMM register block: rows (broadcast operand)
+constexpr int kNR = 3;                  // GEMM register block: vectors
+constexpr int kMRmax = 8;               // GEMM register block: rows when a panel has 1 vector
+constexpr int64_t kFwdNB = 256;         // forward: pixels per block
+constexpr int64_t kChunkPixels = 1024;  // forward: pixels per task, at least (unless N is less)
+constexpr int64_t kMaxChunks = 8;       // forward: tasks per image, at most
+constexpr int64_t kNBW = 12;            // backward: windows (vectors) per pixel block
+constexpr int64_t kKC = 256;            // GEMM: reduction chunk over channels (G)
+constexpr int64_t kKS = 128;            // GEMM: reduction chunk over classes (dfeats)
+
+template <class T>
+constexpr int64_t vec_lanes() {
+  return 32 / static_cast<int64_t>(sizeof(T));
+}
+
+// Blocking of one image (the same for every image of a call; it depends only on N and K).
+struct Geom {
+  int64_t VL;       // vector lanes (1 when N < vec_lanes)
+  int64_t NB;       // backward: pixels of a full block
+  int64_t NBcap;    // backward: scratch columns of a block (NB + VL: room for a merged tail)
+  int64_t nblocks;  // backward: blocks per image
+  int64_t Kp;       // K rounded up to VL (forward: columns of Pt and of the partial R)
+  int64_t nchunk;   // forward: tasks (pixel chunks) per image
+};
+
+template <class T>
+Geom make_geom(int64_t N, int64_t K) {
+  Geom g;
+  g.VL = N >= vec_lanes<T>() ? vec_lanes<T>() : 1;
+  g.NB = kNBW * g.VL;
+  g.NBcap = g.NB + g.VL;
+  g.nblocks = std::max<int64_t>(1, (N + g.NB - 1) / g.NB);
+  if (g.nblocks > 1 && N - (g.nblocks - 1) * g.NB < g.VL) --g.nblocks;  // merge a short tail
+  g.Kp = (K + g.VL - 1) / g.VL * g.VL;
+  g.nchunk = std::min<int64_t>(kMaxChunks, std::max<int64_t>(1, N / kChunkPixels));
+  return g;
+}
+
+// Pixels [p0, p1) of forward chunk c.
+inline void chunk_range(const Geom& g, int64_t N, int64_t c, int64_t& p0, int64_t& p1) {
+  p0 = N * c / g.nchunk;
+  p1 = N * (c + 1) / g.nchunk;
+}
+
+// First pixel and pixel count of backward block t.
+inline void block_range(const Geom& g, int64_t N, int64_t t, int64_t& n0, int64_t& nb) {
+  n0 = t * g.NB;
+  nb = t == g.nblocks - 1 ? N - n0 : g.NB;
+}
+
+// Per-thread scratch and per-task partial sizes (elements).
+inline int64_t fwd_scratch(const Geom& g) { return (kFwdNB + 1) * g.Kp; }
+inline int64_t fwd_partial(const Geom& g, int64_t C) { return (C + 2) * g.Kp; }
+inline int64_t bwd_scratch(const Geom& g, int64_t C, int64_t K) { return (C + 2 * K) * g.NBcap; }
+
+// Forward arguments (pointers at image 0; every tensor contiguous).
+template <class T>
+struct FwdArgs {
+  const T* f;  // [B, C, N]
+  const T* l;  // [B, K, N]
+  int64_t C, K, N;
+  T scale;
+};
+
+// Backward arguments.
+template <class T>
+struct BwdArgs {
+  const T* f;    // [B, C, N]
+  const T* l;    // [B, K, N]
+  const T* dR;   // [B, C, K]
+  const T* dRT;  // [B, K, C]  (dR transposed)
+  const T* lse;  // [B, K]
+  const T* D;    // [B, K]     sum_c dR * R
+  T* df;         // [B, C, N]
+  T* dl;         // [B, K, N]
+  int64_t C, K, N;
+  T scale;
+};
+
+}  // namespace sg_cpu
+}  // namespace fastctx
+#endif  // FASTCTX_SG_CPU_ARGS_DEFINED
+
+namespace fastctx {
+namespace sg_cpu {
+namespace FASTCTX_SG_ISA {
+
+template <class T, int VL>
+struct VecType {
+  typedef T type __attribute__((vector_size(sizeof(T) * VL)));
+};
+template <class T>
+struct VecType<T, 1> {
+  typedef T type;
+};
+
+template <class T, int VL>
+struct Kern {
+  typedef typename VecType<T, VL>::type V;
+
+  static inline V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static inline V zero() { return V{}; }
+  template <size_t... I>
+  static inline V bcast_impl(T s, std::index_sequence<I...>) {
+    return V{(static_cast<void>(I), s)...};
+  }
+  static inline V bcast(T s) {
+    if constexpr (VL == 1) {
+      return s;
+    } else {
+      return bcast_impl(s, std::make_index_sequence<VL>{});
+    }
+  }
+  static inline V vmax(V a, V b) { return a > b ? a : b; }
+  static inline T lane(V v, int l) {
+    if constexpr (VL == 1) {
+      (void)l;
+      return v;
+    } else {
+      return v[l];
+    }
+  }
+
+  // exp, lane-wise. float: Cephes expf (range reduction by ln 2, degree-6 polynomial, about
+  // 1 ulp), 0 below ln(FLT_MIN) (so exp(-inf) = 0). Other types: std::exp per lane.
+  static inline V vexp(V x) {
+    if constexpr (VL > 1 && std::is_same<T, float>::value) {
+      typedef int32_t VI __attribute__((vector_size(sizeof(T) * VL)));
+      const V lo = bcast(-87.33654475f), hi = bcast(88.0f);
+      const V xc = x < lo ? lo : (x > hi ? hi : x);
+      const V magic = bcast(12582912.0f);  // 1.5 * 2^23: (t + magic) - magic rounds t
+      const V n = (xc * bcast(1.44269504088896341f) + magic) - magic;
+      V r = xc - n * bcast(0.693359375f);
+      r = r - n * bcast(-2.12194440e-4f);
+      const V z = r * r;
+      V p = bcast(1.9875691500e-4f);
+      p = p * r + bcast(1.3981999507e-3f);
+      p = p * r + bcast(8.3334519073e-3f);
+      p = p * r + bcast(4.1665795894e-2f);
+      p = p * r + bcast(1.6666665459e-1f);
+      p = p * r + bcast(5.0000001201e-1f);
+      p = p * z + r + bcast(1.0f);
+      const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+      V two_n;
+      std::memcpy(&two_n, &e, sizeof(V));
+      const V res = p * two_n;
+      return x < lo ? zero() : res;
+    } else if constexpr (VL > 1) {
+      V y;
+      for (int l = 0; l < VL; ++l) y[l] = std::exp(x[l]);
+      return y;
+    } else {
+      return std::exp(x);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // The GEMM register block: C[r * cms + col[t]] (= or +=) sum_{kk < K} A[r * ams + kk] *
+  // B[kk * bks + col[t]] for r < MR, t < NR (col[t]: column of vector t, in B and in C alike).
+  template <int MR, int NR>
+  static void kernel(const T* __restrict A, int64_t ams, const T* __restrict B, int64_t bks,
+                     const int64_t* col, int64_t K, T* __restrict C, int64_t cms, bool acc_in) {
+    V acc[MR][NR];
+    const T* bp[NR];
+    const T* ap[MR];
+#pragma GCC unroll 8
+    for (int t = 0; t < NR; ++t) bp[t] = B + col[t];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) ap[r] = A + r * ams;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < NR; ++t) acc[r][t] = acc_in ? load(C + r * cms + col[t]) : zero();
+    for (int64_t kk = 0; kk < K; ++kk) {
+      V bv[NR];
+#pragma GCC unroll 8
+      for (int t = 0; t < NR; ++t) bv[t] = load(bp[t] + kk * bks);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const V a = bcast(ap[r][kk]);
+#pragma GCC unroll 8
+        for (int t = 0; t < NR; ++t) acc[r][t] += a * bv[t];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < NR; ++t) store(C + r * cms + col[t], acc[r][t]);
+  }
+
+  typedef void (*KernelFn)(const T*, int64_t, const T*, int64_t, const int64_t*, int64_t, T*,
+                           int64_t, bool);
+  // kernel<mr, nr> for mr <= kMRmax, nr <= kNR.
+  template <int... I>
+  static KernelFn pick_impl(int mr, int nr, std::integer_sequence<int, I...>) {
+    static const KernelFn table[] = {&kernel<I / kNR + 1, I % kNR + 1>...};
+    return table[(mr - 1) * kNR + (nr - 1)];
+  }
+  static KernelFn pick(int mr, int nr) {
+    return pick_impl(mr, nr, std::make_integer_sequence<int, kMRmax * kNR>{});
+  }
+  // Rows of a register block of nr vectors: 12 accumulators for nr = 3 or 2, 8 for nr = 1.
+  static int rows_for(int nr) { return nr == 3 ? kMR : nr == 2 ? 6 : kMRmax; }
+
+  // Prefetch rows [r0, r1) of A (row stride ams), columns [0, K).
+  static void prefetch_rows(const T* A, int64_t ams, int64_t r0, int64_t r1, int64_t K) {
+    const int64_t bytes = K * static_cast<int64_t>(sizeof(T));
+    for (int64_t r = r0; r < r1; ++r) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(A + r * ams);
+      for (uintptr_t l = a & ~uintptr_t(63); l < a + bytes; l += 64)
+        __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+    }
+  }
+
+  // C[m * cms + col[w]] (= or +=) sum_{kk < K} A[m * ams + kk] * B[kk * bks + col[w]] for m < M
+  // and the nw vectors w. K is split into equal chunks of at most kmax. Loop order within a
+  // chunk: panels of kNR vectors, blocks of rows (the chunk x kNR panel of B stays in L1 while
+  // the rows of A stream past it; a last panel of fewer vectors takes more rows per block), or
+  // with rows_outer, blocks of kMR rows, panels (each block of rows of A is read once, from
+  // memory, while B stays in L2; the rows two blocks ahead are prefetched). K == 0 stores zeros
+  // (or leaves C as it is when accumulating).
+  static void gemm(const T* A, int64_t ams, const T* B, int64_t bks, int64_t M, int64_t K,
+                   const int64_t* col, int64_t nw, T* C, int64_t cms, bool accumulate,
+                   int64_t kmax, bool rows_outer) {
+    const int64_t nchunk = std::max<int64_t>(1, (K + kmax - 1) / kmax);
+    for (int64_t ch = 0; ch < nchunk; ++ch) {
+      const int64_t k0 = K * ch / nchunk, kn = K * (ch + 1) / nchunk - k0;
+      const bool acc_in = accumulate || ch > 0;
+      auto block = [&](int64_t m0, int mr, int64_t w0, int nr) {
+        pick(mr, nr)(A + m0 * ams + k0, ams, B + k0 * bks, bks, col + w0, kn, C + m0 * cms, cms,
+                     acc_in);
+      };
+      if (rows_outer) {
+        prefetch_rows(A + k0, ams, 0, std::min<int64_t>(2 * kMR, M), kn);
+        for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+          prefetch_rows(A + k0, ams, std::min(M, m0 + 2 * kMR), std::min(M, m0 + 3 * kMR), kn);
+          for (int64_t w0 = 0; w0 < nw; w0 += kNR)
+            block(m0, mr, w0, static_cast<int>(std::min<int64_t>(kNR, nw - w0)));
+        }
+      } else {
+        for (int64_t w0 = 0; w0 < nw; w0 += kNR) {
+          const int nr = static_cast<int>(std::min<int64_t>(kNR, nw - w0));
+          const int rows = rows_for(nr);
+          for (int64_t m0 = 0; m0 < M; m0 += rows)
+            block(m0, static_cast<int>(std::min<int64_t>(rows, M - m0)), w0, nr);
+        }
+      }
+    }
+  }
+
+  // Windows of a block of nb pixels: columns w * VL, the last one shifted to end at nb.
+  static int64_t windows(int64_t nb, int64_t* col) {
+    const int64_t nw = (nb + VL - 1) / VL;
+    for (int64_t w = 0; w < nw; ++w) col[w] = std::min<int64_t>(w * VL, nb - VL);
+    return nw;
+  }
+
+  // dst[c * NBcap + j] = src[c * N + j] for c < C, j < nb, prefetching kAhead rows ahead.
+  static void pack(const T* __restrict src, int64_t C, int64_t N, int64_t nb, T* __restrict dst,
+                   int64_t NBcap) {
+    constexpr int64_t kAhead = 8;
+    const int64_t bytes = nb * static_cast<int64_t>(sizeof(T));
+    prefetch_rows(src, N, 0, std::min(kAhead, C), nb);
+    for (int64_t c = 0; c < C; ++c) {
+      if (c + kAhead < C) prefetch_rows(src, N, c + kAhead, c + kAhead + 1, nb);
+      std::memcpy(dst + c * NBcap, src + c * N, bytes);
+    }
+  }
+
+  static T hmax(V v) {
+    T r = lane(v, 0);
+    for (int l = 1; l < VL; ++l) r = std::max(r, lane(v, l));
+    return r;
+  }
+  static T hsum(V v) {
+    T r = lane(v, 0);
+    for (int l = 1; l < VL; ++l) r += lane(v, l);
+    return r;
+  }
+
+  // max_j x[j], j < n (n >= 1).
+  static T row_max(const T* x, int64_t n) {
+    V m = bcast(-std::numeric_limits<T>::infinity());
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) m = vmax(m, load(x + j));
+    T r = hmax(m);
+    for (; j < n; ++j) r = std::max(r, x[j]);
+    return r;
+  }
+
+  // dst[j * ds] = exp(scale * x[j] - sub) for j < n; returns their sum.
+  static T exp_row(const T* x, int64_t n, T scale, T sub, T* dst, int64_t ds) {
+    const V sc = bcast(scale), sv = bcast(sub);
+    V acc = zero();
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) {
+      const V p = vexp(sc * load(x + j) - sv);
+      acc += p;
+      if (ds == 1) {
+        store(dst + j, p);
+      } else {
+        for (int l = 0; l < VL; ++l) dst[(j + l) * ds] = lane(p, l);
+      }
+    }
+    T sum = hsum(acc);
+    for (; j < n; ++j) {
+      const T p = std::exp(scale * x[j] - sub);
+      dst[j * ds] = p;
+      sum += p;
+    }
+    return sum;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Forward of chunk c of image b: part = R [C][Kp] (columns >= K unspecified), M [Kp], L [Kp]
+  // (see the top of the file). Scratch: fwd_scratch values, zero-initialised (the columns
+  // k >= K of Pt are never written, so they stay 0).
+  static void fwd_task(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t c, T* scratch,
+                       T* part) {
+    const int64_t C = a.C, K = a.K, N = a.N, Kp = g.Kp;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    int64_t p0, p1;
+    chunk_range(g, N, c, p0, p1);
+    T* R = part;
+    T* M = R + C * Kp;
+    T* L = M + Kp;
+    T* Pt = scratch;            // [kFwdNB][Kp]
+    T* alpha = Pt + kFwdNB * Kp;  // [Kp]
+    std::fill(R, R + C * Kp, T(0));
+    std::fill(M, M + Kp, ninf);
+    std::fill(L, L + Kp, T(0));
+    std::fill(alpha, alpha + Kp, T(1));
+    const int64_t nkv = Kp / VL;
+    std::vector<int64_t> col(static_cast<size_t>(nkv));
+    for (int64_t w = 0; w < nkv; ++w) col[w] = w * VL;
+    const T* F = a.f + b * C * N;
+    const T* Lg = a.l + b * K * N;
+
+    for (int64_t n0 = p0; n0 < p1; n0 += kFwdNB) {
+      const int64_t nb = std::min(kFwdNB, p1 - n0);
+      bool rescale = false;
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = Lg + k * N + n0;
+        const T bm = a.scale * row_max(row, nb);  // scale > 0
+        const T mo = M[k];
+        if (bm > mo) {
+          alpha[k] = std::exp(mo - bm);  // 0 when mo = -inf (R[:, k] and L[k] are 0 then)
+          L[k] *= alpha[k];
+          M[k] = bm;
+          rescale = true;
+        } else {
+          alpha[k] = T(1);
+        }
+        const T ms = M[k] == ninf ? T(0) : M[k];  // all -inf so far: exp(-inf - 0) = 0
+        L[k] += exp_row(row, nb, a.scale, ms, Pt + k, Kp);
+      }
+      if (rescale && n0 > p0) {
+        for (int64_t r = 0; r < C; ++r)
+          for (int64_t k = 0; k < Kp; k += VL) store(R + r * Kp + k, load(R + r * Kp + k) * load(alpha + k));
+      }
+      gemm(F + n0, N, Pt, Kp, C, nb, col.data(), nkv, R, Kp, true, kFwdNB, true);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Backward of pixel block t of image b: its dfeats and dlogits columns. Scratch: bwd_scratch.
+  static void bwd_block(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
+    const int64_t C = a.C, K = a.K, N = a.N, NBcap = g.NBcap;
+    const T inf = std::numeric_limits<T>::infinity();
+    int64_t n0, nb;
+    block_range(g, N, t, n0, nb);
+    int64_t col[kNBW + 1];
+    const int64_t nw = windows(nb, col);
+    T* Fb = scratch;          // [C][NBcap]: the block's feats columns
+    T* W = Fb + C * NBcap;    // [K][NBcap]: softmax weights
+    T* G = W + K * NBcap;     // [K][NBcap]: dR^T F
+    const T* Lg = a.l + b * K * N + n0;
+    const T* lse = a.lse + b * K;
+    const T* D = a.D + b * K;
+    T* dL = a.dl + b * K * N + n0;
+
+    pack(a.f + b * C * N + n0, C, N, nb, Fb, NBcap);
+    for (int64_t k = 0; k < K; ++k) {
+      const T l = lse[k] == -inf ? inf : lse[k];  // empty class: exp(... - inf) = 0
+      exp_row(Lg + k * N, nb, a.scale, l, W + k * NBcap, 1);
+    }
+    gemm(a.dRT + b * K * C, C, Fb, NBcap, K, C, col, nw, G, NBcap, false, kKC, false);
+    const V sc = bcast(a.scale);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* w = W + k * NBcap;
+      const T* gk = G + k * NBcap;
+      T* dst = dL + k * N;
+      const V d = bcast(D[k]);
+      int64_t j = 0;
+      for (; j + VL <= nb; j += VL) store(dst + j, sc * load(w + j) * (load(gk + j) - d));
+      for (; j < nb; ++j) dst[j] = a.scale * w[j] * (gk[j] - D[k]);
+    }
+    gemm(a.dR + b * C * K, K, W, NBcap, C, K, col, nw, a.df + b * C * N + n0, N, false, kKS,
+         true);
+  }
+};
+
+// Entry points: pick the vector width of the geometry.
+template <class T>
+void fwd_task(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t c, T* scratch, T* part) {
+  if (g.VL == vec_lanes<T>())
+    Kern<T, vec_lanes<T>()>::fwd_task(a, g, b, c, scratch, part);
+  else
+    Kern<T, 1>::fwd_task(a, g, b, c, scratch, part);
+}
+
+template <class T>
+void bwd_block(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
+  if (g.VL == vec_lanes<T>())
+    Kern<T, vec_lanes<T>()>::bwd_block(a, g, b, t, scratch);
+  else
+    Kern<T, 1>::bwd_block(a, g, b, t, scratch);
+}
+
+}  // namespace FASTCTX_SG_ISA
+}  // namespace sg_cpu
+}  // namespace fastctx
