@@ -2,22 +2,25 @@
 // fastctx::isa_fwd and fastctx::isa_bwd (schemas: csrc/ops/interlaced_attention.cpp). Semantics:
 // shared/docs/OPERATORS.md section 2.
 //
-// Work item: one group of one image (groups are independent in both directions, so there are no
-// cross-item reductions: results are bit-identical run to run and for any thread count). Items
-// are numbered so that consecutive ones share cache lines (long mode: groups of equal row phase
-// a, short mode: blocks of one block row) and claimed one at a time from a shared counter.
+// Work item: one band of one image, the map rows that hold a set of whole groups (long mode: the
+// rows of one phase i % bh, its bw groups; short mode: one row of blocks, its W / bw groups).
+// Groups are independent in both directions, so there are no cross-item reductions: results are
+// bit-identical run to run and for any thread count. Items are claimed one at a time from a
+// shared counter.
 //
-// Per item, with L members:
-// - pack: the group's members are read straight from the strided q, k, v (dout) by index
-//   arithmetic, converted to the compute dtype, into per-thread scratch [C][L] (channel-major;
-//   member-major reads for channels_last inputs). No permuted copy of a whole tensor is made.
-// - GEMMs: at::mm_out on the scratch buffers (BLAS; ATen runs it single-threaded inside
+// Per item:
+// - pack: the band's rows are read once, straight from the strided q, k, v (dout) by index
+//   arithmetic (along W; along C for channels_last), converted to the compute dtype and
+//   scattered into per-thread scratch, group by group [u][C][L] (channel-major). No permuted
+//   copy of a whole tensor is made. (Gathering group by group instead reads every cache line of
+//   the band once per group: measured 3x slower than the GEMMs at ISANet's sizes.)
+// - per group, GEMMs with at::mm_out on the scratch (BLAS; ATen runs it single-threaded inside
 //   at::parallel_for). Forward: S = Q^T K [L, L], P = softmax(scale S) per row, O = V P^T.
 //   Backward (P recomputed from the saved lse): dP = dO^T V, dS = scale P (dP - rowsum(P dP)),
-//   dV = dO P, dK = Q dS, dQ = K dS^T.
+//   dV = dO P, dQ = K dS^T, dK = Q dS; results replace inputs that are no longer needed.
 // - the row passes (softmax, its backward) are in interlaced_attention_kernels.h, compiled for
 //   the baseline target and for AVX2 + FMA, picked at run time.
-// - unpack: results are written to the members' positions of the NCHW outputs.
+// - unpack: the band's results are written row by row to the NCHW outputs.
 //
 // Outputs are contiguous NCHW in the input dtype; lse [B, H, W] is float32 (float64 for float64
 // inputs). Compute (and accumulation) dtype: float64 for float64 inputs, float32 otherwise.
@@ -37,6 +40,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector types in the baseline build
@@ -87,12 +91,17 @@ void softmax_bwd(T* S, T* dP, int64_t L, int64_t Lp, T scale, const T* lse) {
   isa_base::softmax_bwd<T>(S, dP, L, Lp, scale, lse);
 }
 
-// The grouping of one call.
+// The grouping of one call. A band is the set of map rows whose groups it holds completely:
+// long mode, band t = the rows of equal phase i % bh = t (its bw groups are the columns' phases);
+// short mode, band t = the rows of block row t (its gw groups are the blocks of that row).
 struct Geom {
   int64_t H, W, bh, bw, gh, gw;
-  int64_t G;   // groups per image
-  int64_t L;   // members per group
-  int64_t Lp;  // L rounded up to the vector width (row stride of the L x L matrices)
+  int64_t L;       // members per group
+  int64_t Lp;      // L rounded up to the vector width (row stride of the L x L matrices)
+  int64_t nbands;  // bands per image
+  int64_t R;       // map rows per band
+  int64_t U;       // groups per band
+  int64_t N;       // positions per band: R * W = U * L
   bool long_mode;
 };
 
@@ -100,25 +109,30 @@ Geom make_geom(int64_t H, int64_t W, int64_t bh, int64_t bw, bool long_mode, int
   Geom g;
   g.H = H, g.W = W, g.bh = bh, g.bw = bw, g.gh = H / bh, g.gw = W / bw;
   g.long_mode = long_mode;
-  g.G = long_mode ? bh * bw : g.gh * g.gw;
   g.L = long_mode ? g.gh * g.gw : bh * bw;
   g.Lp = (g.L + vl - 1) / vl * vl;
+  g.nbands = long_mode ? bh : g.gh;
+  g.R = long_mode ? g.gh : bh;
+  g.U = long_mode ? bw : g.gw;
+  g.N = g.R * W;
   return g;
 }
 
-// Rows pi[l] and columns pj[l] of the members of group gi (of any image). Long mode: group
-// (a, b) = (gi / bw, gi % bw), member l = I * gw + J at (I * bh + a, J * bw + b). Short mode:
-// group (I, J) = (gi / gw, gi % gw), member l = a * bw + b at the same place.
-void members(const Geom& g, int64_t gi, int64_t* pi, int64_t* pj) {
-  if (g.long_mode) {
-    const int64_t a = gi / g.bw, b = gi % g.bw;
-    for (int64_t I = 0; I < g.gh; ++I)
-      for (int64_t J = 0; J < g.gw; ++J) pi[I * g.gw + J] = I * g.bh + a, pj[I * g.gw + J] = J * g.bw + b;
-  } else {
-    const int64_t I = gi / g.gw, J = gi % g.gw;
-    for (int64_t a = 0; a < g.bh; ++a)
-      for (int64_t b = 0; b < g.bw; ++b) pi[a * g.bw + b] = I * g.bh + a, pj[a * g.bw + b] = J * g.bw + b;
-  }
+// Map row of row r of band t.
+inline int64_t band_row(const Geom& g, int64_t t, int64_t r) {
+  return g.long_mode ? r * g.bh + t : t * g.bh + r;
+}
+
+// Group pu[n] (within the band) and member pl[n] of position n = r * W + j of any band. Long
+// mode: (I, J) = (r, j / bw) is member I * gw + J of group j % bw. Short mode: (a, b) =
+// (r, j % bw) is member a * bw + b of group j / bw.
+void band_members(const Geom& g, int64_t* pu, int64_t* pl) {
+  for (int64_t r = 0; r < g.R; ++r)
+    for (int64_t j = 0; j < g.W; ++j) {
+      const int64_t n = r * g.W + j;
+      pu[n] = g.long_mode ? j % g.bw : j / g.bw;
+      pl[n] = g.long_mode ? r * g.gw + j / g.bw : r * g.bw + j % g.bw;
+    }
 }
 
 // A 4-D tensor [B, C, H, W] by pointer and strides (in elements).
@@ -134,38 +148,48 @@ Map<T> map_of(const at::Tensor& t) {
                 t.stride(3)};
 }
 
-// dst[c * L + l] = x[b, c, pi[l], pj[l]] in the compute dtype A. Channel-major reads unless the
-// channels are the tighter stride (channels_last), then member-major. off: L values of scratch.
+// Packs band t of image b of x into dst, group by group: dst[u][c][l] (u < U, c < C, l < L) in
+// the compute dtype A. Each map row of the band is read once, along W (channels_last and other
+// maps whose channel stride is the smaller one: along C).
 template <class T, class A>
-void pack(const Map<const T>& x, int64_t b, const int64_t* pi, const int64_t* pj, int64_t L,
-          int64_t* off, A* dst) {
+void pack_band(const Map<const T>& x, int64_t b, int64_t t, const Geom& g, const int64_t* pu,
+               const int64_t* pl, A* dst) {
   const T* base = x.p + b * x.sB;
-  for (int64_t l = 0; l < L; ++l) off[l] = pi[l] * x.sH + pj[l] * x.sW;
+  const int64_t C = x.C, L = g.L, CL = C * L, W = g.W;
   if (std::abs(x.sC) < std::abs(x.sW)) {
-    for (int64_t l = 0; l < L; ++l) {
-      const T* s = base + off[l];
-      for (int64_t c = 0; c < x.C; ++c) dst[c * L + l] = static_cast<A>(s[c * x.sC]);
+    for (int64_t r = 0; r < g.R; ++r) {
+      const T* row = base + band_row(g, t, r) * x.sH;
+      for (int64_t j = 0; j < W; ++j) {
+        const T* s = row + j * x.sW;
+        A* d = dst + pu[r * W + j] * CL + pl[r * W + j];
+        for (int64_t c = 0; c < C; ++c) d[c * L] = static_cast<A>(s[c * x.sC]);
+      }
     }
   } else {
-    for (int64_t c = 0; c < x.C; ++c) {
-      const T* s = base + c * x.sC;
-      A* d = dst + c * L;
-      for (int64_t l = 0; l < L; ++l) d[l] = static_cast<A>(s[off[l]]);
-    }
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < g.R; ++r) {
+        const T* s = base + c * x.sC + band_row(g, t, r) * x.sH;
+        A* d = dst + c * L;
+        const int64_t *u = pu + r * W, *l = pl + r * W;
+        for (int64_t j = 0; j < W; ++j) d[u[j] * CL + l[j]] = static_cast<A>(s[j * x.sW]);
+      }
   }
 }
 
-// y[b, c, pi[l], pj[l]] = src[c * L + l], converted to T (y is a freshly made contiguous tensor).
+// The inverse: y[b, c, row, j] = src[u][c][l] over band t of image b (y: a fresh contiguous
+// tensor), converted to T.
 template <class T, class A>
-void unpack(const Map<T>& y, int64_t b, const int64_t* pi, const int64_t* pj, int64_t L,
-            int64_t* off, const A* src) {
+void unpack_band(const Map<T>& y, int64_t b, int64_t t, const Geom& g, const int64_t* pu,
+                 const int64_t* pl, const A* src) {
   T* base = y.p + b * y.sB;
-  for (int64_t l = 0; l < L; ++l) off[l] = pi[l] * y.sH + pj[l] * y.sW;
-  for (int64_t c = 0; c < y.C; ++c) {
-    T* d = base + c * y.sC;
-    const A* s = src + c * L;
-    for (int64_t l = 0; l < L; ++l) d[off[l]] = static_cast<T>(s[l]);
-  }
+  const int64_t C = y.C, L = g.L, CL = C * L, W = g.W;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t r = 0; r < g.R; ++r) {
+      T* d = base + c * y.sC + band_row(g, t, r) * y.sH;
+      const A* s = src + c * L;
+      const int64_t *u = pu + r * W, *l = pl + r * W;
+      for (int64_t j = 0; j < W; ++j) d[j * y.sW] = static_cast<T>(s[u[j] * CL + l[j]]);
+    }
 }
 
 // Zero-initialised, 64-byte aligned per-thread scratch (zeros: the padding columns of the dP
@@ -188,16 +212,15 @@ class Scratch {
   void* p_;
 };
 
-// Runs setup(scratch) once per worker thread, then item(i) for every i in [0, n), each item
-// claimed from a shared counter by one of up to get_num_threads() workers.
-template <class Setup>
-void for_each_item(int64_t n, int64_t scratch_bytes, const Setup& setup) {
+// Runs item(i, scratch) for every i in [0, n) on up to get_num_threads() workers, each with its
+// own scratch of scratch_bytes; items are claimed one at a time from a shared counter.
+template <class Fn>
+void for_each_item(int64_t n, int64_t scratch_bytes, const Fn& fn) {
   const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
     Scratch s(scratch_bytes);
-    auto item = setup(s.data());
-    for (int64_t i = next++; i < n; i = next++) item(i);
+    for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
   });
 }
 
@@ -239,14 +262,14 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& v, cons
               v.sizes(), ", got ", t.sizes());
 }
 
-// Scratch layout of one worker (elements of the compute dtype A, then int64 index arrays).
+// Per-worker scratch (offsets in elements of the compute dtype): the packed band of q, k, v
+// (and dout), one group's L x L matrices, a [C][L] result and the band's lse.
 struct Layout {
-  int64_t q, k, v, d, s, dp, r, lse, idx, bytes;
+  int64_t q, k, v, d, s, dp, r, lse, total;
 };
 
-template <class A>
 Layout layout(const Geom& g, int64_t Cqk, int64_t Cv, bool backward) {
-  const int64_t L = g.L, LL = L * g.Lp;
+  const int64_t N = g.N, L = g.L, LL = L * g.Lp;
   Layout y;
   int64_t n = 0;
   auto take = [&](int64_t elems) {
@@ -254,16 +277,15 @@ Layout layout(const Geom& g, int64_t Cqk, int64_t Cv, bool backward) {
     n += (elems + 15) / 16 * 16;  // keep every buffer 64-byte aligned
     return at;
   };
-  y.q = take(Cqk * L);
-  y.k = take(Cqk * L);
-  y.v = take(Cv * L);
-  y.d = take(backward ? Cv * L : 0);  // dout
+  y.q = take(Cqk * N);
+  y.k = take(Cqk * N);
+  y.v = take(Cv * N);
+  y.d = take(backward ? Cv * N : 0);  // dout
   y.s = take(LL);
   y.dp = take(backward ? LL : 0);
-  y.r = take(std::max(Cqk, Cv) * L);  // a result [C][L] before it is unpacked
-  y.lse = take(L);
-  y.idx = n * static_cast<int64_t>(sizeof(A));
-  y.bytes = y.idx + 3 * L * static_cast<int64_t>(sizeof(int64_t));
+  y.r = take((backward ? Cqk : Cv) * L);
+  y.lse = take(N);
+  y.total = n;
   return y;
 }
 
@@ -284,38 +306,40 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
     AT_DISPATCH_FLOATING_TYPES(ct, "isa_fwd_cpu_compute", [&] {
       using A = scalar_t;
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
-      const Layout y = layout<A>(g, Cqk, Cv, false);
+      const Layout y = layout(g, Cqk, Cv, false);
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in);
       const Map<T> mo = map_of<T>(out);
+      std::vector<int64_t> members(2 * g.N);
+      int64_t *pu = members.data(), *pl = pu + g.N;
+      band_members(g, pu, pl);
       A* lse_p = lse.mutable_data_ptr<A>();
       const int64_t L = g.L, Lp = g.Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
-      for_each_item(B * g.G, y.bytes, [&](char* scratch) {
+      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+        const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
-        A *Q = base + y.q, *K = base + y.k, *V = base + y.v, *S = base + y.s, *R = base + y.r;
-        A* lg = base + y.lse;
-        int64_t* pi = reinterpret_cast<int64_t*>(scratch + y.idx);
-        int64_t *pj = pi + L, *off = pj + L;
-        const at::Tensor Qt = at::from_blob(Q, {Cqk, L}, opts).t();  // [L, Cqk]
-        const at::Tensor Kt = at::from_blob(K, {Cqk, L}, opts);
-        const at::Tensor Vt = at::from_blob(V, {Cv, L}, opts);
+        A *bq = base + y.q, *bk = base + y.k, *bv = base + y.v, *S = base + y.s;
+        A *Rb = base + y.r, *lg = base + y.lse;
+        pack_band(mq, b, t, g, pu, pl, bq);
+        pack_band(mk, b, t, g, pu, pl, bk);
+        pack_band(mv, b, t, g, pu, pl, bv);
         at::Tensor St = at::from_blob(S, {L, L}, {Lp, 1}, opts);
-        const at::Tensor Pt = St.t();
-        at::Tensor Ot = at::from_blob(R, {Cv, L}, opts);
-        return [=, &mq, &mk, &mv, &mo, &g](int64_t item) mutable {
-          const int64_t b = item / g.G, gi = item % g.G;
-          members(g, gi, pi, pj);
-          pack(mq, b, pi, pj, L, off, Q);
-          pack(mk, b, pi, pj, L, off, K);
-          pack(mv, b, pi, pj, L, off, V);
-          at::mm_out(St, Qt, Kt);  // S = Q^T K
-          softmax_fwd<A>(S, L, Lp, static_cast<A>(scale), lg);
-          at::mm_out(Ot, Vt, Pt);  // O = V P^T
-          unpack(mo, b, pi, pj, L, off, R);
-          A* lb = lse_p + b * H * W;
-          for (int64_t l = 0; l < L; ++l) lb[pi[l] * W + pj[l]] = lg[l];
-        };
+        at::Tensor Ot = at::from_blob(Rb, {Cv, L}, opts);
+        for (int64_t u = 0; u < g.U; ++u) {
+          A* V = bv + u * Cv * L;
+          at::mm_out(St, at::from_blob(bq + u * Cqk * L, {Cqk, L}, opts).t(),
+                     at::from_blob(bk + u * Cqk * L, {Cqk, L}, opts));  // S = Q^T K
+          softmax_fwd<A>(S, L, Lp, static_cast<A>(scale), lg + u * L);
+          at::mm_out(Ot, at::from_blob(V, {Cv, L}, opts), St.t());  // O = V P^T
+          std::memcpy(V, Rb, sizeof(A) * Cv * L);                    // the band's out, in place of v
+        }
+        unpack_band(mo, b, t, g, pu, pl, bv);
+        A* lb = lse_p + b * H * W;
+        for (int64_t r = 0; r < g.R; ++r) {
+          A* d = lb + band_row(g, t, r) * W;
+          for (int64_t j = 0; j < W; ++j) d[j] = lg[pu[r * W + j] * L + pl[r * W + j]];
+        }
       });
     });
   });
@@ -353,46 +377,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(ct, "isa_bwd_cpu_compute", [&] {
       using A = scalar_t;
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
-      const Layout y = layout<A>(g, Cqk, Cv, true);
+      const Layout y = layout(g, Cqk, Cv, true);
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in), mdo = map_of<const T>(dout_in);
       const Map<T> mdq = map_of<T>(dq), mdk = map_of<T>(dk), mdv = map_of<T>(dv);
+      std::vector<int64_t> members(2 * g.N);
+      int64_t *pu = members.data(), *pl = pu + g.N;
+      band_members(g, pu, pl);
       const A* lse_p = lse.const_data_ptr<A>();
       const int64_t L = g.L, Lp = g.Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
-      for_each_item(B * g.G, y.bytes, [&](char* scratch) {
+      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+        const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
-        A *Q = base + y.q, *K = base + y.k, *V = base + y.v, *dO = base + y.d, *S = base + y.s;
-        A *dP = base + y.dp, *R = base + y.r, *lg = base + y.lse;
-        int64_t* pi = reinterpret_cast<int64_t*>(scratch + y.idx);
-        int64_t *pj = pi + L, *off = pj + L;
-        const at::Tensor Qc = at::from_blob(Q, {Cqk, L}, opts), Qt = Qc.t();
-        const at::Tensor Kc = at::from_blob(K, {Cqk, L}, opts);
-        const at::Tensor Vc = at::from_blob(V, {Cv, L}, opts);
-        const at::Tensor dOc = at::from_blob(dO, {Cv, L}, opts), dOt = dOc.t();
-        at::Tensor St = at::from_blob(S, {L, L}, {Lp, 1}, opts);   // S, then P
+        A *bq = base + y.q, *bk = base + y.k, *bv = base + y.v, *bdo = base + y.d;
+        A *S = base + y.s, *dP = base + y.dp, *Rb = base + y.r, *lg = base + y.lse;
+        pack_band(mq, b, t, g, pu, pl, bq);
+        pack_band(mk, b, t, g, pu, pl, bk);
+        pack_band(mv, b, t, g, pu, pl, bv);
+        pack_band(mdo, b, t, g, pu, pl, bdo);
+        const A* lb = lse_p + b * H * W;
+        for (int64_t r = 0; r < g.R; ++r) {
+          const A* s = lb + band_row(g, t, r) * W;
+          for (int64_t j = 0; j < W; ++j) lg[pu[r * W + j] * L + pl[r * W + j]] = s[j];
+        }
+        at::Tensor St = at::from_blob(S, {L, L}, {Lp, 1}, opts);    // S, then P
         at::Tensor dPt = at::from_blob(dP, {L, L}, {Lp, 1}, opts);  // dP, then scale dS
-        const at::Tensor dSt = dPt.t();
-        at::Tensor Rk = at::from_blob(R, {Cqk, L}, opts), Rv = at::from_blob(R, {Cv, L}, opts);
-        return [=, &mq, &mk, &mv, &mdo, &mdq, &mdk, &mdv, &g](int64_t item) mutable {
-          const int64_t b = item / g.G, gi = item % g.G;
-          members(g, gi, pi, pj);
-          pack(mq, b, pi, pj, L, off, Q);
-          pack(mk, b, pi, pj, L, off, K);
-          pack(mv, b, pi, pj, L, off, V);
-          pack(mdo, b, pi, pj, L, off, dO);
-          const A* lb = lse_p + b * H * W;
-          for (int64_t l = 0; l < L; ++l) lg[l] = lb[pi[l] * W + pj[l]];
-          at::mm_out(St, Qt, Kc);   // S = Q^T K
-          at::mm_out(dPt, dOt, Vc);  // dP = dO^T V
-          softmax_bwd<A>(S, dP, L, Lp, static_cast<A>(scale), lg);
-          at::mm_out(Rv, dOc, St);  // dV = dO P
-          unpack(mdv, b, pi, pj, L, off, R);
-          at::mm_out(Rk, Qc, dPt);  // dK = Q dS
-          unpack(mdk, b, pi, pj, L, off, R);
-          at::mm_out(Rk, Kc, dSt);  // dQ = K dS^T
-          unpack(mdq, b, pi, pj, L, off, R);
-        };
+        at::Tensor Rt = at::from_blob(Rb, {Cqk, L}, opts);
+        for (int64_t u = 0; u < g.U; ++u) {
+          A *Q = bq + u * Cqk * L, *K = bk + u * Cqk * L, *V = bv + u * Cv * L;
+          const at::Tensor Qc = at::from_blob(Q, {Cqk, L}, opts);
+          at::Tensor Kc = at::from_blob(K, {Cqk, L}, opts), Vc = at::from_blob(V, {Cv, L}, opts);
+          const at::Tensor dOc = at::from_blob(bdo + u * Cv * L, {Cv, L}, opts);
+          at::mm_out(St, Qc.t(), Kc);    // S = Q^T K
+          at::mm_out(dPt, dOc.t(), Vc);  // dP = dO^T V
+          softmax_bwd<A>(S, dP, L, Lp, static_cast<A>(scale), lg + u * L);
+          at::mm_out(Vc, dOc, St);   // dV = dO P, in place of v (no longer needed)
+          at::mm_out(Rt, Kc, dPt.t());  // dQ = K dS^T
+          at::mm_out(Kc, Qc, dPt);   // dK = Q dS, in place of k
+          std::memcpy(Q, Rb, sizeof(A) * Cqk * L);  // dQ in place of q
+        }
+        unpack_band(mdq, b, t, g, pu, pl, bq);
+        unpack_band(mdk, b, t, g, pu, pl, bk);
+        unpack_band(mdv, b, t, g, pu, pl, bv);
       });
     });
   });
