@@ -29,7 +29,8 @@ SHAPES = [
     (1, 6, 5, 6, 4, (6, 4)),  # long: groups of one member; short: one group of every position
     (2, 24, 40, 12, 20, (4, 4)),  # Cqk != Cv
 ]
-LARGE = [(1, 19, 33, 40, 48, (8, 8))]  # groups of 30 (long) and 64 (short) members
+# groups of 12 (long) and 64 (short) members; channels past the cpu kernels' chunk of 128
+LARGE = [(1, 130, 260, 24, 32, (8, 8))]
 MODES = ["long", "short"]
 
 
@@ -93,11 +94,11 @@ def test_explicit_scale(backend, mode):
 def test_strided_inputs(backend, mode, layout):
     dev = DEVICES[backend]
     if layout == "channels_last":
-        q, k, v = (t.to(memory_format=torch.channels_last) for t in _inputs(2, 6, 10, 8, 12, torch.float32, dev))
+        q, k, v = (t.to(memory_format=torch.channels_last) for t in _inputs(2, 136, 40, 8, 12, torch.float32, dev))
     elif layout == "channel-slice":  # every other channel of wider maps
-        q, k, v = (t[:, ::2] for t in _inputs(2, 12, 20, 8, 12, torch.float32, dev))
+        q, k, v = (t[:, ::2] for t in _inputs(2, 272, 20, 8, 12, torch.float32, dev))
     else:  # H and W swapped by a transpose: stride 1 along H
-        q, k, v = (t.transpose(2, 3) for t in _inputs(2, 6, 10, 12, 8, torch.float32, dev))
+        q, k, v = (t.transpose(2, 3) for t in _inputs(2, 6, 140, 12, 8, torch.float32, dev))
     assert not q.is_contiguous()
     _check_against_reference(backend, q, k, v, (4, 3), mode, None, torch.float32)
 

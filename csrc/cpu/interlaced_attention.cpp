@@ -8,19 +8,22 @@
 // bit-identical run to run and for any thread count. Items are claimed one at a time from a
 // shared counter.
 //
-// Per item:
-// - pack: the band's rows are read once, straight from the strided q, k, v (dout) by index
+// Per item, chunk by chunk of kChunk channels (so the packed chunks stay in L2; packing the whole
+// band first measured slower, its scratch round-tripping through memory):
+// - pack: the chunk's rows of the band are read straight from the strided q, k, v (dout) by index
 //   arithmetic (along W; along C for channels_last), converted to the compute dtype and
-//   scattered into per-thread scratch, group by group [u][C][L] (channel-major). No permuted
-//   copy of a whole tensor is made. (Gathering group by group instead reads every cache line of
-//   the band once per group: measured 3x slower than the GEMMs at ISANet's sizes.)
-// - per group, GEMMs with at::mm_out on the scratch (BLAS; ATen runs it single-threaded inside
-//   at::parallel_for). Forward: S = Q^T K [L, L], P = softmax(scale S) per row, O = V P^T.
-//   Backward (P recomputed from the saved lse): dP = dO^T V, dS = scale P (dP - rowsum(P dP)),
-//   dV = dO P, dQ = K dS^T, dK = Q dS; results replace inputs that are no longer needed.
+//   scattered into per-thread scratch, group by group [u][chunk][L]. No permuted copy of a whole
+//   tensor is made. (Gathering group by group instead reads every cache line of the band once per
+//   group: measured 3x slower than the GEMMs at ISANet's sizes.)
+// - GEMMs with at::mm_out / addmm_ on the scratch (BLAS; ATen runs it single-threaded inside
+//   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
+//   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
+//   Backward (P recomputed from the saved lse): S and dP = dO^T V summed over chunks,
+//   dS = scale P (dP - rowsum(P dP)), then per chunk dV = dO P, dQ = K dS^T, dK = Q dS (q, k and
+//   dout are read twice).
 // - the row passes (softmax, its backward) are in interlaced_attention_kernels.h, compiled for
 //   the baseline target and for AVX2 + FMA, picked at run time.
-// - unpack: the band's results are written row by row to the NCHW outputs.
+// - unpack: a chunk's results are written row by row to the NCHW outputs.
 //
 // Outputs are contiguous NCHW in the input dtype; lse [B, H, W] is float32 (float64 for float64
 // inputs). Compute (and accumulation) dtype: float64 for float64 inputs, float32 otherwise.
@@ -148,48 +151,98 @@ Map<T> map_of(const at::Tensor& t) {
                 t.stride(3)};
 }
 
-// Packs band t of image b of x into dst, group by group: dst[u][c][l] (u < U, c < C, l < L) in
-// the compute dtype A. Each map row of the band is read once, along W (channels_last and other
-// maps whose channel stride is the smaller one: along C).
+constexpr int64_t kAhead = 8;   // pack: rows requested ahead
+constexpr int64_t kChunk = 128;  // channels packed at a time
+
+// Requests the cache lines of a row of n elements at stride sw (contiguous rows only).
+template <class T>
+inline void prefetch_row(const T* p, int64_t n, int64_t sw, bool write) {
+  if (sw != 1) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), e = a + n * sizeof(T);
+  for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64) {
+    if (write)
+      __builtin_prefetch(reinterpret_cast<const void*>(l), 1, 3);
+    else
+      __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+  }
+}
+
+// Packs channels [c0, c0 + cn) of band t of image b of x into dst, group by group:
+// dst[u][c - c0][l] (u < U, l < L) in the compute dtype A. Each map row is read once, along W
+// (channels_last and other maps whose channel stride is the smaller one: along C).
 template <class T, class A>
-void pack_band(const Map<const T>& x, int64_t b, int64_t t, const Geom& g, const int64_t* pu,
-               const int64_t* pl, A* dst) {
-  const T* base = x.p + b * x.sB;
-  const int64_t C = x.C, L = g.L, CL = C * L, W = g.W;
+void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t cn, const Geom& g,
+               const int64_t* pu, const int64_t* pl, A* dst) {
+  const T* base = x.p + b * x.sB + c0 * x.sC;
+  const int64_t L = g.L, CL = cn * L, W = g.W;
   if (std::abs(x.sC) < std::abs(x.sW)) {
     for (int64_t r = 0; r < g.R; ++r) {
       const T* row = base + band_row(g, t, r) * x.sH;
       for (int64_t j = 0; j < W; ++j) {
         const T* s = row + j * x.sW;
         A* d = dst + pu[r * W + j] * CL + pl[r * W + j];
-        for (int64_t c = 0; c < C; ++c) d[c * L] = static_cast<A>(s[c * x.sC]);
+        for (int64_t c = 0; c < cn; ++c) d[c * L] = static_cast<A>(s[c * x.sC]);
       }
     }
   } else {
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t r = 0; r < g.R; ++r) {
-        const T* s = base + c * x.sC + band_row(g, t, r) * x.sH;
-        A* d = dst + c * L;
+    // Rows (c, r) in order; the row kAhead rows on is requested while this one is copied, so
+    // several rows are in flight from memory at once.
+    const int64_t nrows = cn * g.R;
+    for (int64_t it = 0; it < nrows; ++it) {
+      const int64_t c = it / g.R, r = it % g.R;
+      if (it + kAhead < nrows) {
+        const int64_t c2 = (it + kAhead) / g.R, r2 = (it + kAhead) % g.R;
+        prefetch_row(base + c2 * x.sC + band_row(g, t, r2) * x.sH, W, x.sW, false);
+      }
+      const T* s = base + c * x.sC + band_row(g, t, r) * x.sH;
+      A* d = dst + c * L;
+      if (x.sW == 1 && g.long_mode) {  // (I, J) = (r, j / bw): member r * gw + J of group j % bw
+        for (int64_t b2 = 0; b2 < g.bw; ++b2) {
+          A* db = d + b2 * CL + r * g.gw;
+          const T* sb = s + b2;
+          for (int64_t J = 0; J < g.gw; ++J) db[J] = static_cast<A>(sb[J * g.bw]);
+        }
+      } else if (x.sW == 1) {  // (a, b) = (r, j % bw): member r * bw + b of group j / bw
+        for (int64_t J = 0; J < g.gw; ++J) {
+          A* dj = d + J * CL + r * g.bw;
+          const T* sj = s + J * g.bw;
+          for (int64_t b2 = 0; b2 < g.bw; ++b2) dj[b2] = static_cast<A>(sj[b2]);
+        }
+      } else {
         const int64_t *u = pu + r * W, *l = pl + r * W;
         for (int64_t j = 0; j < W; ++j) d[u[j] * CL + l[j]] = static_cast<A>(s[j * x.sW]);
       }
+    }
   }
 }
 
-// The inverse: y[b, c, row, j] = src[u][c][l] over band t of image b (y: a fresh contiguous
-// tensor), converted to T.
+// The inverse: y[b, c, row, j] = src[u][c - c0][l] for the channels [c0, c0 + cn) of band t of
+// image b (y: a fresh contiguous tensor), converted to T.
 template <class T, class A>
-void unpack_band(const Map<T>& y, int64_t b, int64_t t, const Geom& g, const int64_t* pu,
-                 const int64_t* pl, const A* src) {
-  T* base = y.p + b * y.sB;
-  const int64_t C = y.C, L = g.L, CL = C * L, W = g.W;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t r = 0; r < g.R; ++r) {
-      T* d = base + c * y.sC + band_row(g, t, r) * y.sH;
-      const A* s = src + c * L;
+void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, const Geom& g,
+                 const int64_t* pu, const int64_t* pl, const A* src) {
+  T* base = y.p + b * y.sB + c0 * y.sC;
+  const int64_t L = g.L, CL = cn * L, W = g.W, nrows = cn * g.R;
+  for (int64_t it = 0; it < nrows; ++it) {
+    const int64_t c = it / g.R, r = it % g.R;
+    T* d = base + c * y.sC + band_row(g, t, r) * y.sH;
+    const A* s = src + c * L;
+    if (y.sW == 1 && g.long_mode) {  // the inverse of pack_band's cases
+      for (int64_t b2 = 0; b2 < g.bw; ++b2) {
+        const A* sb = s + b2 * CL + r * g.gw;
+        for (int64_t J = 0; J < g.gw; ++J) d[J * g.bw + b2] = static_cast<T>(sb[J]);
+      }
+    } else if (y.sW == 1) {
+      for (int64_t J = 0; J < g.gw; ++J) {
+        const A* sj = s + J * CL + r * g.bw;
+        T* dj = d + J * g.bw;
+        for (int64_t b2 = 0; b2 < g.bw; ++b2) dj[b2] = static_cast<T>(sj[b2]);
+      }
+    } else {
       const int64_t *u = pu + r * W, *l = pl + r * W;
       for (int64_t j = 0; j < W; ++j) d[j * y.sW] = static_cast<T>(s[u[j] * CL + l[j]]);
     }
+  }
 }
 
 // Zero-initialised, 64-byte aligned per-thread scratch (zeros: the padding columns of the dP
@@ -262,14 +315,15 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& v, cons
               v.sizes(), ", got ", t.sizes());
 }
 
-// Per-worker scratch (offsets in elements of the compute dtype): the packed band of q, k, v
-// (and dout), one group's L x L matrices, a [C][L] result and the band's lse.
+// Per-worker scratch (offsets in elements of the compute dtype): the band's L x L matrices, one
+// per group (S / P, and dP / dS in the backward), the band's lse, and four chunk buffers of
+// kChunk channels of the band [U][kChunk][L] (two packed inputs, two results).
 struct Layout {
-  int64_t q, k, v, d, s, dp, r, lse, total;
+  int64_t s, dp, lse, x0, x1, y0, y1, total;
 };
 
-Layout layout(const Geom& g, int64_t Cqk, int64_t Cv, bool backward) {
-  const int64_t N = g.N, L = g.L, LL = L * g.Lp;
+Layout layout(const Geom& g, bool backward) {
+  const int64_t LL = g.U * g.L * g.Lp, X = kChunk * g.N;
   Layout y;
   int64_t n = 0;
   auto take = [&](int64_t elems) {
@@ -277,14 +331,13 @@ Layout layout(const Geom& g, int64_t Cqk, int64_t Cv, bool backward) {
     n += (elems + 15) / 16 * 16;  // keep every buffer 64-byte aligned
     return at;
   };
-  y.q = take(Cqk * N);
-  y.k = take(Cqk * N);
-  y.v = take(Cv * N);
-  y.d = take(backward ? Cv * N : 0);  // dout
   y.s = take(LL);
   y.dp = take(backward ? LL : 0);
-  y.r = take((backward ? Cqk : Cv) * L);
-  y.lse = take(N);
+  y.lse = take(g.N);
+  y.x0 = take(X);
+  y.x1 = take(X);
+  y.y0 = take(X);
+  y.y1 = take(backward ? X : 0);
   y.total = n;
   return y;
 }
@@ -306,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
     AT_DISPATCH_FLOATING_TYPES(ct, "isa_fwd_cpu_compute", [&] {
       using A = scalar_t;
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
-      const Layout y = layout(g, Cqk, Cv, false);
+      const Layout y = layout(g, false);
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in);
       const Map<T> mo = map_of<T>(out);
@@ -314,27 +367,38 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
       int64_t *pu = members.data(), *pl = pu + g.N;
       band_members(g, pu, pl);
       A* lse_p = lse.mutable_data_ptr<A>();
-      const int64_t L = g.L, Lp = g.Lp;
+      const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
+      auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
       for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
-        A *bq = base + y.q, *bk = base + y.k, *bv = base + y.v, *S = base + y.s;
-        A *Rb = base + y.r, *lg = base + y.lse;
-        pack_band(mq, b, t, g, pu, pl, bq);
-        pack_band(mk, b, t, g, pu, pl, bk);
-        pack_band(mv, b, t, g, pu, pl, bv);
-        at::Tensor St = at::from_blob(S, {L, L}, {Lp, 1}, opts);
-        at::Tensor Ot = at::from_blob(Rb, {Cv, L}, opts);
-        for (int64_t u = 0; u < g.U; ++u) {
-          A* V = bv + u * Cv * L;
-          at::mm_out(St, at::from_blob(bq + u * Cqk * L, {Cqk, L}, opts).t(),
-                     at::from_blob(bk + u * Cqk * L, {Cqk, L}, opts));  // S = Q^T K
-          softmax_fwd<A>(S, L, Lp, static_cast<A>(scale), lg + u * L);
-          at::mm_out(Ot, at::from_blob(V, {Cv, L}, opts), St.t());  // O = V P^T
-          std::memcpy(V, Rb, sizeof(A) * Cv * L);                    // the band's out, in place of v
+        A *S = base + y.s, *lg = base + y.lse, *xq = base + y.x0, *xk = base + y.x1, *yo = base + y.y0;
+        auto Smat = [&](int64_t u) { return at::from_blob(S + u * LL, {L, L}, {Lp, 1}, opts); };
+        // S_u = Q_u^T K_u, summed over chunks of channels.
+        for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cqk - c0);
+          pack_band(mq, b, t, c0, cn, g, pu, pl, xq);
+          pack_band(mk, b, t, c0, cn, g, pu, pl, xk);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor Su = Smat(u);
+            const at::Tensor Qt = mat(xq + u * cn * L, cn).t(), Kc = mat(xk + u * cn * L, cn);
+            if (c0 == 0) at::mm_out(Su, Qt, Kc);
+            else Su.addmm_(Qt, Kc);
+          }
         }
-        unpack_band(mo, b, t, g, pu, pl, bv);
+        if (Cqk == 0) std::fill(S, S + g.U * LL, A(0));
+        for (int64_t u = 0; u < g.U; ++u) softmax_fwd<A>(S + u * LL, L, Lp, static_cast<A>(scale), lg + u * L);
+        // O_u = V_u P_u^T, chunk by chunk of channels.
+        for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cv - c0);
+          pack_band(mv, b, t, c0, cn, g, pu, pl, xq);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor Ou = mat(yo + u * cn * L, cn);
+            at::mm_out(Ou, mat(xq + u * cn * L, cn), Smat(u).t());
+          }
+          unpack_band(mo, b, t, c0, cn, g, pu, pl, yo);
+        }
         A* lb = lse_p + b * H * W;
         for (int64_t r = 0; r < g.R; ++r) {
           A* d = lb + band_row(g, t, r) * W;
@@ -377,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(ct, "isa_bwd_cpu_compute", [&] {
       using A = scalar_t;
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
-      const Layout y = layout(g, Cqk, Cv, true);
+      const Layout y = layout(g, true);
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in), mdo = map_of<const T>(dout_in);
       const Map<T> mdq = map_of<T>(dq), mdk = map_of<T>(dk), mdv = map_of<T>(dv);
@@ -385,41 +449,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       int64_t *pu = members.data(), *pl = pu + g.N;
       band_members(g, pu, pl);
       const A* lse_p = lse.const_data_ptr<A>();
-      const int64_t L = g.L, Lp = g.Lp;
+      const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
+      auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
       for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
-        A *bq = base + y.q, *bk = base + y.k, *bv = base + y.v, *bdo = base + y.d;
-        A *S = base + y.s, *dP = base + y.dp, *Rb = base + y.r, *lg = base + y.lse;
-        pack_band(mq, b, t, g, pu, pl, bq);
-        pack_band(mk, b, t, g, pu, pl, bk);
-        pack_band(mv, b, t, g, pu, pl, bv);
-        pack_band(mdo, b, t, g, pu, pl, bdo);
+        A *S = base + y.s, *dP = base + y.dp, *lg = base + y.lse;
+        A *x0 = base + y.x0, *x1 = base + y.x1, *y0 = base + y.y0, *y1 = base + y.y1;
+        auto Smat = [&](int64_t u) { return at::from_blob(S + u * LL, {L, L}, {Lp, 1}, opts); };
+        auto dPmat = [&](int64_t u) { return at::from_blob(dP + u * LL, {L, L}, {Lp, 1}, opts); };
+        // S_u = Q_u^T K_u and dP_u = dO_u^T V_u, summed over chunks of channels.
+        auto energies = [&](const Map<const T>& ma, const Map<const T>& mb, int64_t C, A* M,
+                            bool is_s) {
+          for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+            const int64_t cn = std::min(kChunk, C - c0);
+            pack_band(ma, b, t, c0, cn, g, pu, pl, x0);
+            pack_band(mb, b, t, c0, cn, g, pu, pl, x1);
+            for (int64_t u = 0; u < g.U; ++u) {
+              at::Tensor Mu = is_s ? Smat(u) : dPmat(u);
+              const at::Tensor At = mat(x0 + u * cn * L, cn).t(), Bc = mat(x1 + u * cn * L, cn);
+              if (c0 == 0) at::mm_out(Mu, At, Bc);
+              else Mu.addmm_(At, Bc);
+            }
+          }
+          if (C == 0) std::fill(M, M + g.U * LL, A(0));
+        };
+        energies(mq, mk, Cqk, S, true);
+        energies(mdo, mv, Cv, dP, false);
         const A* lb = lse_p + b * H * W;
         for (int64_t r = 0; r < g.R; ++r) {
           const A* s = lb + band_row(g, t, r) * W;
           for (int64_t j = 0; j < W; ++j) lg[pu[r * W + j] * L + pl[r * W + j]] = s[j];
         }
-        at::Tensor St = at::from_blob(S, {L, L}, {Lp, 1}, opts);    // S, then P
-        at::Tensor dPt = at::from_blob(dP, {L, L}, {Lp, 1}, opts);  // dP, then scale dS
-        at::Tensor Rt = at::from_blob(Rb, {Cqk, L}, opts);
-        for (int64_t u = 0; u < g.U; ++u) {
-          A *Q = bq + u * Cqk * L, *K = bk + u * Cqk * L, *V = bv + u * Cv * L;
-          const at::Tensor Qc = at::from_blob(Q, {Cqk, L}, opts);
-          at::Tensor Kc = at::from_blob(K, {Cqk, L}, opts), Vc = at::from_blob(V, {Cv, L}, opts);
-          const at::Tensor dOc = at::from_blob(bdo + u * Cv * L, {Cv, L}, opts);
-          at::mm_out(St, Qc.t(), Kc);    // S = Q^T K
-          at::mm_out(dPt, dOc.t(), Vc);  // dP = dO^T V
-          softmax_bwd<A>(S, dP, L, Lp, static_cast<A>(scale), lg + u * L);
-          at::mm_out(Vc, dOc, St);   // dV = dO P, in place of v (no longer needed)
-          at::mm_out(Rt, Kc, dPt.t());  // dQ = K dS^T
-          at::mm_out(Kc, Qc, dPt);   // dK = Q dS, in place of k
-          std::memcpy(Q, Rb, sizeof(A) * Cqk * L);  // dQ in place of q
+        for (int64_t u = 0; u < g.U; ++u)
+          softmax_bwd<A>(S + u * LL, dP + u * LL, L, Lp, static_cast<A>(scale), lg + u * L);
+        // dV_u = dO_u P_u, chunk by chunk of channels.
+        for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cv - c0);
+          pack_band(mdo, b, t, c0, cn, g, pu, pl, x0);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor dVu = mat(y0 + u * cn * L, cn);
+            at::mm_out(dVu, mat(x0 + u * cn * L, cn), Smat(u));
+          }
+          unpack_band(mdv, b, t, c0, cn, g, pu, pl, y0);
         }
-        unpack_band(mdq, b, t, g, pu, pl, bq);
-        unpack_band(mdk, b, t, g, pu, pl, bk);
-        unpack_band(mdv, b, t, g, pu, pl, bv);
+        // dQ_u = K_u dS_u^T and dK_u = Q_u dS_u, chunk by chunk of channels.
+        for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cqk - c0);
+          pack_band(mq, b, t, c0, cn, g, pu, pl, x0);
+          pack_band(mk, b, t, c0, cn, g, pu, pl, x1);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor dQu = mat(y0 + u * cn * L, cn), dKu = mat(y1 + u * cn * L, cn);
+            const at::Tensor dSu = dPmat(u);
+            at::mm_out(dQu, mat(x1 + u * cn * L, cn), dSu.t());
+            at::mm_out(dKu, mat(x0 + u * cn * L, cn), dSu);
+          }
+          unpack_band(mdq, b, t, c0, cn, g, pu, pl, y0);
+          unpack_band(mdk, b, t, c0, cn, g, pu, pl, y1);
+        }
       });
     });
   });
