@@ -156,15 +156,11 @@ constexpr int64_t kChunk = 128;  // channels packed at a time
 
 // Requests the cache lines of a row of n elements at stride sw (contiguous rows only).
 template <class T>
-inline void prefetch_row(const T* p, int64_t n, int64_t sw, bool write) {
+inline void prefetch_row(const T* p, int64_t n, int64_t sw) {
   if (sw != 1) return;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p), e = a + n * sizeof(T);
-  for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64) {
-    if (write)
-      __builtin_prefetch(reinterpret_cast<const void*>(l), 1, 3);
-    else
-      __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
-  }
+  for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
 }
 
 // Packs channels [c0, c0 + cn) of band t of image b of x into dst, group by group:
@@ -192,7 +188,7 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
       const int64_t c = it / g.R, r = it % g.R;
       if (it + kAhead < nrows) {
         const int64_t c2 = (it + kAhead) / g.R, r2 = (it + kAhead) % g.R;
-        prefetch_row(base + c2 * x.sC + band_row(g, t, r2) * x.sH, W, x.sW, false);
+        prefetch_row(base + c2 * x.sC + band_row(g, t, r2) * x.sH, W, x.sW);
       }
       const T* s = base + c * x.sC + band_row(g, t, r) * x.sH;
       A* d = dst + c * L;
