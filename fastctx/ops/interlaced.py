@@ -1,15 +1,18 @@
-"""Interlaced sparse self-attention (ISANet). Only the "reference" backend so far."""
+"""Interlaced sparse self-attention (ISANet): compiled CPU kernels (custom ops with autograd, as
+region_attention), and the "reference" backend."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
+from fastctx.ops._kernels import kernels
 
 OP = "interlaced_attention"
-register_op(OP, OpSupport())
+register_op(OP, OpSupport(compiled="isa_fwd", triton=False))
 
 
 def interlaced_attention(
@@ -25,7 +28,9 @@ def interlaced_attention(
     """Dense softmax attention inside the groups of the interlaced pattern.
 
     Args:
-        q (Tensor): ``[B, Cqk, H, W]``; k (Tensor): ``[B, Cqk, H, W]``; v (Tensor): ``[B, Cv, H, W]``.
+        q (Tensor): ``[B, Cqk, H, W]``; k (Tensor): ``[B, Cqk, H, W]``; v (Tensor): ``[B, Cv, H, W]``
+            (NCHW; any strides: the compiled kernels read each group's members in place, without
+            a permuted copy).
         block (tuple[int, int]): ``(bh, bw)``, mmseg's ``down_factor``; ``H % bh == 0`` and
             ``W % bw == 0`` are required (the module pads). Default: ``(8, 8)``.
         mode (str): "long" groups positions of equal ``(i % bh, j % bw)``; "short" groups
@@ -34,13 +39,18 @@ def interlaced_attention(
         backend (str | None): see :mod:`fastctx.backends`. Default: None.
 
     Returns:
-        Tensor: ``[B, Cv, H, W]``.
+        Tensor: ``[B, Cv, H, W]``, contiguous.
+
+    Example:
+        >>> q, k, v = torch.randn(2, 256, 64, 128), torch.randn(2, 256, 64, 128), torch.randn(2, 512, 64, 128)
+        >>> out = fastctx.interlaced_attention(q, k, v, block=(8, 8), mode="long")  # global relation
+        >>> out = fastctx.interlaced_attention(q, k, out, block=(8, 8), mode="short")  # local relation
     """
     _validate.qkv_map(OP, q, k, v)
     if (
         not isinstance(block, (tuple, list))
         or len(block) != 2
-        or not all(isinstance(b, int) and b > 0 for b in block)
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
     ):
         raise ValueError(f"fastctx.{OP}: block must be two positive ints (bh, bw), got {block!r}")
     bh, bw = block
@@ -55,5 +65,67 @@ def interlaced_attention(
     scale = _validate.scale(OP, scale, q.shape[1] ** -0.5)
     _validate.no_nan(OP, q=q, k=k, v=v)
     q, k, v = _validate.autocast(q, k, v)
-    choose_backend(OP, q, backend)
-    return python_ref.interlaced_attention(q, k, v, (bh, bw), mode, scale)
+    name = choose_backend(OP, q, backend)
+    if name == "reference":
+        return python_ref.interlaced_attention(q, k, v, (bh, bw), mode, scale)
+    out, _ = _isa_fwd(q, k, v, bh, bw, mode == "long", scale, name)
+    return out
+
+
+def _isa_kernels(backend: str):
+    return kernels(OP, backend, ("isa_fwd", "isa_bwd"), ("fastctx.triton.interlaced", "isa_fwd", "isa_bwd"))
+
+
+@torch.library.custom_op("fastctx::interlaced_attention_fwd", mutates_args=())
+def _isa_fwd(
+    q: Tensor, k: Tensor, v: Tensor, bh: int, bw: int, long_mode: bool, scale: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    return _isa_kernels(backend)[0](q, k, v, bh, bw, long_mode, scale)
+
+
+@_isa_fwd.register_fake
+def _(q, k, v, bh, bw, long_mode, scale, backend):
+    B, _, H, W = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=lse_dtype)
+
+
+@torch.library.custom_op("fastctx::interlaced_attention_bwd", mutates_args=())
+def _isa_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bh: int,
+    bw: int,
+    long_mode: bool,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _isa_kernels(backend)[1](dout, q, k, v, out, lse, bh, bw, long_mode, scale)
+
+
+@_isa_bwd.register_fake
+def _(dout, q, k, v, out, lse, bh, bw, long_mode, scale, backend):
+    # The kernels return contiguous gradients whatever the strides of the inputs.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _isa_setup_context(ctx, inputs, output):
+    q, k, v, bh, bw, long_mode, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (bh, bw, long_mode, scale)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _isa_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _isa_bwd(dout, q, k, v, out, lse, *ctx.args, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_isa_fwd.register_autograd(_isa_backward, setup_context=_isa_setup_context)

@@ -1,0 +1,520 @@
+// Interlaced sparse self-attention (ISANet), CPU: launchers and the CPU registration of the ops
+// fastctx::isa_fwd and fastctx::isa_bwd (schemas: csrc/ops/interlaced_attention.cpp). Semantics:
+// shared/docs/OPERATORS.md section 2.
+//
+// Work item: one band of one image, the map rows that hold a set of whole groups (long mode: the
+// rows of one phase i % bh, its bw groups; short mode: one row of blocks, its W / bw groups).
+// Groups are independent in both directions, so there are no cross-item reductions: results are
+// bit-identical run to run and for any thread count. Items are claimed one at a time from a
+// shared counter.
+//
+// Per item, chunk by chunk of kChunk channels (so the packed chunks stay in L2; packing the whole
+// band first measured slower, its scratch round-tripping through memory):
+// - pack: the chunk's rows of the band are read straight from the strided q, k, v (dout) by index
+//   arithmetic (along W; along C for channels_last), converted to the compute dtype and
+//   scattered into per-thread scratch, group by group [u][chunk][L]. No permuted copy of a whole
+//   tensor is made. (Gathering group by group instead reads every cache line of the band once per
+//   group: measured 3x slower than the GEMMs at ISANet's sizes.)
+// - GEMMs with at::mm_out / addmm_ on the scratch (BLAS; ATen runs it single-threaded inside
+//   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
+//   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
+//   Backward (P recomputed from the saved lse): S and dP = dO^T V summed over chunks,
+//   dS = scale P (dP - rowsum(P dP)), then per chunk dV = dO P, dQ = K dS^T, dK = Q dS (q, k and
+//   dout are read twice).
+// - the row passes (softmax, its backward) are in interlaced_attention_kernels.h, compiled for
+//   the baseline target and for AVX2 + FMA, picked at run time.
+// - unpack: a chunk's results are written row by row to the NCHW outputs.
+//
+// Outputs are contiguous NCHW in the input dtype; lse [B, H, W] is float32 (float64 for float64
+// inputs). Compute (and accumulation) dtype: float64 for float64 inputs, float32 otherwise.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector types in the baseline build
+#endif
+
+#define FASTCTX_ISA_NS isa_base
+#include "interlaced_attention_kernels.h"
+#undef FASTCTX_ISA_NS
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTCTX_ISA_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define FASTCTX_ISA_NS isa_avx2
+#include "interlaced_attention_kernels.h"
+#undef FASTCTX_ISA_NS
+#pragma GCC pop_options
+#endif
+
+namespace fastctx {
+namespace isa_cpu {
+namespace {
+
+#define ISA_OP "fastctx.interlaced_attention"
+
+bool use_avx2() {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+template <class T>
+void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::softmax_fwd<T>(S, L, Lp, scale, lse);
+#endif
+  isa_base::softmax_fwd<T>(S, L, Lp, scale, lse);
+}
+
+template <class T>
+void softmax_bwd(T* S, T* dP, int64_t L, int64_t Lp, T scale, const T* lse) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::softmax_bwd<T>(S, dP, L, Lp, scale, lse);
+#endif
+  isa_base::softmax_bwd<T>(S, dP, L, Lp, scale, lse);
+}
+
+// The grouping of one call. A band is the set of map rows whose groups it holds completely:
+// long mode, band t = the rows of equal phase i % bh = t (its bw groups are the columns' phases);
+// short mode, band t = the rows of block row t (its gw groups are the blocks of that row).
+struct Geom {
+  int64_t H, W, bh, bw, gh, gw;
+  int64_t L;       // members per group
+  int64_t Lp;      // L rounded up to the vector width (row stride of the L x L matrices)
+  int64_t nbands;  // bands per image
+  int64_t R;       // map rows per band
+  int64_t U;       // groups per band
+  int64_t N;       // positions per band: R * W = U * L
+  bool long_mode;
+};
+
+Geom make_geom(int64_t H, int64_t W, int64_t bh, int64_t bw, bool long_mode, int64_t vl) {
+  Geom g;
+  g.H = H, g.W = W, g.bh = bh, g.bw = bw, g.gh = H / bh, g.gw = W / bw;
+  g.long_mode = long_mode;
+  g.L = long_mode ? g.gh * g.gw : bh * bw;
+  g.Lp = (g.L + vl - 1) / vl * vl;
+  g.nbands = long_mode ? bh : g.gh;
+  g.R = long_mode ? g.gh : bh;
+  g.U = long_mode ? bw : g.gw;
+  g.N = g.R * W;
+  return g;
+}
+
+// Map row of row r of band t.
+inline int64_t band_row(const Geom& g, int64_t t, int64_t r) {
+  return g.long_mode ? r * g.bh + t : t * g.bh + r;
+}
+
+// Group pu[n] (within the band) and member pl[n] of position n = r * W + j of any band. Long
+// mode: (I, J) = (r, j / bw) is member I * gw + J of group j % bw. Short mode: (a, b) =
+// (r, j % bw) is member a * bw + b of group j / bw.
+void band_members(const Geom& g, int64_t* pu, int64_t* pl) {
+  for (int64_t r = 0; r < g.R; ++r)
+    for (int64_t j = 0; j < g.W; ++j) {
+      const int64_t n = r * g.W + j;
+      pu[n] = g.long_mode ? j % g.bw : j / g.bw;
+      pl[n] = g.long_mode ? r * g.gw + j / g.bw : r * g.bw + j % g.bw;
+    }
+}
+
+// A 4-D tensor [B, C, H, W] by pointer and strides (in elements).
+template <class T>
+struct Map {
+  T* p;
+  int64_t C, sB, sC, sH, sW;
+};
+
+template <class T>
+Map<T> map_of(const at::Tensor& t) {
+  return Map<T>{static_cast<T*>(t.data_ptr()), t.size(1), t.stride(0), t.stride(1), t.stride(2),
+                t.stride(3)};
+}
+
+constexpr int64_t kAhead = 8;   // pack: rows requested ahead
+constexpr int64_t kChunk = 128;  // channels packed at a time
+
+// Requests the cache lines of a row of n elements at stride sw (contiguous rows only).
+template <class T>
+inline void prefetch_row(const T* p, int64_t n, int64_t sw) {
+  if (sw != 1) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), e = a + n * sizeof(T);
+  for (uintptr_t l = a & ~uintptr_t(63); l < e; l += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+}
+
+// Packs channels [c0, c0 + cn) of band t of image b of x into dst, group by group:
+// dst[u][c - c0][l] (u < U, l < L) in the compute dtype A. Each map row is read once, along W
+// (channels_last and other maps whose channel stride is the smaller one: along C).
+template <class T, class A>
+void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t cn, const Geom& g,
+               const int64_t* pu, const int64_t* pl, A* dst) {
+  const T* base = x.p + b * x.sB + c0 * x.sC;
+  const int64_t L = g.L, CL = cn * L, W = g.W;
+  if (std::abs(x.sC) < std::abs(x.sW)) {
+    for (int64_t r = 0; r < g.R; ++r) {
+      const T* row = base + band_row(g, t, r) * x.sH;
+      for (int64_t j = 0; j < W; ++j) {
+        const T* s = row + j * x.sW;
+        A* d = dst + pu[r * W + j] * CL + pl[r * W + j];
+        for (int64_t c = 0; c < cn; ++c) d[c * L] = static_cast<A>(s[c * x.sC]);
+      }
+    }
+  } else {
+    // Rows (c, r) in order; the row kAhead rows on is requested while this one is copied, so
+    // several rows are in flight from memory at once.
+    const int64_t nrows = cn * g.R;
+    for (int64_t it = 0; it < nrows; ++it) {
+      const int64_t c = it / g.R, r = it % g.R;
+      if (it + kAhead < nrows) {
+        const int64_t c2 = (it + kAhead) / g.R, r2 = (it + kAhead) % g.R;
+        prefetch_row(base + c2 * x.sC + band_row(g, t, r2) * x.sH, W, x.sW);
+      }
+      const T* s = base + c * x.sC + band_row(g, t, r) * x.sH;
+      A* d = dst + c * L;
+      if (x.sW == 1 && g.long_mode) {  // (I, J) = (r, j / bw): member r * gw + J of group j % bw
+        for (int64_t b2 = 0; b2 < g.bw; ++b2) {
+          A* db = d + b2 * CL + r * g.gw;
+          const T* sb = s + b2;
+          for (int64_t J = 0; J < g.gw; ++J) db[J] = static_cast<A>(sb[J * g.bw]);
+        }
+      } else if (x.sW == 1) {  // (a, b) = (r, j % bw): member r * bw + b of group j / bw
+        for (int64_t J = 0; J < g.gw; ++J) {
+          A* dj = d + J * CL + r * g.bw;
+          const T* sj = s + J * g.bw;
+          for (int64_t b2 = 0; b2 < g.bw; ++b2) dj[b2] = static_cast<A>(sj[b2]);
+        }
+      } else {
+        const int64_t *u = pu + r * W, *l = pl + r * W;
+        for (int64_t j = 0; j < W; ++j) d[u[j] * CL + l[j]] = static_cast<A>(s[j * x.sW]);
+      }
+    }
+  }
+}
+
+// The inverse: y[b, c, row, j] = src[u][c - c0][l] for the channels [c0, c0 + cn) of band t of
+// image b (y: a fresh contiguous tensor), converted to T.
+template <class T, class A>
+void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, const Geom& g,
+                 const int64_t* pu, const int64_t* pl, const A* src) {
+  T* base = y.p + b * y.sB + c0 * y.sC;
+  const int64_t L = g.L, CL = cn * L, W = g.W, nrows = cn * g.R;
+  for (int64_t it = 0; it < nrows; ++it) {
+    const int64_t c = it / g.R, r = it % g.R;
+    T* d = base + c * y.sC + band_row(g, t, r) * y.sH;
+    const A* s = src + c * L;
+    if (y.sW == 1 && g.long_mode) {  // the inverse of pack_band's cases
+      for (int64_t b2 = 0; b2 < g.bw; ++b2) {
+        const A* sb = s + b2 * CL + r * g.gw;
+        for (int64_t J = 0; J < g.gw; ++J) d[J * g.bw + b2] = static_cast<T>(sb[J]);
+      }
+    } else if (y.sW == 1) {
+      for (int64_t J = 0; J < g.gw; ++J) {
+        const A* sj = s + J * CL + r * g.bw;
+        T* dj = d + J * g.bw;
+        for (int64_t b2 = 0; b2 < g.bw; ++b2) dj[b2] = static_cast<T>(sj[b2]);
+      }
+    } else {
+      const int64_t *u = pu + r * W, *l = pl + r * W;
+      for (int64_t j = 0; j < W; ++j) d[j * y.sW] = static_cast<T>(s[u[j] * CL + l[j]]);
+    }
+  }
+}
+
+// Zero-initialised, 64-byte aligned per-thread scratch (zeros: the padding columns of the dP
+// rows must be finite, see the kernels header; the same alignment for every thread keeps the
+// BLAS results independent of which thread ran an item).
+class Scratch {
+ public:
+  explicit Scratch(int64_t bytes) {
+    const size_t n = (static_cast<size_t>(std::max<int64_t>(bytes, 1)) + 63) / 64 * 64;
+    p_ = std::aligned_alloc(64, n);
+    TORCH_CHECK(p_ != nullptr, ISA_OP ": could not allocate ", n, " bytes of scratch");
+    std::memset(p_, 0, n);
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  char* data() const { return static_cast<char*>(p_); }
+
+ private:
+  void* p_;
+};
+
+// Runs item(i, scratch) for every i in [0, n) on up to get_num_threads() workers, each with its
+// own scratch of scratch_bytes; items are claimed one at a time from a shared counter.
+template <class Fn>
+void for_each_item(int64_t n, int64_t scratch_bytes, const Fn& fn) {
+  const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
+    Scratch s(scratch_bytes);
+    for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
+  });
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_tensor(const at::Tensor& t, const char* op, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.defined(), ISA_OP " (", op, "): ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), ISA_OP " (", op, "): ", name,
+              " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 4, ISA_OP " (", op, "): ", name, " must be 4-D [B, C, H, W], got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), ISA_OP " (", op, "): ", name, " has dtype ",
+              t.scalar_type(), " but q has dtype ", q.scalar_type());
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t bh,
+                  int64_t bw, const char* op) {
+  check_tensor(q, op, "q", q);
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              ISA_OP " (", op, "): q must be float16, bfloat16, float32 or float64, got ", st);
+  check_tensor(k, op, "k", q);
+  check_tensor(v, op, "v", q);
+  TORCH_CHECK(k.sizes() == q.sizes(), ISA_OP " (", op, "): q and k must have the same shape, got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3),
+              ISA_OP " (", op, "): v must match q in batch and spatial size, got q ", q.sizes(),
+              " and v ", v.sizes());
+  TORCH_CHECK(bh > 0 && bw > 0, ISA_OP " (", op, "): block must be positive, got ", bh, "x", bw);
+  TORCH_CHECK(q.size(2) % bh == 0 && q.size(3) % bw == 0, ISA_OP " (", op, "): the map ",
+              q.size(2), "x", q.size(3), " is not divisible by block ", bh, "x", bw);
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& v, const at::Tensor& q) {
+  check_tensor(t, "isa_bwd", name, q);
+  TORCH_CHECK(t.sizes() == v.sizes(), ISA_OP " (isa_bwd): ", name, " must have the shape of v ",
+              v.sizes(), ", got ", t.sizes());
+}
+
+// Per-worker scratch (offsets in elements of the compute dtype): the band's L x L matrices, one
+// per group (S / P, and dP / dS in the backward), the band's lse, and four chunk buffers of
+// kChunk channels of the band [U][kChunk][L] (two packed inputs, two results).
+struct Layout {
+  int64_t s, dp, lse, x0, x1, y0, y1, total;
+};
+
+Layout layout(const Geom& g, bool backward) {
+  const int64_t LL = g.U * g.L * g.Lp, X = kChunk * g.N;
+  Layout y;
+  int64_t n = 0;
+  auto take = [&](int64_t elems) {
+    const int64_t at = n;
+    n += (elems + 15) / 16 * 16;  // keep every buffer 64-byte aligned
+    return at;
+  };
+  y.s = take(LL);
+  y.dp = take(backward ? LL : 0);
+  y.lse = take(g.N);
+  y.x0 = take(X);
+  y.x1 = take(X);
+  y.y0 = take(X);
+  y.y1 = take(backward ? X : 0);
+  y.total = n;
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                               const at::Tensor& v_in, int64_t bh, int64_t bw,
+                                               bool long_mode, double scale) {
+  check_inputs(q_in, k_in, v_in, bh, bw, "isa_fwd");
+  const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
+  const int64_t Cv = v_in.size(1);
+  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  auto out = at::empty({B, Cv, H, W}, q_in.options());
+  auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
+  if (B == 0 || H == 0 || W == 0) return {out, lse};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "isa_fwd_cpu", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(ct, "isa_fwd_cpu_compute", [&] {
+      using A = scalar_t;
+      const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
+      const Layout y = layout(g, false);
+      const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
+                         mv = map_of<const T>(v_in);
+      const Map<T> mo = map_of<T>(out);
+      std::vector<int64_t> members(2 * g.N);
+      int64_t *pu = members.data(), *pl = pu + g.N;
+      band_members(g, pu, pl);
+      A* lse_p = lse.mutable_data_ptr<A>();
+      const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
+      const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
+      auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
+      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+        const int64_t b = item / g.nbands, t = item % g.nbands;
+        A* base = reinterpret_cast<A*>(scratch);
+        A *S = base + y.s, *lg = base + y.lse, *xq = base + y.x0, *xk = base + y.x1, *yo = base + y.y0;
+        auto Smat = [&](int64_t u) { return at::from_blob(S + u * LL, {L, L}, {Lp, 1}, opts); };
+        // S_u = Q_u^T K_u, summed over chunks of channels.
+        for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cqk - c0);
+          pack_band(mq, b, t, c0, cn, g, pu, pl, xq);
+          pack_band(mk, b, t, c0, cn, g, pu, pl, xk);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor Su = Smat(u);
+            const at::Tensor Qt = mat(xq + u * cn * L, cn).t(), Kc = mat(xk + u * cn * L, cn);
+            if (c0 == 0) at::mm_out(Su, Qt, Kc);
+            else Su.addmm_(Qt, Kc);
+          }
+        }
+        if (Cqk == 0) std::fill(S, S + g.U * LL, A(0));
+        for (int64_t u = 0; u < g.U; ++u) softmax_fwd<A>(S + u * LL, L, Lp, static_cast<A>(scale), lg + u * L);
+        // O_u = V_u P_u^T, chunk by chunk of channels.
+        for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cv - c0);
+          pack_band(mv, b, t, c0, cn, g, pu, pl, xq);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor Ou = mat(yo + u * cn * L, cn);
+            at::mm_out(Ou, mat(xq + u * cn * L, cn), Smat(u).t());
+          }
+          unpack_band(mo, b, t, c0, cn, g, pu, pl, yo);
+        }
+        A* lb = lse_p + b * H * W;
+        for (int64_t r = 0; r < g.R; ++r) {
+          A* d = lb + band_row(g, t, r) * W;
+          for (int64_t j = 0; j < W; ++j) d[j] = lg[pu[r * W + j] * L + pl[r * W + j]];
+        }
+      });
+    });
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, int64_t bh,
+    int64_t bw, bool long_mode, double scale) {
+  check_inputs(q_in, k_in, v_in, bh, bw, "isa_bwd");
+  check_like(dout_in, "dout", v_in, q_in);
+  check_like(out_in, "out", v_in, q_in);
+  const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
+  const int64_t Cv = v_in.size(1);
+  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  TORCH_CHECK(lse_in.defined() && lse_in.device().is_cpu(),
+              ISA_OP " (isa_bwd): lse must be a CPU tensor");
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
+                  lse_in.size(2) == W,
+              ISA_OP " (isa_bwd): lse must have shape [B, H, W] = [", B, ", ", H, ", ", W,
+              "], got ", lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == ct, ISA_OP " (isa_bwd): lse must have dtype ", ct, " for ",
+              dt, " inputs, got ", lse_in.scalar_type());
+
+  auto dq = at::empty({B, Cqk, H, W}, q_in.options());
+  auto dk = at::empty({B, Cqk, H, W}, q_in.options());
+  auto dv = at::empty({B, Cv, H, W}, q_in.options());
+  if (B == 0 || H == 0 || W == 0) return {dq, dk, dv};
+  const at::Tensor lse = lse_in.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "isa_bwd_cpu", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(ct, "isa_bwd_cpu_compute", [&] {
+      using A = scalar_t;
+      const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
+      const Layout y = layout(g, true);
+      const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
+                         mv = map_of<const T>(v_in), mdo = map_of<const T>(dout_in);
+      const Map<T> mdq = map_of<T>(dq), mdk = map_of<T>(dk), mdv = map_of<T>(dv);
+      std::vector<int64_t> members(2 * g.N);
+      int64_t *pu = members.data(), *pl = pu + g.N;
+      band_members(g, pu, pl);
+      const A* lse_p = lse.const_data_ptr<A>();
+      const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
+      const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
+      auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
+      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+        const int64_t b = item / g.nbands, t = item % g.nbands;
+        A* base = reinterpret_cast<A*>(scratch);
+        A *S = base + y.s, *dP = base + y.dp, *lg = base + y.lse;
+        A *x0 = base + y.x0, *x1 = base + y.x1, *y0 = base + y.y0, *y1 = base + y.y1;
+        auto Smat = [&](int64_t u) { return at::from_blob(S + u * LL, {L, L}, {Lp, 1}, opts); };
+        auto dPmat = [&](int64_t u) { return at::from_blob(dP + u * LL, {L, L}, {Lp, 1}, opts); };
+        // S_u = Q_u^T K_u and dP_u = dO_u^T V_u, summed over chunks of channels.
+        auto energies = [&](const Map<const T>& ma, const Map<const T>& mb, int64_t C, A* M,
+                            bool is_s) {
+          for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+            const int64_t cn = std::min(kChunk, C - c0);
+            pack_band(ma, b, t, c0, cn, g, pu, pl, x0);
+            pack_band(mb, b, t, c0, cn, g, pu, pl, x1);
+            for (int64_t u = 0; u < g.U; ++u) {
+              at::Tensor Mu = is_s ? Smat(u) : dPmat(u);
+              const at::Tensor At = mat(x0 + u * cn * L, cn).t(), Bc = mat(x1 + u * cn * L, cn);
+              if (c0 == 0) at::mm_out(Mu, At, Bc);
+              else Mu.addmm_(At, Bc);
+            }
+          }
+          if (C == 0) std::fill(M, M + g.U * LL, A(0));
+        };
+        energies(mq, mk, Cqk, S, true);
+        energies(mdo, mv, Cv, dP, false);
+        const A* lb = lse_p + b * H * W;
+        for (int64_t r = 0; r < g.R; ++r) {
+          const A* s = lb + band_row(g, t, r) * W;
+          for (int64_t j = 0; j < W; ++j) lg[pu[r * W + j] * L + pl[r * W + j]] = s[j];
+        }
+        for (int64_t u = 0; u < g.U; ++u)
+          softmax_bwd<A>(S + u * LL, dP + u * LL, L, Lp, static_cast<A>(scale), lg + u * L);
+        // dV_u = dO_u P_u, chunk by chunk of channels.
+        for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cv - c0);
+          pack_band(mdo, b, t, c0, cn, g, pu, pl, x0);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor dVu = mat(y0 + u * cn * L, cn);
+            at::mm_out(dVu, mat(x0 + u * cn * L, cn), Smat(u));
+          }
+          unpack_band(mdv, b, t, c0, cn, g, pu, pl, y0);
+        }
+        // dQ_u = K_u dS_u^T and dK_u = Q_u dS_u, chunk by chunk of channels.
+        for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cqk - c0);
+          pack_band(mq, b, t, c0, cn, g, pu, pl, x0);
+          pack_band(mk, b, t, c0, cn, g, pu, pl, x1);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor dQu = mat(y0 + u * cn * L, cn), dKu = mat(y1 + u * cn * L, cn);
+            const at::Tensor dSu = dPmat(u);
+            at::mm_out(dQu, mat(x1 + u * cn * L, cn), dSu.t());
+            at::mm_out(dKu, mat(x0 + u * cn * L, cn), dSu);
+          }
+          unpack_band(mdq, b, t, c0, cn, g, pu, pl, y0);
+          unpack_band(mdk, b, t, c0, cn, g, pu, pl, y1);
+        }
+      });
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace isa_cpu
+}  // namespace fastctx
+
+TORCH_LIBRARY_IMPL(fastctx, CPU, m) {
+  m.impl("isa_fwd", &fastctx::isa_cpu::isa_fwd_cpu);
+  m.impl("isa_bwd", &fastctx::isa_cpu::isa_bwd_cpu);
+}
