@@ -12,8 +12,8 @@ from tests._utils import DTYPE_NAMES, assert_close, has_triton
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
-#: The backends under test (add "triton" here once it is registered).
-BACKENDS = ["cpu"]
+#: The backends under test.
+BACKENDS = ["cpu", "triton"]
 DEVICES = {"cpu": "cpu", "triton": DEV}
 DTYPES = {
     "cpu": (torch.float64, torch.float32, torch.float16, torch.bfloat16),

@@ -35,6 +35,8 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -68,15 +70,6 @@ namespace isa_cpu {
 namespace {
 
 #define ISA_OP "fastctx.interlaced_attention"
-
-bool use_avx2() {
-#ifdef FASTCTX_ISA_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 template <class T>
 void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
@@ -273,10 +266,6 @@ void for_each_item(int64_t n, int64_t scratch_bytes, const Fn& fn) {
   });
 }
 
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_tensor(const at::Tensor& t, const char* op, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.defined(), ISA_OP " (", op, "): ", name, " is undefined");
   TORCH_CHECK(t.device().is_cpu(), ISA_OP " (", op, "): ", name,
@@ -290,9 +279,7 @@ void check_tensor(const at::Tensor& t, const char* op, const char* name, const a
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t bh,
                   int64_t bw, const char* op) {
   check_tensor(q, op, "q", q);
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              ISA_OP " (", op, "): q must be float16, bfloat16, float32 or float64, got ", st);
+  cpu::check_float(ISA_OP, op, q, "q");
   check_tensor(k, op, "k", q);
   check_tensor(v, op, "v", q);
   TORCH_CHECK(k.sizes() == q.sizes(), ISA_OP " (", op, "): q and k must have the same shape, got q ",

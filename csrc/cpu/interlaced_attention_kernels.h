@@ -23,27 +23,25 @@
 #include <limits>
 #include <type_traits>
 
+#define FASTCTX_VEC_ISA FASTCTX_ISA_NS
+#include "vec.h"
+#undef FASTCTX_VEC_ISA
+
 namespace fastctx {
 namespace isa_cpu {
 namespace FASTCTX_ISA_NS {
 
 template <class T>
-struct Rows {
+struct Rows : cpu::FASTCTX_ISA_NS::Vec<T, 32 / static_cast<int>(sizeof(T))> {
   static constexpr int VL = 32 / static_cast<int>(sizeof(T));  // 8 floats, 4 doubles
-  typedef T V __attribute__((vector_size(32)));
+  typedef cpu::FASTCTX_ISA_NS::Vec<T, VL> Base;
+  typedef typename Base::V V;
+  using Base::bcast;
+  using Base::load;
+  using Base::store;
+  using Base::vexp;
+  using Base::vmax;
 
-  static inline V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static inline V bcast(T s) {
-    V v;
-    for (int l = 0; l < VL; ++l) v[l] = s;
-    return v;
-  }
-  static inline V vmax(V a, V b) { return a > b ? a : b; }
   static inline T hmax(V v) {
     T m = v[0];
     for (int l = 1; l < VL; ++l) m = v[l] > m ? v[l] : m;
@@ -53,37 +51,6 @@ struct Rows {
     T s = T(0);
     for (int l = 0; l < VL; ++l) s += v[l];
     return s;
-  }
-
-  // exp, lane-wise. float: Cephes expf (range reduction by ln 2, degree-6 polynomial, about
-  // 1 ulp), 0 below ln(FLT_MIN) (so exp(-inf) = 0). double: std::exp per lane.
-  static inline V vexp(V x) {
-    if constexpr (std::is_same<T, float>::value) {
-      typedef int32_t VI __attribute__((vector_size(32)));
-      const V lo = bcast(-87.33654475f), hi = bcast(88.0f);
-      const V xc = x < lo ? lo : (x > hi ? hi : x);
-      const V magic = bcast(12582912.0f);  // 1.5 * 2^23: (t + magic) - magic rounds t
-      const V n = (xc * bcast(1.44269504088896341f) + magic) - magic;
-      V r = xc - n * bcast(0.693359375f);
-      r = r - n * bcast(-2.12194440e-4f);
-      const V z = r * r;
-      V p = bcast(1.9875691500e-4f);
-      p = p * r + bcast(1.3981999507e-3f);
-      p = p * r + bcast(8.3334519073e-3f);
-      p = p * r + bcast(4.1665795894e-2f);
-      p = p * r + bcast(1.6666665459e-1f);
-      p = p * r + bcast(5.0000001201e-1f);
-      p = p * z + r + bcast(1.0f);
-      const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
-      V two_n;
-      std::memcpy(&two_n, &e, sizeof(V));
-      const V res = p * two_n;
-      return x < lo ? bcast(0.0f) : res;
-    } else {
-      V y;
-      for (int l = 0; l < VL; ++l) y[l] = std::exp(x[l]);
-      return y;
-    }
   }
 
   // Forward: S (L rows of Lp, energies) -> P = softmax(scale * S) per row; lse[l] the row's

@@ -154,64 +154,18 @@ namespace ra_cpu {
 namespace FASTCTX_RA_ISA {
 
 template <class T, int VL>
-struct Kern : cpu::FASTCTX_RA_ISA::Vec<T, VL> {
-  typedef cpu::FASTCTX_RA_ISA::Vec<T, VL> Base;
+struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
+  typedef cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> Base;
   typedef typename Base::V V;
   using Base::bcast;
   using Base::lane;
   using Base::load;
+  using Base::pick;
+  using Base::rows_for;
   using Base::store;
   using Base::vexp;
   using Base::vmax;
   using Base::zero;
-
-  // ------------------------------------------------------------------------------------------
-  // The GEMM. Register block: C[r * cms + col[t]] (= or +=) sum_{kk < K} A[r * ams + kk] *
-  // B[kk * bks + col[t]] for r < MR, t < NR (col[t]: column of vector t, in B and in C alike).
-  template <int MR, int NR>
-  static void kernel(const T* __restrict A, int64_t ams, const T* __restrict B, int64_t bks,
-                     const int64_t* col, int64_t K, T* __restrict C, int64_t cms, bool acc_in) {
-    V acc[MR][NR];
-    const T* bp[NR];
-    const T* ap[MR];
-#pragma GCC unroll 8
-    for (int t = 0; t < NR; ++t) bp[t] = B + col[t];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) ap[r] = A + r * ams;
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int t = 0; t < NR; ++t) acc[r][t] = acc_in ? load(C + r * cms + col[t]) : zero();
-    for (int64_t kk = 0; kk < K; ++kk) {
-      V bv[NR];
-#pragma GCC unroll 8
-      for (int t = 0; t < NR; ++t) bv[t] = load(bp[t] + kk * bks);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const V a = bcast(ap[r][kk]);
-#pragma GCC unroll 8
-        for (int t = 0; t < NR; ++t) acc[r][t] += a * bv[t];
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int t = 0; t < NR; ++t) store(C + r * cms + col[t], acc[r][t]);
-  }
-
-  typedef void (*KernelFn)(const T*, int64_t, const T*, int64_t, const int64_t*, int64_t, T*,
-                           int64_t, bool);
-  // kernel<mr, nr> for mr <= kMRmax, nr <= kNR.
-  template <int... I>
-  static KernelFn pick_impl(int mr, int nr, std::integer_sequence<int, I...>) {
-    static const KernelFn table[] = {&kernel<I / kNR + 1, I % kNR + 1>...};
-    return table[(mr - 1) * kNR + (nr - 1)];
-  }
-  static KernelFn pick(int mr, int nr) {
-    return pick_impl(mr, nr, std::make_integer_sequence<int, kMRmax * kNR>{});
-  }
-  // Rows of a register block of nr vectors: 12 accumulators for nr = 3 or 2, 8 for nr = 1.
-  static int rows_for(int nr) { return nr == 3 ? kMR : nr == 2 ? 6 : kMRmax; }
 
   // C[m * cms + col[w]] (= or +=) sum_{kk < K} A[m * ams + kk] * B[kk * bks + col[w]] for m < M
   // and the nw vectors w. K is split into equal chunks of at most kmax. Loop order within a

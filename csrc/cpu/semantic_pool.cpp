@@ -33,6 +33,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -60,6 +62,10 @@ namespace {
 
 #define SP_OP "fastctx.semantic_pool"
 
+using cpu::compute_dtype;
+using cpu::prepare;
+using cpu::use_avx2;
+
 constexpr int64_t kPix = 1024;  // forward: pixels per block of phases A-C
 constexpr int64_t kPixB = 256;  // backward: pixels per block
 constexpr int64_t kMinWork = int64_t(1) << 16;  // element operations per parallel chunk, at least
@@ -67,15 +73,6 @@ constexpr int64_t kMinWork = int64_t(1) << 16;  // element operations per parall
 // Items per parallel chunk for items of `work` element operations each: small calls run on one
 // thread (a fork-join costs more than they do, and much more on a loaded machine).
 int64_t grain(int64_t work) { return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work)); }
-
-bool use_avx2() {
-#ifdef FASTCTX_SP_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 template <class T>
 void argmax_block(const T* lg, int64_t N, int64_t K, int64_t np, T* best, int64_t* lab) {
@@ -103,10 +100,6 @@ void bwd_block(const T* f, const T* dr, const T* drr, const int64_t* lab, const 
   isa_base::bwd_block<T>(f, dr, drr, lab, w, N, C, K, np, dot, df, dl);
 }
 
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 bool is_float(at::ScalarType st) {
   return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
 }
@@ -121,8 +114,7 @@ void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t
 }
 
 void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(is_float(t.scalar_type()), SP_OP " (", op, "): ", name,
-              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  cpu::check_float(SP_OP, op, t, name);
 }
 
 // labels: int64 [B, H, W] (the values are checked by check_label_range).
@@ -139,15 +131,6 @@ void check_label_range(const int64_t* lab, int64_t n, int64_t K, const char* op)
   bool bad = false;
   for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(lab[i]) >= static_cast<uint64_t>(K);
   TORCH_CHECK(!bad, SP_OP " (", op, "): labels must lie in [0, K) with K = ", K);
-}
-
-// Contiguous in dtype ct (not Tensor::to(dtype, ..., Contiguous): that aliases a permuted tensor
-// whose suggested memory format is contiguous).
-at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
-  if (t.scalar_type() == ct) return t.contiguous();
-  at::Tensor r = at::empty(t.sizes(), t.options().dtype(ct));
-  r.copy_(t);
-  return r;
 }
 
 // Runs fn(i, scratch) for i in [0, n) in parallel (items of `work` element operations each),

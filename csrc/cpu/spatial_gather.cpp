@@ -22,6 +22,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -54,16 +56,11 @@ namespace fastctx {
 namespace sg_cpu {
 namespace {
 
-#define SG_OP "fastctx.spatial_gather"
+using cpu::compute_dtype;
+using cpu::prepare;
+using cpu::use_avx2;
 
-bool use_avx2() {
-#ifdef FASTCTX_SG_HAVE_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
+#define SG_OP "fastctx.spatial_gather"
 
 template <class T>
 void fwd_task(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t c, T* scratch, T* part) {
@@ -81,61 +78,15 @@ void bwd_block(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scra
   isa_base::bwd_block<T>(a, g, b, t, scratch);
 }
 
-// Zero-initialised, 64-byte aligned per-thread scratch.
-template <class T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
-    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p_ != nullptr, SG_OP ": could not allocate ", bytes, " bytes of scratch");
-    std::memset(p_, 0, bytes);
-  }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* data() const { return p_; }
-
- private:
-  T* p_;
-};
-
-// Runs fn(i, scratch) for every i in [0, n) on up to get_num_threads() threads, each with its
-// own zero-initialised scratch of scratch_elems values; items are claimed from a shared counter.
-// Which thread runs an item never changes its result.
-template <class T, class Fn>
-void for_each_item(int64_t n, int64_t scratch_elems, const Fn& fn) {
-  const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
-    Scratch<T> s(scratch_elems);
-    for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
-  });
-}
-
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
                   const char* shape, const at::Tensor& feats) {
-  TORCH_CHECK(t.defined(), SG_OP " (", op, "): ", name, " is undefined");
-  TORCH_CHECK(t.device() == feats.device(), SG_OP " (", op, "): ", name, " is on ", t.device(),
-              " but feats is on ", feats.device());
-  TORCH_CHECK(t.device().is_cpu(), SG_OP " (", op, "): ", name,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, SG_OP " (", op, "): ", name, " must be ", dim, "-D ", shape,
-              ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == feats.scalar_type(), SG_OP " (", op, "): ", name,
-              " has dtype ", t.scalar_type(), " but feats has dtype ", feats.scalar_type());
+  cpu::check_tensor(SG_OP, op, t, name, dim, shape, feats, "feats");
 }
 
 void check_inputs(const at::Tensor& feats, const at::Tensor& logits, double scale,
                   const char* op) {
   check_tensor(feats, op, "feats", 4, "[B, C, H, W]", feats);
-  const auto st = feats.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              SG_OP " (", op, "): feats must be float16, bfloat16, float32 or float64, got ", st);
+  cpu::check_float(SG_OP, op, feats, "feats");
   check_tensor(logits, op, "logits", 4, "[B, K, H, W]", feats);
   TORCH_CHECK(logits.size(0) == feats.size(0) && logits.size(2) == feats.size(2) &&
                   logits.size(3) == feats.size(3),
@@ -146,15 +97,6 @@ void check_inputs(const at::Tensor& feats, const at::Tensor& logits, double scal
               logits.sizes());
   TORCH_CHECK(std::isfinite(scale) && scale > 0, SG_OP " (", op,
               "): scale must be positive and finite, got ", scale);
-}
-
-// Contiguous in the compute dtype. (Not Tensor::to(dtype, ..., MemoryFormat::Contiguous): that
-// aliases any tensor whose suggest_memory_format() is Contiguous, e.g. a permuted one.)
-at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
-  if (t.scalar_type() == ct) return t.contiguous();
-  at::Tensor r = at::empty(t.sizes(), t.options().dtype(ct));
-  r.copy_(t);
-  return r;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> sg_fwd_cpu(const at::Tensor& feats_in,
     const int64_t ntask = B * g.nchunk, psize = fwd_partial(g, C), Kp = g.Kp;
     at::Tensor part_t = at::empty({ntask, psize}, copts);
     T* part = part_t.mutable_data_ptr<T>();
-    for_each_item<T>(ntask, fwd_scratch(g), [&](int64_t i, T* s) {
+    cpu::for_each_item<T>(ntask, fwd_scratch(g), SG_OP, [&](int64_t i, T* s) {
       fwd_task<T>(a, g, i / g.nchunk, i % g.nchunk, s, part + i * psize);
     });
 
@@ -280,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> sg_bwd_cpu(const at::Tensor& dout_in,
                        dRT.const_data_ptr<T>(), lse.const_data_ptr<T>(), Dp,
                        df_c.mutable_data_ptr<T>(), dl_c.mutable_data_ptr<T>(),
                        C, K, N, static_cast<T>(scale)};
-    for_each_item<T>(B * g.nblocks, bwd_scratch(g, C, K), [&](int64_t u, T* s) {
+    cpu::for_each_item<T>(B * g.nblocks, bwd_scratch(g, C, K), SG_OP, [&](int64_t u, T* s) {
       bwd_block<T>(a, g, u / g.nblocks, u % g.nblocks, s);
     });
   });

@@ -44,6 +44,10 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+
+#define FASTCTX_VEC_ISA FASTCTX_SG_ISA
+#include "vec.h"
+#undef FASTCTX_VEC_ISA
 #include <vector>
 
 // Shared by every instruction set (defined once): blocking constants, geometry, task arguments.
@@ -140,126 +144,18 @@ namespace sg_cpu {
 namespace FASTCTX_SG_ISA {
 
 template <class T, int VL>
-struct VecType {
-  typedef T type __attribute__((vector_size(sizeof(T) * VL)));
-};
-template <class T>
-struct VecType<T, 1> {
-  typedef T type;
-};
-
-template <class T, int VL>
-struct Kern {
-  typedef typename VecType<T, VL>::type V;
-
-  static inline V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static inline V zero() { return V{}; }
-  template <size_t... I>
-  static inline V bcast_impl(T s, std::index_sequence<I...>) {
-    return V{(static_cast<void>(I), s)...};
-  }
-  static inline V bcast(T s) {
-    if constexpr (VL == 1) {
-      return s;
-    } else {
-      return bcast_impl(s, std::make_index_sequence<VL>{});
-    }
-  }
-  static inline V vmax(V a, V b) { return a > b ? a : b; }
-  static inline T lane(V v, int l) {
-    if constexpr (VL == 1) {
-      (void)l;
-      return v;
-    } else {
-      return v[l];
-    }
-  }
-
-  // exp, lane-wise. float: Cephes expf (range reduction by ln 2, degree-6 polynomial, about
-  // 1 ulp), 0 below ln(FLT_MIN) (so exp(-inf) = 0). Other types: std::exp per lane.
-  static inline V vexp(V x) {
-    if constexpr (VL > 1 && std::is_same<T, float>::value) {
-      typedef int32_t VI __attribute__((vector_size(sizeof(T) * VL)));
-      const V lo = bcast(-87.33654475f), hi = bcast(88.0f);
-      const V xc = x < lo ? lo : (x > hi ? hi : x);
-      const V magic = bcast(12582912.0f);  // 1.5 * 2^23: (t + magic) - magic rounds t
-      const V n = (xc * bcast(1.44269504088896341f) + magic) - magic;
-      V r = xc - n * bcast(0.693359375f);
-      r = r - n * bcast(-2.12194440e-4f);
-      const V z = r * r;
-      V p = bcast(1.9875691500e-4f);
-      p = p * r + bcast(1.3981999507e-3f);
-      p = p * r + bcast(8.3334519073e-3f);
-      p = p * r + bcast(4.1665795894e-2f);
-      p = p * r + bcast(1.6666665459e-1f);
-      p = p * r + bcast(5.0000001201e-1f);
-      p = p * z + r + bcast(1.0f);
-      const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
-      V two_n;
-      std::memcpy(&two_n, &e, sizeof(V));
-      const V res = p * two_n;
-      return x < lo ? zero() : res;
-    } else if constexpr (VL > 1) {
-      V y;
-      for (int l = 0; l < VL; ++l) y[l] = std::exp(x[l]);
-      return y;
-    } else {
-      return std::exp(x);
-    }
-  }
-
-  // ------------------------------------------------------------------------------------------
-  // The GEMM register block: C[r * cms + col[t]] (= or +=) sum_{kk < K} A[r * ams + kk] *
-  // B[kk * bks + col[t]] for r < MR, t < NR (col[t]: column of vector t, in B and in C alike).
-  template <int MR, int NR>
-  static void kernel(const T* __restrict A, int64_t ams, const T* __restrict B, int64_t bks,
-                     const int64_t* col, int64_t K, T* __restrict C, int64_t cms, bool acc_in) {
-    V acc[MR][NR];
-    const T* bp[NR];
-    const T* ap[MR];
-#pragma GCC unroll 8
-    for (int t = 0; t < NR; ++t) bp[t] = B + col[t];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) ap[r] = A + r * ams;
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int t = 0; t < NR; ++t) acc[r][t] = acc_in ? load(C + r * cms + col[t]) : zero();
-    for (int64_t kk = 0; kk < K; ++kk) {
-      V bv[NR];
-#pragma GCC unroll 8
-      for (int t = 0; t < NR; ++t) bv[t] = load(bp[t] + kk * bks);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const V a = bcast(ap[r][kk]);
-#pragma GCC unroll 8
-        for (int t = 0; t < NR; ++t) acc[r][t] += a * bv[t];
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int t = 0; t < NR; ++t) store(C + r * cms + col[t], acc[r][t]);
-  }
-
-  typedef void (*KernelFn)(const T*, int64_t, const T*, int64_t, const int64_t*, int64_t, T*,
-                           int64_t, bool);
-  // kernel<mr, nr> for mr <= kMRmax, nr <= kNR.
-  template <int... I>
-  static KernelFn pick_impl(int mr, int nr, std::integer_sequence<int, I...>) {
-    static const KernelFn table[] = {&kernel<I / kNR + 1, I % kNR + 1>...};
-    return table[(mr - 1) * kNR + (nr - 1)];
-  }
-  static KernelFn pick(int mr, int nr) {
-    return pick_impl(mr, nr, std::make_integer_sequence<int, kMRmax * kNR>{});
-  }
-  // Rows of a register block of nr vectors: 12 accumulators for nr = 3 or 2, 8 for nr = 1.
-  static int rows_for(int nr) { return nr == 3 ? kMR : nr == 2 ? 6 : kMRmax; }
+struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
+  typedef cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> Base;
+  typedef typename Base::V V;
+  using Base::bcast;
+  using Base::lane;
+  using Base::load;
+  using Base::pick;
+  using Base::rows_for;
+  using Base::store;
+  using Base::vexp;
+  using Base::vmax;
+  using Base::zero;
 
   // Prefetch rows [r0, r1) of A (row stride ams), columns [0, K).
   static void prefetch_rows(const T* A, int64_t ams, int64_t r0, int64_t r1, int64_t K) {

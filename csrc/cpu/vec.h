@@ -1,5 +1,6 @@
 // Vector helpers of the CPU kernels: GCC vector types of VL lanes with loads, stores, broadcast
-// and a vectorised exp. Kernels derive from Vec<T, VL>.
+// and a vectorised exp (Vec<T, VL>), and register-blocked GEMM kernels (RegGemm). Kernels derive
+// from one of them.
 //
 // NO INCLUDE GUARD, on purpose: a kernels header includes this file once per instruction set,
 // with FASTCTX_VEC_ISA naming the namespace (and, for AVX2, under
@@ -109,6 +110,65 @@ struct Vec {
       return std::exp(x);
     }
   }
+};
+
+// The register-blocked GEMM kernels of the CPU attention kernels (each op drives them with its own
+// loop order). Register block kernel<R, NV>: C[r * cms + col[t]] (= or +=)
+// sum_{kk < K} A[r * ams + kk] * B[kk * bks + col[t]] for r < R, t < NV (col[t]: column of vector
+// t, in B and in C alike; A broadcast, B and C vectors of VL lanes). pick(mr, nr) returns
+// kernel<mr, nr> for mr <= MRmax, nr <= NR; rows_for(nr) the rows of a block of nr vectors.
+template <class T, int VL, int MR, int NR, int MRmax>
+struct RegGemm : Vec<T, VL> {
+  typedef Vec<T, VL> Base;
+  typedef typename Base::V V;
+  using Base::bcast;
+  using Base::load;
+  using Base::store;
+  using Base::zero;
+
+  template <int R, int NV>
+  static void kernel(const T* __restrict A, int64_t ams, const T* __restrict B, int64_t bks,
+                     const int64_t* col, int64_t K, T* __restrict C, int64_t cms, bool acc_in) {
+    V acc[R][NV];
+    const T* bp[NV];
+    const T* ap[R];
+#pragma GCC unroll 8
+    for (int t = 0; t < NV; ++t) bp[t] = B + col[t];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) ap[r] = A + r * ams;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < NV; ++t) acc[r][t] = acc_in ? load(C + r * cms + col[t]) : zero();
+    for (int64_t kk = 0; kk < K; ++kk) {
+      V bv[NV];
+#pragma GCC unroll 8
+      for (int t = 0; t < NV; ++t) bv[t] = load(bp[t] + kk * bks);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V a = bcast(ap[r][kk]);
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) acc[r][t] += a * bv[t];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < NV; ++t) store(C + r * cms + col[t], acc[r][t]);
+  }
+
+  typedef void (*KernelFn)(const T*, int64_t, const T*, int64_t, const int64_t*, int64_t, T*,
+                           int64_t, bool);
+  template <int... I>
+  static KernelFn pick_impl(int mr, int nr, std::integer_sequence<int, I...>) {
+    static const KernelFn table[] = {&kernel<I / NR + 1, I % NR + 1>...};
+    return table[(mr - 1) * NR + (nr - 1)];
+  }
+  static KernelFn pick(int mr, int nr) {
+    return pick_impl(mr, nr, std::make_integer_sequence<int, MRmax * NR>{});
+  }
+  // 12 accumulators for nr = 3 or 2 (with NR = 3, MR = 4), MRmax rows for nr = 1.
+  static int rows_for(int nr) { return nr == NR ? MR : nr == 2 ? 6 : MRmax; }
 };
 
 }  // namespace FASTCTX_VEC_ISA

@@ -44,6 +44,7 @@ class Case:
     reference: str = "reference"
     strongest: str = "reference"
     targets: list[Target] = field(default_factory=list)
+    timing_only: tuple[str, ...] = ()  # candidates timed without a parity check (bandwidth floors)
 
 
 def _cc_inputs(B: int, cqk: int, cv: int, H: int, W: int):
@@ -152,6 +153,15 @@ CASES: dict[str, Callable[[bool], list[Case]]] = {
 }
 
 # Each operator's cases live in their own module (they import Case and Target from here).
+from fastctx.bench.cases_interlaced import interlaced_attention_cases  # noqa: E402
 from fastctx.bench.cases_pyramid import pyramid_attention_cases, pyramid_pool_cases  # noqa: E402
+from fastctx.bench.cases_semantic import semantic_pool_cases  # noqa: E402
+from fastctx.bench.cases_spatial_gather import spatial_gather_cases  # noqa: E402
 
-CASES.update(pyramid_pool=pyramid_pool_cases, pyramid_attention=pyramid_attention_cases)
+CASES.update(
+    interlaced_attention=interlaced_attention_cases,
+    pyramid_pool=pyramid_pool_cases,
+    pyramid_attention=pyramid_attention_cases,
+    spatial_gather=spatial_gather_cases,
+    semantic_pool=semantic_pool_cases,
+)

@@ -12,7 +12,7 @@ from fastctx.backends import OpSupport, choose_backend, register_op
 from fastctx.ops._kernels import kernels
 
 OP = "interlaced_attention"
-register_op(OP, OpSupport(compiled="isa_fwd", triton=False))
+register_op(OP, OpSupport(compiled="isa_fwd", triton=True))
 
 
 def interlaced_attention(
