@@ -249,9 +249,15 @@ def _convert(module: nn.Module, rec: Recogniser, backend: str | None) -> nn.Modu
         or old_buf.keys() != new_buf.keys()
         or any(old_buf[k] is not new_buf[k] for k in old_buf)
     ):
+        differ = sorted(
+            (old_sd.keys() ^ new_sd.keys())
+            | {k for k in old_sd.keys() & new_sd.keys() if old_sd[k] is not new_sd[k]}
+            | (old_buf.keys() ^ new_buf.keys())
+            | {k for k in old_buf.keys() & new_buf.keys() if old_buf[k] is not new_buf[k]}
+        )
         raise RuntimeError(
             f"fastctx.swap: the converter for {rec.class_path} broke the contract (same state_dict "
-            f"keys bound to the same tensors): {sorted(old_sd)} -> {sorted(new_sd)}"
+            f"keys bound to the same tensors); these differ: {differ}"
         )
     new.train(module.training)
     if "_is_full_backward_hook" in vars(module):

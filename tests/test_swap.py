@@ -12,7 +12,7 @@ running statistics in train mode):
   as much as the swapped one (measured: 23059 vs 23053 elements of dx beyond the row at 97x97);
   what the swap must keep is the original's float32 numbers.
 
-Widths: the module tests use mmseg's Cityscapes CCNet width (channels=512). The whole-head tests
+Widths: the module test uses mmseg's Cityscapes CCNet width (channels=512). The whole-head tests
 take every other key from the Cityscapes configs (mmseg configs/_base_/models/ccnet_r50-d8.py,
 ssseg configs/ccnet/ccnet_resnet50os8_cityscapes.py) but narrow in_channels 2048 -> 64 and
 channels 512 -> 64: the head's 3x3 convolutions, which the swap does not touch, would otherwise
@@ -179,12 +179,9 @@ def mmcv_cca():
     return MmcvCCA
 
 
-@pytest.fixture(scope="module")
-def truth_cache():
-    return {}
-
-
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+# 33x65 only at this width: the 97x97 maps run through the same module in the head tests below
+# (a 512-wide 97x97 float64 run of mmcv's einsum costs ~20 s of this suite's ~60 s budget).
+@pytest.mark.parametrize("size", SIZES[:1], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_mmcv_cca_swapped_matches(mmcv_cca, size):
     torch.manual_seed(size[0])
     orig = mmcv_cca(512)  # CCHead's channels in mmseg's Cityscapes config
