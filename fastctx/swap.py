@@ -38,6 +38,7 @@ __all__ = [
     "SwapEntry",
     "SwapError",
     "SwapReport",
+    "class_path",
     "expect_children",
     "expect_class",
     "expect_conv1x1",
@@ -243,18 +244,11 @@ def _convert(module: nn.Module, rec: Recogniser, backend: str | None) -> nn.Modu
     # The contract every converter must keep: same state_dict keys bound to the same tensors.
     old_sd, new_sd = module.state_dict(keep_vars=True), new.state_dict(keep_vars=True)
     old_buf, new_buf = dict(module.named_buffers()), dict(new.named_buffers())
-    if (
-        old_sd.keys() != new_sd.keys()
-        or any(old_sd[k] is not new_sd[k] for k in old_sd)
-        or old_buf.keys() != new_buf.keys()
-        or any(old_buf[k] is not new_buf[k] for k in old_buf)
-    ):
-        differ = sorted(
-            (old_sd.keys() ^ new_sd.keys())
-            | {k for k in old_sd.keys() & new_sd.keys() if old_sd[k] is not new_sd[k]}
-            | (old_buf.keys() ^ new_buf.keys())
-            | {k for k in old_buf.keys() & new_buf.keys() if old_buf[k] is not new_buf[k]}
-        )
+    differ = sorted(
+        {k for k in old_sd.keys() | new_sd.keys() if old_sd.get(k) is not new_sd.get(k)}
+        | {k for k in old_buf.keys() | new_buf.keys() if old_buf.get(k) is not new_buf.get(k)}
+    )
+    if differ:
         raise RuntimeError(
             f"fastctx.swap: the converter for {rec.class_path} broke the contract (same state_dict "
             f"keys bound to the same tensors); these differ: {differ}"
