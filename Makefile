@@ -8,6 +8,15 @@ VENV   ?= .venv
 TORCH  ?= torch==2.14.1
 PY      = $(VENV)/bin/python
 REPORT ?= fastctx-report
+# Test-only: the segmentation toolboxes that tests/test_swap.py and tests/test_integrations_*.py
+# build real models with. fastctx never imports them (a test proves it); tests/toolboxes.py
+# says how the tests import them. Pinned: mmcv-lite 2.2.0 fails mmseg 1.2.2's version assert;
+# mmseg.models imports ftfy and regex. sssegmentation goes in without its ~20 requirements:
+# the segmentors need dill and tqdm, its segmentor registry torchvision (the SAM segmentors).
+# TORCHVISION must be the release built for TORCH (pip refuses a mismatch instead of swapping
+# torch).
+TORCHVISION ?= torchvision==0.29.1
+TOOLBOXES = mmsegmentation==1.2.2 mmcv-lite==2.1.0 mmengine==0.10.7 ftfy regex dill tqdm
 
 .PHONY: install report report-full test clean
 
@@ -17,9 +26,16 @@ $(VENV)/.deps: Makefile
 	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 numpy pytest pytest-benchmark setuptools wheel
 	touch $@
 
+# mmsegmentation's wheel also installs a top-level `tests` package that would shadow ours.
+$(VENV)/.toolboxes: $(VENV)/.deps
+	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" $(TOOLBOXES)
+	$(PY) -m pip install -q --no-deps --no-build-isolation sssegmentation==1.7.0
+	rm -rf "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tests"
+	touch $@
+
 # Build fastctx._C next to the sources (ninja: only what changed is rebuilt) and put the checkout
 # on the venv's path, so `python -m fastctx` and `import fastctx` use this tree.
-install: $(VENV)/.deps
+install: $(VENV)/.deps $(VENV)/.toolboxes
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fastctx-dev.pth"
 

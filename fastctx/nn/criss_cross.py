@@ -55,6 +55,41 @@ class CrissCrossAttention(nn.Module):
         self.value_conv = nn.Conv2d(in_channels, in_channels, 1)
         self.gamma = Scale(0.0)
 
+    @classmethod
+    def from_modules(
+        cls,
+        query_conv: nn.Module,
+        key_conv: nn.Module,
+        value_conv: nn.Module,
+        gamma: nn.Module,
+        backend: str | None = None,
+    ) -> CrissCrossAttention:
+        """Build the block around existing submodules, without copying them: its parameters are
+        the same ``Parameter`` objects (what :func:`fastctx.swap` needs, so that optimisers, EMA
+        copies and hooks that hold them keep working).
+
+        Args:
+            query_conv, key_conv (nn.Module): 1x1 convolutions ``C -> C // 8``.
+            value_conv (nn.Module): 1x1 convolution ``C -> C``.
+            gamma (nn.Module): ``x -> x * scale`` (this module's or mmcv's ``Scale``).
+            backend (str | None): Default: None.
+
+        The caller vouches for the structure (:func:`fastctx.swap` checks it first); only the
+        channel count is checked here.
+        """
+        in_channels = value_conv.in_channels
+        if in_channels < 8:
+            raise ValueError(f"fastctx.nn.CrissCrossAttention: in_channels must be >= 8, got {in_channels}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_channels = in_channels
+        self.backend = backend
+        self.query_conv = query_conv
+        self.key_conv = key_conv
+        self.value_conv = value_conv
+        self.gamma = gamma
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         out = criss_cross_attention(
             self.query_conv(x), self.key_conv(x), self.value_conv(x), backend=self.backend

@@ -1,0 +1,67 @@
+"""mmsegmentation plugin: fastctx decode heads in mmseg's ``MODELS`` registry.
+
+In a config, add the import and change one ``type=`` line; every other key stays::
+
+    custom_imports = dict(imports=['fastctx.integrations.mmseg'], allow_failed_imports=False)
+    model = dict(decode_head=dict(type='FastCCHead', ...))   # was type='CCHead'
+
+``Fast<X>Head`` is a subclass of mmseg's ``<X>Head``: it accepts the same keys (and
+``fastctx_backend=None``, a backend name for the fastctx ops), builds exactly the original
+submodules, then swaps its context modules for fastctx's with :func:`fastctx.swap` (strict), so
+its ``state_dict`` is the original head's (a checkpoint trained with ``<X>Head`` loads
+unchanged) and it computes the same logits.
+
+Heads: ``FastCCHead`` (CCHead: ``cca`` -> :class:`fastctx.nn.CrissCrossAttention`).
+Adding one is a line, once :mod:`fastctx.swap` recognises its modules::
+
+    FastISAHead = fast_head(ISAHead, "FastISAHead", swaps=("global_relation", "local_relation"))
+
+(subclass the result and override ``forward`` where the head's own forward needs fastctx too).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fastctx.integrations import require
+from fastctx.swap import swap
+
+require("mmseg.models", "fastctx.integrations.mmseg", "mmsegmentation")
+
+from mmseg.models.decode_heads import CCHead  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
+
+__all__ = ["FastCCHead", "fast_head"]
+
+
+def fast_head(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> type[nn.Module]:
+    """Make ``name``, a subclass of the mmseg head ``base`` whose submodules at the paths
+    ``swaps`` are swapped for fastctx's when it is built, and register it in mmseg's ``MODELS``.
+
+    Args:
+        base (type): the mmseg head class (e.g. ``CCHead``).
+        name (str): the registered name (e.g. ``"FastCCHead"``).
+        swaps (tuple[str, ...]): the submodule paths that must be swapped (e.g. ``("cca",)``);
+            building fails with a RuntimeError when one is not.
+    """
+
+    class FastHead(base):
+        def __init__(self, *args, fastctx_backend: str | None = None, **kwargs) -> None:
+            base.__init__(self, *args, **kwargs)
+            _, report = swap(self, backend=fastctx_backend, strict=True)
+            missing = sorted(set(swaps) - {e.path for e in report.swapped})
+            if missing:
+                raise RuntimeError(f"fastctx.integrations.mmseg.{name}: {missing} not swapped\n{report}")
+            self.fastctx_backend = fastctx_backend
+
+    FastHead.__name__ = FastHead.__qualname__ = name
+    FastHead.__module__ = __name__
+    FastHead.__doc__ = (
+        f"mmseg's {base.__name__} on fastctx ops: same config keys (plus ``fastctx_backend``), "
+        f"same state_dict, same logits; swapped: {', '.join(swaps)}."
+    )
+    MODELS.register_module(name=name, module=FastHead, force=True)
+    return FastHead
+
+
+FastCCHead = fast_head(CCHead, "FastCCHead", swaps=("cca",))

@@ -1,0 +1,387 @@
+"""Drop-in swap: replace the context modules of a model people already have with fastctx's.
+
+:func:`swap` walks any ``nn.Module`` and replaces, in place, each module it recognises with the
+fastctx equivalent, built around the SAME submodules and ``Parameter`` objects, so the
+``state_dict`` (keys and tensors), optimisers, EMA copies and checkpoints keep working. It never
+imports a toolbox: a module is recognised by the dotted path of its exact class
+(``type(m).__module__ + "." + type(m).__qualname__``), then its structure is verified (types and
+shapes of its projections, no extra submodules, parameters or buffers, no forward overridden on
+the instance). A module whose class is known but whose structure differs is left alone and
+reported; a module of another class that merely shares a known class name (a vendored copy, a
+subclass) is left alone and reported as a look-alike.
+
+Adding a recogniser (the one place to edit)::
+
+    @recogniser("mmseg.models.decode_heads.isa_head.SelfAttentionBlock",
+                description="mmseg ISAHead global/local relation")
+    def _mmseg_isa_block(m: nn.Module, backend: str | None) -> nn.Module:
+        expect_children(m, ...)             # raise NotSwappable(reason) on any difference
+        return FastBlock.from_modules(...)  # reuse m's submodules: never copy parameters
+
+:func:`swap` then checks the contract for every converter: the new module's ``state_dict``
+holds exactly the same keys bound to the same tensor objects (buffers too), and carries the
+training flag and the hooks registered on the original over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fastctx.backends import _check_name
+from fastctx.nn.criss_cross import CrissCrossAttention, Scale
+
+__all__ = [
+    "NotSwappable",
+    "SwapEntry",
+    "SwapError",
+    "SwapReport",
+    "class_path",
+    "expect_children",
+    "expect_class",
+    "expect_conv1x1",
+    "expect_no_own_state",
+    "recogniser",
+    "recognisers",
+    "swap",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwapEntry:
+    """One module that :func:`swap` looked at.
+
+    Attributes:
+        path (str): its dotted path in the model (``""`` for the model itself).
+        original (str): dotted path of its class.
+        replacement (str | None): dotted path of the fastctx class put in its place, or None.
+        reason (str): why it was left alone (``""`` when it was swapped).
+    """
+
+    path: str
+    original: str
+    replacement: str | None = None
+    reason: str = ""
+
+    def __str__(self) -> str:
+        where = self.path or "(the model itself)"
+        if self.replacement is not None:
+            return f"{where}: {self.original} -> {self.replacement}"
+        return f"{where}: {self.original}: {self.reason}"
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap` did.
+
+    Attributes:
+        swapped (list[SwapEntry]): modules replaced by their fastctx equivalent.
+        left_alone (list[SwapEntry]): modules of a recognised class whose structure differs from
+            what fastctx reproduces exactly; ``strict=True`` raises on these.
+        look_alikes (list[SwapEntry]): modules of an unknown class that shares a recognised
+            class's name (a vendored copy, a subclass): never touched, reported so a missed
+            swap is visible.
+    """
+
+    swapped: list[SwapEntry] = field(default_factory=list)
+    left_alone: list[SwapEntry] = field(default_factory=list)
+    look_alikes: list[SwapEntry] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"fastctx.swap: {len(self.swapped)} swapped, {len(self.left_alone)} left alone, "
+            f"{len(self.look_alikes)} look-alikes"
+        ]
+        for title, entries in (
+            ("swapped", self.swapped),
+            ("left alone", self.left_alone),
+            ("look-alike", self.look_alikes),
+        ):
+            lines += [f"  {title:<10}  {e}" for e in entries]
+        return "\n".join(lines)
+
+
+class SwapError(RuntimeError):
+    """``swap(..., strict=True)`` found recognised modules it could not swap; the model is
+    unchanged. ``.report`` is the :class:`SwapReport` of the attempt (None when the error was
+    re-raised by a registry that rebuilds exceptions from their message, as mmengine's does)."""
+
+    def __init__(self, message: str, report: SwapReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+class NotSwappable(Exception):
+    """Raised by a converter: this recognised module's structure differs (the message says how)."""
+
+
+Converter = Callable[[nn.Module, "str | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class Recogniser:
+    """One entry of the registry.
+
+    Attributes:
+        class_path (str): dotted path of the exact class recognised.
+        description (str): what it is, for people (``"mmcv CrissCrossAttention (...)"``).
+        convert (Converter): ``convert(module, backend) -> fastctx module``; raises
+            :class:`NotSwappable` when the structure differs; must reuse the module's own
+            submodules / parameters / buffers.
+    """
+
+    class_path: str
+    description: str
+    convert: Converter
+
+
+_REGISTRY: dict[str, Recogniser] = {}
+
+
+def recogniser(*class_paths: str, description: str) -> Callable[[Converter], Converter]:
+    """Decorator: register ``convert`` for each exact class in ``class_paths``."""
+
+    def register(convert: Converter) -> Converter:
+        for path in class_paths:
+            if path in _REGISTRY:
+                raise ValueError(f"fastctx.swap: {path} already has a recogniser")
+            _REGISTRY[path] = Recogniser(path, description, convert)
+        return convert
+
+    return register
+
+
+def recognisers() -> dict[str, str]:
+    """``{class path: description}`` of every class :func:`swap` recognises."""
+    return {path: r.description for path, r in _REGISTRY.items()}
+
+
+def class_path(obj: object) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------------------------
+# Structure checks for converters (each raises NotSwappable naming what differs)
+# --------------------------------------------------------------------------------------------
+
+
+def expect_children(m: nn.Module, *names: str) -> None:
+    """``m``'s direct submodules are exactly ``names`` (none missing, none extra, none None)."""
+    have = [n for n, c in m._modules.items() if c is not None]
+    if sorted(have) != sorted(names):
+        raise NotSwappable(f"submodules {have}, expected {list(names)}")
+
+
+def expect_no_own_state(m: nn.Module) -> None:
+    """``m`` has no parameters or buffers of its own (only its submodules' ones)."""
+    own = [n for n, p in m._parameters.items() if p is not None]
+    own += [n for n, b in m._buffers.items() if b is not None]
+    if own:
+        raise NotSwappable(f"has its own parameters/buffers {own}, expected none")
+
+
+def expect_class(m: nn.Module, name: str, *paths: str) -> nn.Module:
+    """Submodule ``name`` of ``m`` is exactly one of the classes ``paths``; returns it."""
+    child = m._modules.get(name)
+    if class_path(child) not in paths:
+        raise NotSwappable(f"{name} is {class_path(child)}, expected {' or '.join(paths)}")
+    return child
+
+
+def expect_conv1x1(m: nn.Module, name: str, in_channels: int, out_channels: int, bias: bool = True) -> nn.Conv2d:
+    """Submodule ``name`` is a plain ``nn.Conv2d`` 1x1, stride 1, no padding, one group, with
+    the given channels and bias, and weights of that shape; returns it."""
+    conv = expect_class(m, name, class_path(nn.Conv2d))
+    got = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+           conv.dilation, conv.groups, conv.bias is not None)
+    want = (in_channels, out_channels, (1, 1), (1, 1), (0, 0), (1, 1), 1, bias)
+    if got != want:
+        raise NotSwappable(
+            f"{name} is Conv2d(in={got[0]}, out={got[1]}, kernel={got[2]}, stride={got[3]}, "
+            f"padding={got[4]}, dilation={got[5]}, groups={got[6]}, bias={got[7]}), expected "
+            f"Conv2d(in={in_channels}, out={out_channels}, kernel=(1, 1), stride=(1, 1), "
+            f"padding=(0, 0), dilation=(1, 1), groups=1, bias={bias})"
+        )
+    if tuple(conv.weight.shape) != (out_channels, in_channels, 1, 1) or (
+        bias and tuple(conv.bias.shape) != (out_channels,)
+    ):
+        raise NotSwappable(f"{name} holds a weight of shape {tuple(conv.weight.shape)}, "
+                           f"expected {(out_channels, in_channels, 1, 1)}")
+    return conv
+
+
+# --------------------------------------------------------------------------------------------
+# swap
+# --------------------------------------------------------------------------------------------
+
+# nn.Module's hook dictionaries: shared with the replacement (same dict objects), so a hook
+# registered on the original fires on the replacement and its handle still removes it.
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _convert(module: nn.Module, rec: Recogniser, backend: str | None) -> nn.Module:
+    if "forward" in vars(module):
+        raise NotSwappable("its forward is overridden on the instance")
+    new = rec.convert(module, backend)
+    # The contract every converter must keep: same state_dict keys bound to the same tensors.
+    old_sd, new_sd = module.state_dict(keep_vars=True), new.state_dict(keep_vars=True)
+    old_buf, new_buf = dict(module.named_buffers()), dict(new.named_buffers())
+    differ = sorted(
+        {k for k in old_sd.keys() | new_sd.keys() if old_sd.get(k) is not new_sd.get(k)}
+        | {k for k in old_buf.keys() | new_buf.keys() if old_buf.get(k) is not new_buf.get(k)}
+    )
+    if differ:
+        raise RuntimeError(
+            f"fastctx.swap: the converter for {rec.class_path} broke the contract (same state_dict "
+            f"keys bound to the same tensors); these differ: {differ}"
+        )
+    new.train(module.training)
+    if "_is_full_backward_hook" in vars(module):
+        new._is_full_backward_hook = module._is_full_backward_hook
+    for name in _HOOK_DICTS:
+        if name in vars(module) and name in vars(new):
+            setattr(new, name, getattr(module, name))
+    return new
+
+
+def swap(model: nn.Module, backend: str | None = None, strict: bool = False) -> tuple[nn.Module, SwapReport]:
+    """Replace, in place, every context module of ``model`` that fastctx recognises with the
+    fastctx equivalent, without changing what the model computes.
+
+    Recognised (``fastctx.swap.recognisers()`` lists them): mmcv's ``CrissCrossAttention``
+    (mmseg ``CCHead.cca``, sssegmentation ``CCNet.cca``) -> :class:`fastctx.nn.CrissCrossAttention`.
+
+    The replacement is built around the original's own submodules: the same ``Parameter`` and
+    buffer objects, so the ``state_dict`` is unchanged (keys and values), an optimiser built
+    before the swap still updates the model, and checkpoints of the original load into the
+    swapped model and back. A module shared by several parents stays shared. Hooks registered on
+    a replaced module and its train/eval mode carry over. Swapped modules are not searched
+    further. The model is not copied: swap a ``copy.deepcopy`` to keep the original.
+
+    One behaviour differs from the original modules: fastctx ops refuse NaN/inf inputs with a
+    ValueError (``FASTCTX_CHECK_NAN=0`` turns that check off).
+
+    Args:
+        model (nn.Module): any module; the toolboxes it comes from are never imported here.
+        backend (str | None): backend for the swapped modules (see :mod:`fastctx.backends`);
+            None chooses per call. Default: None.
+        strict (bool): raise :class:`SwapError`, leaving the model unchanged, when a recognised
+            module could not be swapped. Default: False.
+
+    Returns:
+        tuple[nn.Module, SwapReport]: the model (a new object only when ``model`` itself was
+        swapped) and the report of what was swapped and what was left alone, and why.
+
+    Example::
+
+        >>> head = mmseg_model.decode_head                   # an mmseg CCHead
+        >>> model, report = fastctx.swap(mmseg_model)
+        >>> print(report)
+        fastctx.swap: 1 swapped, 0 left alone, 0 look-alikes
+          swapped     decode_head.cca: mmcv.ops.cc_attention.CrissCrossAttention -> fastctx.nn.criss_cross.CrissCrossAttention
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastctx.swap: model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        _check_name(backend, "fastctx.swap")
+    if not isinstance(strict, bool):
+        raise TypeError(f"fastctx.swap: strict must be a bool, got {type(strict).__name__}")
+
+    report = SwapReport()
+    known_names = {path.rsplit(".", 1)[1] for path in _REGISTRY}
+    new_of: dict[int, nn.Module] = {}  # id(original) -> its replacement
+    seen: set[int] = set()
+    slots: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, name, original) to rewrite
+
+    def visit(module: nn.Module, path: str) -> None:
+        seen.add(id(module))
+        cpath = class_path(module)
+        rec = _REGISTRY.get(cpath)
+        if rec is not None:
+            try:
+                new = _convert(module, rec, backend)
+            except NotSwappable as e:
+                report.left_alone.append(SwapEntry(path, cpath, None, str(e)))
+            else:
+                new_of[id(module)] = new
+                report.swapped.append(SwapEntry(path, cpath, class_path(new)))
+                return  # the replacement reuses the children: nothing further to swap inside
+        elif type(module).__name__ in known_names and not cpath.startswith("fastctx."):
+            report.look_alikes.append(SwapEntry(
+                path, cpath, None,
+                "not a class fastctx knows (same name as "
+                + ", ".join(p for p in _REGISTRY if p.endswith("." + type(module).__name__))
+                + "): left alone",
+            ))
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in seen:
+                visit(child, f"{path}.{name}" if path else name)
+            if id(child) in new_of:
+                slots.append((module, name, child))
+
+    visit(model, "")
+    if strict and report.left_alone:
+        raise SwapError(
+            "fastctx.swap(strict=True): recognised modules could not be swapped; the model is "
+            "unchanged.\n" + "\n".join(f"  {e}" for e in report.left_alone),
+            report,
+        )
+    for parent, name, child in slots:
+        parent._modules[name] = new_of[id(child)]
+    return new_of.get(id(model), model), report
+
+
+# --------------------------------------------------------------------------------------------
+# Recognisers: one function per family of modules
+# --------------------------------------------------------------------------------------------
+
+_SCALES = ("mmcv.cnn.bricks.scale.Scale", class_path(Scale))
+
+
+@recogniser(
+    "mmcv.ops.cc_attention.CrissCrossAttention",
+    description="mmcv CrissCrossAttention (mmseg CCHead.cca; sssegmentation CCNet.cca, which is mmcv's)",
+)
+def _mmcv_criss_cross(m: nn.Module, backend: str | None) -> nn.Module:
+    """mmcv builds ``query_conv``/``key_conv`` 1x1 ``C -> C // 8``, ``value_conv`` 1x1
+    ``C -> C`` (all with bias) and ``gamma = Scale(0.)``; its forward is ``x + gamma * CCA``."""
+    expect_children(m, "query_conv", "key_conv", "value_conv", "gamma")
+    expect_no_own_state(m)
+    value = expect_class(m, "value_conv", class_path(nn.Conv2d))
+    c = value.in_channels
+    if getattr(m, "in_channels", c) != c:
+        raise NotSwappable(f"in_channels is {m.in_channels} but value_conv takes {c}")
+    if c < 8:
+        raise NotSwappable(f"{c} channels: fastctx.nn.CrissCrossAttention needs at least 8")
+    expect_conv1x1(m, "value_conv", c, c)
+    expect_conv1x1(m, "query_conv", c, c // 8)
+    expect_conv1x1(m, "key_conv", c, c // 8)
+    gamma = expect_class(m, "gamma", *_SCALES)
+    expect_children(gamma)
+    names = [n for n, _ in gamma.named_parameters()]
+    if names != ["scale"] or gamma.scale.shape != () or list(gamma.buffers()):
+        raise NotSwappable(
+            f"gamma holds {[(n, tuple(p.shape)) for n, p in gamma.named_parameters()]}, "
+            "expected one 0-d parameter 'scale'"
+        )
+    return CrissCrossAttention.from_modules(m.query_conv, m.key_conv, m.value_conv, gamma, backend=backend)
