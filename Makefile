@@ -35,7 +35,7 @@ $(VENV)/.toolboxes: $(VENV)/.deps
 
 # Build fastctx._C next to the sources (ninja: only what changed is rebuilt) and put the checkout
 # on the venv's path, so `python -m fastctx` and `import fastctx` use this tree.
-install: $(VENV)/.deps $(VENV)/.toolboxes
+install: $(VENV)/.deps
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fastctx-dev.pth"
 
@@ -47,7 +47,7 @@ report: install
 report-full: install
 	$(PY) -m fastctx bench --out $(REPORT)
 
-test: install
+test: install $(VENV)/.toolboxes
 	$(PY) -m pytest -q tests
 
 clean:

@@ -35,6 +35,7 @@ from fastctx.ops import (
     semantic_pool_regions,
     spatial_gather,
 )
+from fastctx.swap import SwapError, SwapReport, swap
 
 __version__ = "0.1.0"
 
@@ -55,5 +56,8 @@ __all__ = [
     "semantic_pool",
     "semantic_pool_regions",
     "spatial_gather",
+    "swap",
+    "SwapError",
+    "SwapReport",
     "use_backend",
 ]

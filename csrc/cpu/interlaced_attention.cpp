@@ -71,6 +71,9 @@ namespace {
 
 #define ISA_OP "fastctx.interlaced_attention"
 
+using cpu::compute_dtype;
+using cpu::use_avx2;
+
 template <class T>
 void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
