@@ -48,11 +48,14 @@ def _info(_: argparse.Namespace) -> int:
 
 
 # The demo (``fastctx train`` with no arguments): a small CCNet on the synthetic scenes, sized for
-# a 2-core CPU. Budget: 600 iterations x 8 crops of 128x128 (4800 crops) plus the evaluation of 64
-# held-out 160x160 images; the run prints its wall time and mIoU next to the 0.80-in-15-minutes
-# target so the target is measured by running the command.
-DEMO = {"model": "ccnet_r18_d8", "dataset": "synthetic", "iters": 600, "batch_size": 8, "crop": 128,
-        "image_size": 160, "num_classes": 8, "val_images": 64}
+# a 2-core CPU: 300 iterations x 8 crops of 96x96 (2400 crops) from 128x128 scenes, then whole-image
+# evaluation of 32 held-out scenes. Budget: ccnet_r18_d8 measured 5.6-7 s per 8-crop step on this
+# 2-core machine while shared (load ~5); quiet, about half of that, so ~10-13 minutes in all. A
+# stride-8 convolutional proxy (0.1 M parameters) reaches mIoU 0.86 on the held-out scenes with this
+# schedule. The run prints its wall time and mIoU next to the target, so the target is measured by
+# running the command; if the machine is slower, lower --iters.
+DEMO = {"model": "ccnet_r18_d8", "dataset": "synthetic", "iters": 300, "batch_size": 8, "crop": 96,
+        "image_size": 128, "num_classes": 8, "val_images": 32}
 TARGET_MIOU, TARGET_MINUTES = 0.80, 15.0
 
 ModelFactory = Callable[..., "torch.nn.Module"]

@@ -383,30 +383,48 @@ def _read_log(path):
 def test_short_run_reduces_the_loss(tmp_path):
     torch.manual_seed(0)
     model = TinySeg(5, width=12)
-    cfg = small_cfg(tmp_path, iters=40, batch_size=4, ckpt_every=40, lr=0.05)
+    cfg = small_cfg(tmp_path, iters=30, batch_size=4, ckpt_every=30, lr=0.05)
     res = train(model, syn(length=64), cfg)
     losses = res["losses"]
-    assert len(losses) == 40 and all(np.isfinite(losses))
+    assert len(losses) == 30 and all(np.isfinite(losses))
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
     log = _read_log(res["log"])
-    assert [r["iter"] for r in log] == list(range(1, 41))
+    assert [r["iter"] for r in log] == list(range(1, 31))
     assert {"loss", "loss_out", "loss_aux", "lr", "img_per_s"} <= set(log[0])
     assert log[0]["lr"] == pytest.approx(0.05) and log[-1]["lr"] < log[0]["lr"]
     assert os.path.isfile(res["checkpoint"])
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    ds = syn(length=8)  # 6 iterations x 2 = 12 samples: crosses an epoch boundary
+class _Interrupting(SyntheticScenes):
+    """Raises KeyboardInterrupt (Ctrl-C) on its ``after``-th load."""
+
+    def __init__(self, after, **kw):
+        super().__init__(**kw)
+        self.after, self.calls = after, 0
+
+    def _read(self, i):
+        self.calls += 1
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        return super()._read(i)
+
+
+def test_resume_after_interrupt_continues_bit_for_bit(tmp_path, capsys):
+    kw = dict(split="train", size=(40, 40), num_classes=5, length=8)  # 12 samples: crosses an epoch
     torch.manual_seed(1)
-    ref = train(TinySeg(5), ds, small_cfg(tmp_path / "a"))
+    ref = train(TinySeg(5), SyntheticScenes(**kw), small_cfg(tmp_path / "a"))
     ref_w = {k: v.clone() for k, v in ref["model"].state_dict().items()}
 
     torch.manual_seed(1)
-    first = train(TinySeg(5), ds, small_cfg(tmp_path / "b"), stop_after=4)  # "killed" after iteration 4
-    assert first["losses"] == ref["losses"][:4]
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while loading iteration 5 (loads 9 and 10)
+        train(TinySeg(5), _Interrupting(after=10, **kw), small_cfg(tmp_path / "b"))
+    assert "interrupted during iteration 5" in capsys.readouterr().err
+    log_b = _read_log(tmp_path / "b" / "log.jsonl")
+    assert [r["loss"] for r in log_b] == ref["losses"][:4]
     torch.manual_seed(123)  # the resumed process starts from other weights and RNG state
     torch.rand(7)
-    resumed = train(TinySeg(5), ds, small_cfg(tmp_path / "b"), resume=first["checkpoint"])
+    ckpt = str(tmp_path / "b" / "latest.pth")
+    resumed = train(TinySeg(5), SyntheticScenes(**kw), small_cfg(tmp_path / "b"), resume=ckpt)
     assert resumed["losses"] == ref["losses"][3:]  # the checkpoint was at 3: iteration 4 is redone
     for k, v in resumed["model"].state_dict().items():
         assert torch.equal(v, ref_w[k]), k
@@ -462,7 +480,9 @@ def test_cli_train_then_eval(tmp_path, capsys):
     rc = cli.main(["train", "--model", "tiny", "--iters", "2", "--batch-size", "2", "--crop", "32",
                    "--train-images", "8", "--ckpt-every", "1", "--out", str(out), *common], model_factory=tiny_factory)
     assert rc == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
+    assert "loss" in cap.err and "img/s" in cap.err  # the progress (plain text without tqdm) on stderr
     assert f"checkpoint: {out / 'latest.pth'}" in text and f"metrics: {out / 'metrics.json'}" in text
     assert "demo target" in text
     m = json.loads((out / "metrics.json").read_text())

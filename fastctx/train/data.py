@@ -73,12 +73,12 @@ class SyntheticScenes(SegDataset):
     Args:
         split (str): ``"train"``, ``"val"`` or ``"test"``.
         length (int): number of images. Default: 2000.
-        size (tuple[int, int]): ``(H, W)``. Default: ``(160, 160)``.
+        size (tuple[int, int]): ``(H, W)``. Default: ``(128, 128)``.
         num_classes (int): 2..10, class 0 is the background. Default: 8.
         seed (int): Default: 0.
     """
 
-    def __init__(self, split: str = "train", length: int = 2000, size: tuple[int, int] = (160, 160),
+    def __init__(self, split: str = "train", length: int = 2000, size: tuple[int, int] = (128, 128),
                  num_classes: int = 8, seed: int = 0):
         if split not in _SPLIT_IDS:
             raise ValueError(f"fastctx.train.SyntheticScenes: split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")

@@ -37,10 +37,10 @@ class CheckpointError(ValueError):
 class TrainConfig:
     """Settings of one run (mmseg's Cityscapes schedule where it has one)."""
 
-    iters: int = 600
+    iters: int = 300
     batch_size: int = 8  # per process and micro-batch; global batch = batch_size * accum * world
     accum: int = 1
-    crop: tuple[int, int] = (128, 128)
+    crop: tuple[int, int] = (96, 96)
     scale: tuple[int, int] | None = None  # (long, short) base size of RandomResize; None: as is
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float | None = 0.75
@@ -245,14 +245,13 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------- training
-def train(model: nn.Module, train_set: SegDataset, cfg: TrainConfig, *, resume: str | None = None,
-          stop_after: int | None = None) -> dict:
+def train(model: nn.Module, train_set: SegDataset, cfg: TrainConfig, *, resume: str | None = None) -> dict:
     """Train ``model`` in place; returns ``{"iteration", "checkpoint", "log", "losses"}``.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel with
     SyncBatchNorm (NCCL on CUDA, gloo with :class:`~fastctx.train.dist.CPUSyncBatchNorm` on CPU).
-    ``resume`` continues from a checkpoint bit for bit. ``stop_after`` ends the run after that
-    iteration (as an interruption would; the schedule still spans ``cfg.iters``).
+    ``resume`` continues from a checkpoint bit for bit; an interrupted run (Ctrl-C, a killed
+    process) loses only the iterations since its last checkpoint (every ``cfg.ckpt_every``).
     """
     cfg.check()
     device = resolve_device(cfg.device)
@@ -291,7 +290,7 @@ def train(model: nn.Module, train_set: SegDataset, cfg: TrainConfig, *, resume: 
 
     aug = Augment(cfg.crop, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio, cfg.flip, cfg.photometric)
     stream = TrainStream(train_set, aug, cfg.seed)
-    end = cfg.iters if stop_after is None else min(cfg.iters, stop_after)
+    end = cfg.iters
     batches = [p for it in range(start, end) for p in positions(it, cfg.batch_size, cfg.accum, world, rank)]
     loader = torch.utils.data.DataLoader(
         stream, batch_sampler=batches, num_workers=cfg.workers, generator=torch.Generator(),
