@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -513,3 +514,22 @@ def test_cli_defaults_are_the_demo():
     with pytest.raises(RuntimeError, match="stop"):
         cli.main(["train"], model_factory=spy)
     assert p_args == [("ccnet_r18_d8", 8)]
+
+
+@pytest.mark.parametrize("has_tqdm", [False, True], ids=["plain", "tqdm"])
+def test_progress_reports_loss_lr_throughput(monkeypatch, capsys, has_tqdm):
+    from fastctx.train.loop import _Progress
+
+    if has_tqdm:
+        pytest.importorskip("tqdm")
+    else:
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    rec = {"loss": 1.25, "lr": 0.01, "img_per_s": 3.5, "step_s": 2.0}
+    p = _Progress(total=4, start=0, enabled=True)
+    assert (p.bar is not None) == has_tqdm
+    p.update(2, rec, force=True)
+    p.close()
+    err = capsys.readouterr().err
+    assert "loss 1.2500" in err and "lr 1.00e-02" in err and "3.5 img/s" in err
+    if not has_tqdm:
+        assert "[train] it 2/4" in err and "eta 0.1 min" in err

@@ -1,8 +1,8 @@
 """Multi-process helpers: ``torchrun`` environment, and a SyncBatchNorm that also runs on CPU.
 
 ``torch.nn.SyncBatchNorm`` accepts only accelerator tensors, so on CPU (gloo) the batch norms are
-replaced by :class:`CPUSyncBatchNorm`, which reduces the per-channel sums across processes with
-the differentiable ``torch.distributed.nn.functional.all_reduce``. Both keep BatchNorm's state-dict
+replaced by :class:`CPUSyncBatchNorm`, which reduces the per-channel sums across processes with a
+differentiable all-reduce. Both keep BatchNorm's state-dict
 keys, so checkpoints load into the plain model.
 """
 
@@ -30,14 +30,29 @@ def init(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum across processes; the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CPUSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch across processes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         c = x.shape[1]
         xf = x.float()
         n = torch.tensor([xf.numel() / c], dtype=torch.float32, device=x.device)
