@@ -81,7 +81,8 @@ def _datasets(args: argparse.Namespace, train: bool):
 
     tr_kw, va_kw = {}, {}
     if args.dataset == "synthetic":
-        kw = {"num_classes": args.num_classes or DEMO["num_classes"], "size": args.image_size, "seed": args.data_seed}
+        kw = {"num_classes": args.num_classes or DEMO["num_classes"],
+              "size": args.image_size or (DEMO["image_size"],) * 2, "seed": args.data_seed}
         tr_kw, va_kw = {**kw, "length": args.train_images}, {**kw, "length": args.val_images}
     tr = build_dataset(args.dataset, "train", args.data_root, **tr_kw) if train else None
     return tr, build_dataset(args.dataset, "val", args.data_root, **va_kw)
@@ -114,6 +115,7 @@ def _train(args: argparse.Namespace, factory: ModelFactory) -> int:
 
     rank = env_world()[0]
     t0 = time.perf_counter()
+    args.data_seed = 0 if args.data_seed is None else args.data_seed
     tr, va = _datasets(args, train=True)
     torch.manual_seed(args.seed)
     model = factory(args.model, tr.num_classes, backbone=args.backbone, backend=args.backend)
@@ -123,6 +125,8 @@ def _train(args: argparse.Namespace, factory: ModelFactory) -> int:
         channels_last=args.channels_last, ohem=args.ohem, aux_weight=args.aux_weight, ckpt_every=args.ckpt_every,
         log_every=args.log_every, seed=args.seed, workers=args.workers, device=args.device, out_dir=args.out,
         model_name=args.model,
+        data={"dataset": args.dataset, "num_classes": tr.num_classes, "image_size": getattr(tr, "size", None),
+              "data_seed": args.data_seed},
     )
     resume = args.resume
     if resume == "auto":
@@ -155,6 +159,14 @@ def _eval(args: argparse.Namespace, factory: ModelFactory) -> int:
 
     ckpt = read_checkpoint(args.checkpoint)
     name = args.model or ckpt.get("model_name")
+    saved = ckpt.get("config", {}).get("data", {})
+    if saved.get("dataset") == args.dataset == "synthetic":  # the training run's scenes unless overridden
+        args.num_classes = args.num_classes or saved.get("num_classes")
+        args.image_size = args.image_size or (tuple(saved["image_size"]) if saved.get("image_size") else None)
+        if args.data_seed is None:
+            args.data_seed = saved.get("data_seed")
+    if args.data_seed is None:
+        args.data_seed = 0
     _, va = _datasets(args, train=False)
     model = factory(name, va.num_classes, backbone=args.backbone, backend=args.backend)
     load_model_state(args.checkpoint, ckpt, model, args.model)
@@ -173,10 +185,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=DEMO["dataset"], choices=["synthetic", "cityscapes", "ade20k"])
     p.add_argument("--data-root", help="dataset folder (Cityscapes root, or the folder holding ADEChallengeData2016)")
     p.add_argument("--num-classes", type=int, help=f"synthetic classes (default {DEMO['num_classes']})")
-    p.add_argument("--image-size", type=_pair, default=(DEMO["image_size"],) * 2, help="synthetic image size H,W")
+    p.add_argument("--image-size", type=_pair, help=f"synthetic image size H,W (default {DEMO['image_size']})")
     p.add_argument("--train-images", type=int, default=2000, help="synthetic training images (default 2000)")
     p.add_argument("--val-images", type=int, default=DEMO["val_images"], help="held-out synthetic images")
-    p.add_argument("--data-seed", type=int, default=0, help="synthetic scenes seed")
+    p.add_argument("--data-seed", type=int, help="synthetic scenes seed (default 0)")
     p.add_argument("--backbone", help="backbone override passed to fastctx.models.build")
     p.add_argument("--backend", help="fastctx backend for the fused ops (default: automatic)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")

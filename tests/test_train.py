@@ -463,6 +463,8 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         train(TinySeg(5), syn(), small_cfg(tmp_path / "o", iters=2, model_name="other"), resume=path)
     with pytest.raises(CheckpointError, match=r"nope\.pth does not exist"):
         train(TinySeg(5), syn(), small_cfg(tmp_path / "n", iters=2), resume=str(tmp_path / "nope.pth"))
+    with pytest.raises(CheckpointError, match=r"latest\.pth was trained on a stream .* cannot continue"):
+        train(TinySeg(5), syn(length=9), small_cfg(tmp_path / "d", iters=2), resume=path)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"junk\.pth"):
@@ -490,12 +492,13 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert m["images"] == 2 and 0 <= m["mIoU"] <= 1 and set(m["IoU"]) == set(syn().class_names)
     assert len(_read_log(out / "log.jsonl")) == 2
 
+    # eval reuses the training run's synthetic settings (5 classes, 40x40) from the checkpoint
     rc = cli.main(["eval", str(out / "latest.pth"), "--mode", "slide", "--slide-crop", "24", "--slide-stride", "16",
-                   *common], model_factory=tiny_factory)
+                   "--val-images", "2", "--device", "cpu"], model_factory=tiny_factory)
     assert rc == 0
     assert f"metrics: {out / 'metrics_slide.json'}" in capsys.readouterr().out
     m2 = json.loads((out / "metrics_slide.json").read_text())
-    assert m2["model"] == "tiny" and 0 <= m2["mIoU"] <= 1
+    assert m2["model"] == "tiny" and 0 <= m2["mIoU"] <= 1 and len(m2["IoU"]) == 5
     # resume from OUT/latest.pth and continue to 3 iterations
     rc = cli.main(["train", "--model", "tiny", "--iters", "3", "--batch-size", "2", "--crop", "32", "--train-images",
                    "8", "--out", str(out), "--resume", "--no-eval", *common], model_factory=tiny_factory)

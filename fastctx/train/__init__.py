@@ -4,6 +4,18 @@
 * :mod:`fastctx.train.loop`: SGD + poly schedule, AMP, gradient accumulation, checkpoints and
   bit-for-bit resume, DDP + SyncBatchNorm under torchrun, whole/sliding-window evaluation.
 * :mod:`fastctx.train.metrics`: IoU, mIoU, mAcc, aAcc.
+
+Command line::
+
+    fastctx train                                   # the CPU demo: ccnet_r18_d8 on synthetic scenes
+    fastctx train --model ocrnet_hr18 --dataset cityscapes --data-root data/cityscapes \
+        --scale 2048,1024 --crop 512,1024 --batch-size 2 --iters 80000 --amp fp16 --ohem
+    torchrun --nproc-per-node 4 -m fastctx train ...  # DDP + SyncBatchNorm, same arguments
+    fastctx train --out RUN --resume                # continue RUN/latest.pth bit for bit
+    fastctx eval RUN/latest.pth --mode slide --slide-crop 769 --slide-stride 513
+
+A run writes ``OUT/latest.pth`` (every ``--ckpt-every`` iterations, atomically), ``OUT/log.jsonl``
+(one record per iteration: losses, lr, throughput) and ``OUT/metrics.json``.
 """
 
 from fastctx.train.data import (

@@ -23,6 +23,8 @@ def env_world() -> tuple[int, int, int]:
 def init(device: torch.device) -> tuple[int, int]:
     """Join the process group when launched with ``WORLD_SIZE > 1``; returns ``(rank, world)``."""
     rank, world, _ = env_world()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     if dist.is_initialized():
@@ -88,6 +90,12 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum across processes (a CPU tensor goes through the GPU under NCCL)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            g = t.cuda()
+            dist.all_reduce(g)
+            t.copy_(g.cpu())
+        else:
+            dist.all_reduce(t)
     return t

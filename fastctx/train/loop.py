@@ -65,6 +65,7 @@ class TrainConfig:
     device: str | None = None
     out_dir: str = "fastctx-run"
     model_name: str = "custom"
+    data: dict = field(default_factory=dict)  # a record of the dataset settings (fastctx eval reuses it)
 
     def check(self) -> None:
         if self.amp not in (None, "fp16", "bf16"):
@@ -290,6 +291,11 @@ def train(model: nn.Module, train_set: SegDataset, cfg: TrainConfig, *, resume: 
 
     aug = Augment(cfg.crop, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio, cfg.flip, cfg.photometric)
     stream = TrainStream(train_set, aug, cfg.seed)
+    if resume and ckpt.get("sampler") != stream.sampler.state_dict():
+        raise CheckpointError(
+            f"fastctx: checkpoint {resume} was trained on a stream {ckpt.get('sampler')} (dataset size, seed); "
+            f"this run has {stream.sampler.state_dict()}: it cannot continue the same run"
+        )
     end = cfg.iters
     batches = [p for it in range(start, end) for p in positions(it, cfg.batch_size, cfg.accum, world, rank)]
     loader = torch.utils.data.DataLoader(
