@@ -35,6 +35,7 @@ from fastctx.train import (
     train,
     whole_inference,
 )
+from fastctx.train.data import MEAN, STD
 from fastctx.train.imageio import ImageReadError, read_image, write_png
 from fastctx.train.loop import ohem_weight, poly_lr
 
@@ -536,3 +537,44 @@ def test_progress_reports_loss_lr_throughput(monkeypatch, capsys, has_tqdm):
     assert "loss 1.2500" in err and "lr 1.00e-02" in err and "3.5 img/s" in err
     if not has_tqdm:
         assert "[train] it 2/4" in err and "eta 0.1 min" in err
+
+
+def test_random_crop_cat_max_ratio():
+    lab = np.zeros((64, 64), np.uint8)
+    lab[:, 48:] = 1  # crops of 32 px: about half the positions see class 1 in > 25% of the pixels
+    img = np.zeros((64, 64, 3), np.uint8)
+    aug = Augment((32, 32), ratio_range=(1.0, 1.0), cat_max_ratio=0.75, flip=0.0, photometric=False)
+    free = Augment((32, 32), ratio_range=(1.0, 1.0), cat_max_ratio=None, flip=0.0, photometric=False)
+    ratios, free_ratios = [], []
+    for s in range(20):
+        for a, acc in ((aug, ratios), (free, free_ratios)):
+            _, y = a(img, lab, np.random.default_rng(s))
+            acc.append(max(float((y == 0).float().mean()), float((y == 1).float().mean())))
+    # mmseg gives up after 10 tries, so a rare crop may still break the ratio (about 6% here)
+    assert sum(r < 0.75 for r in ratios) >= 17
+    assert sum(r < 0.75 for r in free_ratios) <= 10  # about 1 in 4 without the constraint
+    assert max(free_ratios) == 1.0
+
+
+def test_photometric_distortion_stays_in_range_and_changes_colors():
+    img, lab = syn().load(2)
+    plain = Augment((40, 40), ratio_range=(1.0, 1.0), cat_max_ratio=None, flip=0.0, photometric=False)
+    photo = Augment((40, 40), ratio_range=(1.0, 1.0), cat_max_ratio=None, flip=0.0, photometric=True)
+    lo = (torch.tensor([0.0, 0, 0]) - torch.tensor(MEAN)) / torch.tensor(STD)
+    hi = (torch.tensor([255.0, 255, 255]) - torch.tensor(MEAN)) / torch.tensor(STD)
+    changed = 0
+    for s in range(6):
+        x0, y0 = plain(img, lab, np.random.default_rng(s))
+        x1, y1 = photo(img, lab, np.random.default_rng(s))
+        assert torch.equal(y0, y1)
+        assert (x1 >= lo.view(3, 1, 1) - 1e-5).all() and (x1 <= hi.view(3, 1, 1) + 1e-5).all()
+        changed += not torch.allclose(x0, x1)
+    assert changed >= 3
+
+
+def test_data_workers_do_not_change_the_run(tmp_path):
+    runs = []
+    for workers in (0, 2):
+        torch.manual_seed(6)
+        runs.append(train(TinySeg(5), syn(), small_cfg(tmp_path / f"w{workers}", iters=3, workers=workers))["losses"])
+    assert runs[0] == runs[1]
