@@ -234,8 +234,8 @@ class _Progress:
             return
         post = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['img_per_s']:.1f} img/s"
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(post, refresh=force)
+            self.bar.set_postfix_str(post, refresh=False)
+            self.bar.update(1)  # refreshes (at most every tqdm mininterval) with this postfix
         elif force:
             eta = (self.total - it) * rec["step_s"]
             print(f"[train] it {it}/{self.total} {post} eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
@@ -274,9 +274,16 @@ def train(model: nn.Module, train_set: SegDataset, cfg: TrainConfig, *, resume: 
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = 0
+    aug = Augment(cfg.crop, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio, cfg.flip, cfg.photometric)
+    stream = TrainStream(train_set, aug, cfg.seed)
     if resume:
         ckpt = read_checkpoint(resume)
         load_model_state(resume, ckpt, net, cfg.model_name)
+        if ckpt.get("sampler") != stream.sampler.state_dict():
+            raise CheckpointError(
+                f"fastctx: checkpoint {resume} was trained on a stream {ckpt.get('sampler')} (dataset size, seed); "
+                f"this run has {stream.sampler.state_dict()}: it cannot continue the same run"
+            )
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -289,13 +296,6 @@ def train(model: nn.Module, train_set: SegDataset, cfg: TrainConfig, *, resume: 
         if main:
             open(log_path, "w").close()
 
-    aug = Augment(cfg.crop, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio, cfg.flip, cfg.photometric)
-    stream = TrainStream(train_set, aug, cfg.seed)
-    if resume and ckpt.get("sampler") != stream.sampler.state_dict():
-        raise CheckpointError(
-            f"fastctx: checkpoint {resume} was trained on a stream {ckpt.get('sampler')} (dataset size, seed); "
-            f"this run has {stream.sampler.state_dict()}: it cannot continue the same run"
-        )
     end = cfg.iters
     batches = [p for it in range(start, end) for p in positions(it, cfg.batch_size, cfg.accum, world, rank)]
     loader = torch.utils.data.DataLoader(
