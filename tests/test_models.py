@@ -230,3 +230,17 @@ def test_bad_input():
     feats = [None, None, None, torch.randn(1, 512, 4, 4)]
     with pytest.raises(ValueError, match="OCRHead: prev_output .* resolution"):
         head(feats, torch.randn(1, 3, 5, 4))
+
+
+@pytest.mark.parametrize("name", ["isnet_r18_d8", "ocrnet_r18_d8"])
+def test_autocast_channels_last(name):
+    """The trainer's AMP + channels_last: forward and backward run, logits in the autocast dtype,
+    finite gradients (ISNet's semantic-level context runs in float32 inside autocast)."""
+    model = M.build(name, 5).train().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 40, 56).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert set(out) == {"out"} | EXTRA.get(name.split("_")[0], {"aux"})
+    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v).all() for v in out.values())
+    sum(v.float().sum() for v in out.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
