@@ -129,10 +129,11 @@ def test_segmentor_keys_are_mmseg(name):
     assert _shapes(ours.state_dict()) == want
 
 
-@pytest.mark.parametrize("name", ["ccnet_r18_d8", "isanet_r18_d8", "ann_r18_d8", "ocrnet_r18_d8"])
+@pytest.mark.parametrize("name", ["ccnet_r18_d8", "isanet_r18_d8", "ann_r18_d8", "ocrnet_r18_d8", "ocrnet_hr18"])
 def test_segmentor_loads_mmseg_and_agrees(name):
-    """mmseg's segmentor (r18 config) -> strict load into ours; the decode logits (and the
-    auxiliary / first-stage logits) agree in eval mode, ours on the reference backend."""
+    """mmseg's segmentor (r18 config; HRNet-W18 OCRNet as configured) -> strict load into ours;
+    the decode logits (and the auxiliary / first-stage logits) agree in eval mode, ours on the
+    reference backend."""
     K = 5
     ref = _build_mmseg(_mmseg_cfg(name, K))
     randomize(ref)
