@@ -221,12 +221,18 @@ class ResNetV1c(nn.Module):
 def hrnet_extra(width: int) -> dict:
     """mmseg's HRNetV2 ``extra`` config for width ``w`` (``fcn_hr18.py``, ``fcn_hr48``):
     branches of ``w, 2w, 4w, 8w`` channels; stage modules 1, 1, 4, 3; 4 blocks per branch."""
+    w = width
+
+    def stage(modules: int, block: str, channels: tuple[int, ...]) -> dict:
+        return {"num_modules": modules, "num_branches": len(channels), "block": block,
+                "num_blocks": (4,) * len(channels), "num_channels": channels}  # fmt: skip
+
     return {
-        "stage1": {"num_modules": 1, "num_branches": 1, "block": "BOTTLENECK", "num_blocks": (4,), "num_channels": (64,)},
-        "stage2": {"num_modules": 1, "num_branches": 2, "block": "BASIC", "num_blocks": (4, 4), "num_channels": (width, 2 * width)},
-        "stage3": {"num_modules": 4, "num_branches": 3, "block": "BASIC", "num_blocks": (4, 4, 4), "num_channels": (width, 2 * width, 4 * width)},
-        "stage4": {"num_modules": 3, "num_branches": 4, "block": "BASIC", "num_blocks": (4, 4, 4, 4), "num_channels": (width, 2 * width, 4 * width, 8 * width)},
-    }  # fmt: skip
+        "stage1": stage(1, "BOTTLENECK", (64,)),
+        "stage2": stage(1, "BASIC", (w, 2 * w)),
+        "stage3": stage(4, "BASIC", (w, 2 * w, 4 * w)),
+        "stage4": stage(3, "BASIC", (w, 2 * w, 4 * w, 8 * w)),
+    }
 
 
 HRNET_W18 = hrnet_extra(18)
@@ -271,7 +277,8 @@ class HRModule(nn.Module):
         branches = []
         for i in range(num_branches):
             out = num_channels[i] * block.expansion
-            layers = [block(in_channels[i], num_channels[i], 1, 1, _downsample(in_channels[i], out, 1, norm_cfg, where), norm_cfg)]
+            downsample = _downsample(in_channels[i], out, 1, norm_cfg, where)
+            layers = [block(in_channels[i], num_channels[i], 1, 1, downsample, norm_cfg)]
             in_channels[i] = out
             layers += [block(out, num_channels[i], 1, 1, None, norm_cfg) for _ in range(1, num_blocks[i])]
             branches.append(nn.Sequential(*layers))

@@ -45,7 +45,9 @@ class _DecodeHead:
     ) -> None:
         where = f"fastctx.models.{type(self).__name__}"
         if input_transform not in (None, "resize_concat", "multiple_select"):
-            raise ValueError(f"{where}: input_transform must be None, 'resize_concat' or 'multiple_select', got {input_transform!r}")
+            raise ValueError(
+                f"{where}: input_transform must be None, 'resize_concat' or 'multiple_select', got {input_transform!r}"
+            )
         if input_transform is None:
             if not isinstance(in_index, int) or not isinstance(in_channels, int):
                 raise ValueError(f"{where}: in_index and in_channels must be ints without an input_transform")
