@@ -61,6 +61,8 @@ def test_registry():
         "ccnet_r50_d8", "isanet_r50_d8", "ann_r50_d8", "ocrnet_hr18", "ocrnet_hr48", "ocrnet_r101_d8",
         "isnet_r50_d8", "ccnet_r18_d8", "isanet_r18_d8", "ann_r18_d8", "ocrnet_r18_d8", "isnet_r18_d8",
     ]  # fmt: skip
+    model = M.build("ann_r18_d8", 7)
+    assert (model.name, model.num_classes) == ("ann_r18_d8", 7)
     with pytest.raises(ValueError, match="unknown model 'ccnet'.*ccnet_r50_d8"):
         M.build("ccnet", 19)
     for bad in (0, -3, 2.5, True):

@@ -145,13 +145,15 @@ def build(
         backend (str | None): of every fastctx op in the model (``model.backend`` changes it).
 
     Returns:
-        Segmentor: ``model(img)`` -> ``{"out": ...}`` (eval) / ``{"out", "aux", ...}`` (train).
+        Segmentor: ``model(img)`` -> ``{"out": ...}`` (eval) / ``{"out", "aux", ...}`` (train);
+        ``model.name`` and ``model.num_classes`` say what was built.
     """
     if name not in _REGISTRY:
         raise ValueError(f"fastctx.models.build: unknown model {name!r}; registered: {', '.join(_REGISTRY)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"fastctx.models.build: num_classes must be a positive int, got {num_classes!r}")
     model = _REGISTRY[name](num_classes, backend)
+    model.name, model.num_classes = name, num_classes
     if backbone is not None:
         load_backbone(model.backbone, backbone)
     return model

@@ -31,6 +31,10 @@ class Segmentor(nn.Module):
     D8 ResNets, 1/4 for HRNet); resize them to the label size (bilinear, ``align_corners=False``).
     """
 
+    #: set by :func:`fastctx.models.build`: the registry name and K (None when built by hand)
+    name: str | None = None
+    num_classes: int | None = None
+
     def __init__(self, backend: str | None) -> None:
         super().__init__()
         self._backend = _check_backend(backend, f"fastctx.models.{type(self).__name__}")
