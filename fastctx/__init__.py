@@ -14,7 +14,7 @@ Functional API (NCHW tensors; each takes ``backend=None``, see :mod:`fastctx.bac
 Modules live in :mod:`fastctx.nn`.
 """
 
-from fastctx import nn
+from fastctx import models, nn
 from fastctx._ext import ExtensionMissingError
 from fastctx.backends import (
     BACKENDS,
@@ -49,6 +49,7 @@ __all__ = [
     "explain",
     "interlaced_attention",
     "last_backend",
+    "models",
     "nn",
     "pyramid_attention",
     "pyramid_pool",

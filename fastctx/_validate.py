@@ -37,16 +37,19 @@ def tensor(op: str, name: str, t: object, ndim: int, layout: str) -> Tensor:
 
 
 def same(op: str, **tensors: Tensor) -> None:
-    """All ``tensors`` share one device and one dtype."""
+    """All ``tensors`` share one device and one dtype (any floating dtypes under autocast, which
+    casts them all to its own, as matmul does)."""
     items = list(tensors.items())
     n0, t0 = items[0]
+    dev = t0.device.type
+    mixed_ok = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
     for n, t in items[1:]:
         if t.device != t0.device:
             raise ValueError(
                 f"fastctx.{op}: {n} is on {t.device} but {n0} is on {t0.device}; "
                 "all inputs must be on one device"
             )
-        if t.dtype != t0.dtype:
+        if t.dtype != t0.dtype and not (mixed_ok and t.is_floating_point() and t0.is_floating_point()):
             raise TypeError(
                 f"fastctx.{op}: {n} is {t.dtype} but {n0} is {t0.dtype}; all inputs must share a dtype"
             )

@@ -360,13 +360,5 @@ class ISNetHead(nn.Module):
         feats = self.bottleneck(inputs[self.in_index])
         feats_il = self.ilc_net(feats)
         stage1 = self.decoder_stage1(feats)
-        device = feats.device.type
-        if torch.is_autocast_enabled(device):
-            # fastctx.nn.SemanticLevelContext under autocast mixes dtypes (its count-weighted
-            # BatchNorm returns float32 keys next to low-precision queries, which
-            # region_attention refuses): run it in float32
-            with torch.autocast(device, enabled=False):
-                feats_sl = self.slc_net(feats.float(), stage1.float(), feats_il.float())
-        else:
-            feats_sl = self.slc_net(feats, stage1, feats_il)
+        feats_sl = self.slc_net(feats, stage1, feats_il)
         return {"out": self.decoder_stage2(feats_sl), "stage1": stage1}
