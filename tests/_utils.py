@@ -9,7 +9,7 @@ import torch
 
 from fastctx.testing import TOLERANCES, mismatch
 
-__all__ = ["TOLERANCES", "DTYPE_NAMES", "assert_close", "has_triton", "has_compiled"]
+__all__ = ["AUTO", "TOLERANCES", "DTYPE_NAMES", "assert_close", "has_triton", "has_compiled"]
 
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -33,3 +33,13 @@ def has_compiled(dispatch_key: str) -> bool:
     from fastctx import _ext
 
     return _ext.has_kernel("cc_fwd", dispatch_key)
+
+
+def _auto() -> str:
+    from fastctx import _ext
+
+    return "cpu" if _ext.available()[0] else "reference"
+
+
+#: The backend ``backend=None`` takes for CPU tensors: the compiled kernels when built.
+AUTO = _auto()

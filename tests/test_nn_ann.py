@@ -16,7 +16,7 @@ from torch import nn
 
 import fastctx
 from fastctx.nn.ann import AFNB, APNB
-from tests._utils import assert_close
+from tests._utils import AUTO, assert_close
 
 F64 = torch.float64
 BN_KEYS = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
@@ -133,7 +133,7 @@ def _randomize(m: nn.Module) -> nn.Module:
 def _check_step(m, ref, inputs, ref_inputs, forward_ref, what):
     """Output, input and parameter gradients, BN running stats after the step."""
     out = m(*inputs)
-    assert fastctx.last_backend("pyramid_attention") == "reference"
+    assert fastctx.last_backend("pyramid_attention") == AUTO  # the module's backend=None
     want = forward_ref(ref, *ref_inputs)
     assert_close(out, want, F64, f"{what} out")
     dout = torch.randn_like(out)

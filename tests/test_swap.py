@@ -155,7 +155,9 @@ def test_registry_lists_criss_cross():
 
 
 def test_a_converter_that_breaks_the_state_contract_is_caught(monkeypatch):
-    from fastctx import swap as swap_module
+    import importlib
+
+    swap_module = importlib.import_module("fastctx.swap")  # the module (fastctx.swap is the function)
 
     def bad_convert(m, backend):
         return nn.Conv2d(16, 2, 1)  # fresh parameters: optimisers and checkpoints would break
