@@ -13,7 +13,14 @@ formulation, re-implemented here with the SAME module's weights):
   least 20x faster and at least 20x less peak memory at 64x128) apply to this op.
 * ``isnet_semantic_context`` -- the whole :class:`fastctx.nn.SemanticLevelContext` (query
   projection, out projection and the 3x3 bottleneck included) against the same dense attention
-  inside the module's other layers. Reported, no target.
+  inside the module's other layers. Reported, no target. Its parity check compares the output
+  only: the input gradients go through training-mode BatchNorm + ReLU layers, where float32
+  rounding flips a few pre-activations near zero across the ReLU's kink against the float64
+  truth (measured at 64x128: 15k of 8.4M elements of d x differ, up to 0.32, for the reduced
+  candidate, 94k up to 2.6 for the dense one; at 32x64 the dense one fails and with the ReLUs
+  replaced by the identity both pass); tests/test_bench_cases_modules.py compares both
+  candidates' gradients in float64, and tests/test_nn_isnet.py the module's against
+  sssegmentation's.
 
 ISNet's configuration: feats 512, transform 256, ``concat_input``, BatchNorm + ReLU, training
 mode (batch statistics: the count-weighted BatchNorm path), K=19, B=2. Sizes: 64x128 (1/8 of a
@@ -36,6 +43,7 @@ per call: the runner makes ~20 calls per candidate), it raises
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +57,13 @@ from fastctx.nn.isnet import SemanticLevelContext, _project_counted
 FEATS, TRANSFORM, K = 512, 256, 19
 DENSE_COPIES = 4  # [B, N, N] matrices alive at the peak of the dense forward+backward
 _MODULES: dict[tuple, SemanticLevelContext] = {}
+
+
+@dataclass
+class OutputParityCase(Case):
+    """A Case whose runner parity check compares the output only (the whole module, below)."""
+
+    check_grads: bool = False
 
 
 def isnet_module(dtype: torch.dtype, device: torch.device, feats: int = FEATS, transform: int = TRANSFORM) -> SemanticLevelContext:
@@ -171,10 +186,11 @@ def _cases(part: str, quick: bool, sizes, feats: int, transform: int) -> list[Ca
                     Target(f"reduced semantic-level attention at most 1/20 of dense's peak memory, {mode}, {name}", "reduced", "dense", mode, "memory", 0.05, "cpu", (torch.float32,)),
                 ]
         cases.append(
-            Case(
+            (Case if part == "attention" else OutputParityCase)(
                 op=op,
                 name=name,
-                config=dict(B=B, C=feats, transform=transform, K=K, H=H, W=W, N=H * W, mode="train", truth="reduced in float64"),
+                config=dict(B=B, C=feats, transform=transform, K=K, H=H, W=W, N=H * W, mode="train", truth="reduced in float64",
+                            parity="output and input gradients" if part == "attention" else "output only"),
                 make_inputs=_inputs(B, feats, transform, H, W, with_query=part == "attention"),
                 truth=truth,
                 candidates=cand,
