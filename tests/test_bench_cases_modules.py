@@ -26,6 +26,9 @@ def test_registered():
     for fn in (ci.isnet_attention_cases, ci.isnet_module_cases):
         assert [(c.config["H"], c.config["W"]) for c in fn(True)] == [(64, 128)]
         assert [c.config["N"] for c in fn(False)] == [8192, 32768]
+    # the attention's parity covers the gradients; the whole module's the output (ReLU kinks)
+    assert getattr(ci.isnet_attention_cases(True)[0], "check_grads", True) is True
+    assert ci.isnet_module_cases(True)[0].check_grads is False
     targets = ci.isnet_attention_cases(True)[0].targets
     assert {(t.mode, t.kind, t.factor) for t in targets} == {
         (m, k, f) for m in ("fwd", "fwd+bwd") for k, f in (("speed", 20.0), ("memory", 0.05))
@@ -65,6 +68,11 @@ def test_dense_guard_estimate(monkeypatch):
     with pytest.raises(Skip, match=r"dense would need 32\.0 GiB .* \(cap 1\.0 GiB\) and would do 6\.6 TFLOP"):
         ci.dense_guard(2, 32768, torch.float32, CPU, 256)
     ci.dense_guard(2, 117, torch.float32, CPU, 8)  # small: runs
+    # the module's dense candidate checks before it computes anything (inputs at 1024x2048 / 8)
+    (_, big) = ci.isnet_module_cases(False, sizes=((64, 128), (128, 256)), feats=8, transform=4)
+    x = torch.zeros(2, 8, 128, 256)
+    with pytest.raises(Skip, match="dense would need 32.0 GiB"):
+        big.candidates["dense"](x, torch.zeros(2, ci.K, 128, 256), x)
 
 
 def test_runner_records_skipped_dense(monkeypatch):
