@@ -165,3 +165,9 @@ CASES.update(
     spatial_gather=spatial_gather_cases,
     semantic_pool=semantic_pool_cases,
 )
+
+# Modules and models (fastctx/bench/cases_isnet.py, cases_models.py).
+from fastctx.bench.cases_isnet import isnet_attention_cases, isnet_module_cases  # noqa: E402
+from fastctx.bench.cases_models import model_cases  # noqa: E402
+
+CASES.update(isnet_semantic_attention=isnet_attention_cases, isnet_semantic_context=isnet_module_cases, models=model_cases)

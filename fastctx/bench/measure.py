@@ -107,3 +107,33 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     base = _status("VmRSS:")
     fn()
     return max(0, _status("VmHWM:") - base) / 2**20
+
+
+class Skip(Exception):
+    """Raised by a candidate, before it allocates anything, that would not fit this machine (e.g.
+    a dense ``N x N`` attention at inference size); the runner records ``skipped: <message>``
+    instead of running it."""
+
+
+def memory_cap_bytes(device: torch.device) -> int:
+    """What one candidate may take: half the memory available now (``MemAvailable`` on CPU, the
+    free memory of the card on CUDA), or ``FASTCTX_BENCH_MEM_CAP_GIB`` when set."""
+    import os
+
+    env = os.environ.get("FASTCTX_BENCH_MEM_CAP_GIB")
+    if env:
+        return int(float(env) * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        return _meminfo("MemAvailable:") // 2
+    except (OSError, KeyError):
+        return 4 * 2**30
+
+
+def _meminfo(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)

@@ -1,0 +1,116 @@
+"""Benchmark cases of whole segmentation models: one training step, fused vs reference backend.
+
+For each ``*_r18_d8`` model of :mod:`fastctx.models` (the CPU-sized configs), K=19, B=2, a
+``3 x 128 x 256`` input, training mode: candidates "fused" (``backend=None``: the compiled
+kernels where they run) and "reference" (``backend="reference"``: python_ref, the same weights).
+
+What is timed: the image AND every parameter are the case's inputs (the model runs through
+``torch.func.functional_call``), so the runner's backward computes the gradient of every parameter,
+as a training step does. The candidate returns every training output's logits (``out``, ``aux``,
+ISNet's ``stage1``) flattened into one vector; the runner's random upstream gradient on that
+vector stands for the loss's (the cross-entropy on ``19 x 16 x 32`` logits per output is
+negligible next to the network). "fwd+bwd" is then the step's forward and backward (no optimizer).
+Dropout is switched off (its modules in eval mode) so that both candidates and the truth see the
+same network; BatchNorm runs in training mode.
+
+Parity: the logits against a float64 truth (the reference backend run in float64, same weights),
+within the float32 tolerance. The parameter gradients are computed but not compared
+(``check_grads = False``): float32 rounding through the deep network exceeds any per-op
+tolerance, and tests/test_models.py compares every gradient of the two backends in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import fastctx.models as M
+from fastctx import _ext
+from fastctx.bench.cases import Case
+
+MODELS = ("ccnet_r18_d8", "isanet_r18_d8", "ann_r18_d8", "ocrnet_r18_d8", "isnet_r18_d8")
+NUM_CLASSES = 19
+_MODELS: dict[tuple, nn.Module] = {}
+
+
+@dataclass
+class ModelCase(Case):
+    """A Case whose runner parity check compares the output (the logits) only."""
+
+    check_grads: bool = False
+
+
+def _randomize(model: nn.Module) -> None:
+    """Weights under which every branch reaches the logits, so that the parity check sees every
+    op: the zero-initialised parameters (criss-cross ``gamma``, ANN's ``out_project``, the residual
+    blocks' last BatchNorm weight) drawn from N(0, 0.1), the BatchNorm affine from
+    U(0.5, 1.5) / N(0, 0.2) (as tests/test_models.py does)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+
+
+def model_for(name: str, backend: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """``name`` with seeded weights (the same for every backend and dtype; see :func:`_randomize`),
+    training mode, dropout off."""
+    key = (name, backend, dtype, str(device))
+    if key not in _MODELS:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = M.build(name, NUM_CLASSES, backend=backend)
+            _randomize(model)
+        model.to(device, dtype).train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def _step(name: str, backend: str | None, img: Tensor, *params: Tensor) -> Tensor:
+    model = model_for(name, backend, img.dtype, img.device)
+    names = [n for n, _ in model.named_parameters()]
+    out = functional_call(model, dict(zip(names, params, strict=True)), (img,))
+    return torch.cat([v.flatten() for _, v in sorted(out.items())])
+
+
+def model_cases(quick: bool, models: tuple[str, ...] = MODELS, size: tuple[int, int, int, int] = (2, 3, 128, 256)) -> list[Case]:
+    """One case per model; ``models`` and ``size`` override the defaults (for the tests)."""
+    cases = []
+    for name in models:
+        def make(dtype, device, name=name):
+            g = torch.Generator().manual_seed(0)
+            img = torch.randn(size, generator=g)
+            params = [p.detach() for p in model_for(name, None, torch.float32, torch.device("cpu")).parameters()]
+            return (img.to(device, dtype), *(p.to(device, dtype) for p in params))
+
+        cand = {
+            "fused": lambda img, *p, name=name: _step(name, None, img, *p),
+            "reference": lambda img, *p, name=name: _step(name, "reference", img, *p),
+        }
+        case_name = f"{name}-B{size[0]}-{size[2]}x{size[3]}"
+        cases.append(
+            ModelCase(
+                op="models",
+                name=case_name,
+                config=dict(model=name, K=NUM_CLASSES, B=size[0], H=size[2], W=size[3], step="train fwd+bwd, all parameter grads",
+                            truth="reference backend in float64", parity="logits only",
+                            cpu_kernels_built=bool(_ext.available()[0])),
+                make_inputs=make,
+                truth=cand["reference"],
+                candidates=cand,
+                backends=(),  # backend=None may run the reference where no kernel runs: see config
+                reference="reference",
+                strongest="reference",
+                targets=[],  # the issue asks for the numbers, and sets no target on them
+            )
+        )
+    return cases

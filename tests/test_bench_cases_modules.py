@@ -1,0 +1,112 @@
+"""The module and model benchmark cases (fastctx/bench/cases_isnet.py, cases_models.py) at small
+sizes: they are registered, their candidates agree with each other and with the float64 truth,
+and the runner records a dense candidate that would not fit as skipped instead of running it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastctx.bench.cases_isnet as ci
+import fastctx.bench.cases_models as cm
+from fastctx.bench.cases import CASES
+from fastctx.bench.measure import Skip
+from fastctx.bench.runner import check_targets, run_case
+from fastctx.testing import mismatch
+
+CPU = torch.device("cpu")
+SMALL = dict(sizes=((9, 13),), feats=24, transform=8)
+
+
+def test_registered():
+    assert CASES["isnet_semantic_attention"] is ci.isnet_attention_cases
+    assert CASES["isnet_semantic_context"] is ci.isnet_module_cases
+    assert CASES["models"] is cm.model_cases
+    # the real sizes: 64x128 always, 1024x2048 inference (128x256 at 1/8) outside --quick
+    for fn in (ci.isnet_attention_cases, ci.isnet_module_cases):
+        assert [(c.config["H"], c.config["W"]) for c in fn(True)] == [(64, 128)]
+        assert [c.config["N"] for c in fn(False)] == [8192, 32768]
+    # the attention's parity covers the gradients; the whole module's the output (ReLU kinks)
+    assert getattr(ci.isnet_attention_cases(True)[0], "check_grads", True) is True
+    assert ci.isnet_module_cases(True)[0].check_grads is False
+    targets = ci.isnet_attention_cases(True)[0].targets
+    assert {(t.mode, t.kind, t.factor) for t in targets} == {
+        (m, k, f) for m in ("fwd", "fwd+bwd") for k, f in (("speed", 20.0), ("memory", 0.05))
+    }
+    assert [c.config["model"] for c in cm.model_cases(True, size=(1, 3, 32, 32))] == list(cm.MODELS)
+
+
+def _grads(fn, inputs):
+    x = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    out = fn(*x)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    return out.detach(), torch.autograd.grad(out, x, dout)
+
+
+@pytest.mark.parametrize("cases", [ci.isnet_attention_cases, ci.isnet_module_cases], ids=["attention", "module"])
+def test_isnet_reduced_matches_dense(cases):
+    """float64: the reduced and the dense candidate give the same output and input gradients
+    (x, preds, and the query or feats_il), and the truth is the reduced one."""
+    (case,) = cases(True, **SMALL)
+    inputs = case.make_inputs(torch.float64, CPU)
+    assert inputs[0].shape == (2, 24, 9, 13) and inputs[1].shape == (2, ci.K, 9, 13)
+    ro, rg = _grads(case.candidates["reduced"], inputs)
+    do, dg = _grads(case.candidates["dense"], inputs)
+    to, _ = _grads(case.truth, inputs)
+    assert ro.abs().max() > 0 and torch.equal(ro, to)
+    assert mismatch(ro, do, torch.float64, "out") is None
+    for i, (a, b) in enumerate(zip(rg, dg)):
+        assert a.abs().max() > 0, i
+        assert mismatch(a, b, torch.float64, f"grad{i}") is None
+
+
+def test_dense_guard_estimate(monkeypatch):
+    """32768 pixels (1024x2048 at 1/8), B=2, float32: 4 matrices of 2 x 32768^2 floats = 32 GiB;
+    two N x N matmuls of 2 x 32768^2 x 256 multiply-adds, times 3 with the backward: 6.6 TFLOP."""
+    monkeypatch.setenv("FASTCTX_BENCH_MEM_CAP_GIB", "1")
+    with pytest.raises(Skip, match=r"dense would need 32\.0 GiB .* \(cap 1\.0 GiB\) and would do 6\.6 TFLOP"):
+        ci.dense_guard(2, 32768, torch.float32, CPU, 256)
+    ci.dense_guard(2, 117, torch.float32, CPU, 8)  # small: runs
+    # the module's dense candidate checks before it computes anything (inputs at 1024x2048 / 8)
+    (_, big) = ci.isnet_module_cases(False, sizes=((64, 128), (128, 256)), feats=8, transform=4)
+    x = torch.zeros(2, 8, 128, 256)
+    with pytest.raises(Skip, match="dense would need 32.0 GiB"):
+        big.candidates["dense"](x, torch.zeros(2, ci.K, 128, 256), x)
+
+
+def test_runner_records_skipped_dense(monkeypatch):
+    """A cap below the dense candidate's need: the runner reports it skipped (with the estimate),
+    still times the reduced one, and the targets against dense say "not measured"."""
+    monkeypatch.setenv("FASTCTX_BENCH_MEM_CAP_GIB", "1e-6")
+    (case,) = ci.isnet_attention_cases(True, **SMALL)
+    case.targets = [ci.Target("reduced 20x faster", "reduced", "dense", "fwd+bwd", "speed", 20.0, "cpu", (torch.float32,))]
+    rows = run_case(case, torch.float32, CPU, quick=True, log=lambda s: None)
+    dense = [r for r in rows if r["candidate"] == "dense"]
+    assert len(dense) == 1 and dense[0]["status"].startswith("skipped: dense would need ")
+    assert "GiB" in dense[0]["status"] and dense[0]["median_ms"] is None
+    reduced = {r["mode"]: r for r in rows if r["candidate"] == "reduced"}
+    assert set(reduced) == {"fwd", "bwd", "fwd+bwd"}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in reduced.values())
+    (t,) = check_targets([case], rows, CPU)
+    assert t["result"] == "not measured" and t["detail"].startswith("dense: skipped: dense would need")
+
+
+def test_models_fused_matches_reference():
+    """One small model case: both candidates take the image and every parameter, return the
+    training outputs' logits, agree with the float64 truth in float32, and the backward reaches
+    every parameter; only the logits are parity-checked (check_grads False)."""
+    (case,) = cm.model_cases(True, models=("ccnet_r18_d8",), size=(1, 3, 24, 40))
+    assert case.check_grads is False and case.backends == ()
+    inputs = case.make_inputs(torch.float32, CPU)
+    names = [n for n, _ in cm.model_for("ccnet_r18_d8", None, torch.float32, CPU).named_parameters()]
+    assert len(inputs) == 1 + len(names)
+    x64 = tuple(t.double() for t in inputs)
+    truth, _ = _grads(case.truth, x64)
+    # out (3 x 5 logits at 1/8) and aux, each [1, 19, 3, 5], flattened
+    assert truth.shape == (2 * 19 * 3 * 5,)
+    for cand in ("fused", "reference"):
+        out, grads = _grads(case.candidates[cand], inputs)
+        assert mismatch(out, truth, torch.float32, cand) is None
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert all(g.abs().max() > 0 for g in grads), cand  # every parameter reaches the logits
