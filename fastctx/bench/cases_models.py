@@ -111,6 +111,9 @@ def model_cases(quick: bool, models: tuple[str, ...] = MODELS, size: tuple[int, 
                 reference="reference",
                 strongest="reference",
                 targets=[],  # the issue asks for the numbers, and sets no target on them
+                # float32 through a whole network: the reference backend itself lands ~1e-4 from
+                # its float64 run (tests/test_models.py compares the backends in float64, tightly)
+                tol_scale=10.0,
             )
         )
     return cases

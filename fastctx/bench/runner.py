@@ -121,9 +121,9 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
         timing_only = cand in case.timing_only  # e.g. a bandwidth floor: timed, not checked
         problems = []
         if not timing_only:
-            problems = [mismatch(out, truth_out, dtype, "out")]
+            problems = [mismatch(out, truth_out, dtype, "out", case.tol_scale)]
             if getattr(case, "check_grads", True):  # a Case subclass may check the output only
-                problems += [mismatch(g, t, dtype, f"grad{i}") for i, (g, t) in enumerate(zip(grads, truth_grads))]
+                problems += [mismatch(g, t, dtype, f"grad{i}", case.tol_scale) for i, (g, t) in enumerate(zip(grads, truth_grads))]
         problems = [p for p in problems if p]
         if problems:
             rows.append(_row(case, dtype, device, cand, "-", status="FAILED parity: " + problems[0].splitlines()[0]))
