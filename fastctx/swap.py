@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fastctx.backends import _check_name
+from fastctx.nn.ann import AFNB, APNB, PyramidSelfAttentionBlock
 from fastctx.nn.criss_cross import CrissCrossAttention, Scale
 from fastctx.nn.interlaced import ISASelfAttentionBlock, interlaced_sparse_context
 from fastctx.nn.ocr import ObjectAttention, SpatialGather
@@ -322,7 +323,8 @@ def swap(model: nn.Module, backend: str | None = None, strict: bool = False) -> 
     ``ObjectAttentionBlock`` -> :class:`fastctx.nn.ObjectAttention`; mmseg ``ISAHead`` -> the same
     head (a subclass of ``ISAHead`` sharing the original's submodules) whose relations are
     :class:`fastctx.nn.interlaced.ISASelfAttentionBlock` and whose padding / permute forward runs
-    the fused interlaced attention.
+    the fused interlaced attention; mmseg ``ANNHead``'s ``AFNB`` / ``APNB`` ->
+    :class:`fastctx.nn.AFNB` / :class:`fastctx.nn.APNB`.
 
     The replacement is built around the original's own submodules: the same ``Parameter`` and
     buffer objects, so the ``state_dict`` is unchanged (keys and values), an optimiser built
@@ -581,3 +583,91 @@ def _mmseg_isa_head(m: nn.Module, backend: str | None) -> nn.Module:
     new._modules["local_relation"] = local_relation
     new.fastctx_backend = backend
     return new
+
+
+# mmseg ANNHead -------------------------------------------------------------------------------
+
+MMSEG_ANN_BLOCK = "mmseg.models.decode_heads.ann_head.SelfAttentionBlock"
+MMSEG_PPM_CONCAT = "mmseg.models.decode_heads.ann_head.PPMConcat"
+
+
+def _ann_stage(parent: nn.Module, index: str, low: int, high: int, out: int, shared: bool) -> PyramidSelfAttentionBlock:
+    """mmseg ``ann_head.SelfAttentionBlock`` with ``query_scale=1`` (mmseg's own forward fails
+    for more): key/query ConvModule 1x1 ``-> channels`` (one shared module when ``shared``),
+    value and out plain 1x1 convs with bias, ``key_downsample`` a ``PPMConcat`` of square
+    ``AdaptiveAvgPool2d`` s, ``matmul_norm``."""
+    m = expect_class(parent, index, MMSEG_ANN_BLOCK)
+    try:
+        if "forward" in vars(m):
+            raise NotSwappable("its forward is overridden on the instance")
+        expect_children(m, "key_project", "query_project", "value_project", "out_project", "key_downsample")
+        expect_no_own_state(m)
+        expect_attrs(m, share_key_query=shared, query_downsample=None, matmul_norm=True,
+                     key_in_channels=low, query_in_channels=high, out_channels=out)
+        if (m.query_project is m.key_project) != shared:
+            raise NotSwappable(f"query_project is{'' if shared else ' not'} key_project, expected the opposite")
+        cc = getattr(m, "channels", None)
+        if not isinstance(cc, int):
+            raise NotSwappable(f"channels is {cc!r}, expected an int")
+        expect_conv_modules(m, "key_project", low, cc, 1)
+        expect_conv_modules(m, "query_project", high, cc, 1)
+        expect_conv1x1(m, "value_project", low, cc)
+        expect_conv1x1(m, "out_project", cc, out)
+        ppm = expect_class(m, "key_downsample", MMSEG_PPM_CONCAT)
+        scales = []
+        for i, pool in enumerate(ppm):
+            size = getattr(pool, "output_size", None)
+            if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+                size = size[0]
+            if class_path(pool) != class_path(nn.AdaptiveAvgPool2d) or not (
+                    isinstance(size, int) and not isinstance(size, bool) and size > 0):
+                raise NotSwappable(f"key_downsample.{i} is {pool!r}, expected AdaptiveAvgPool2d(<positive int>)")
+            scales.append(size)
+        if not scales or list(ppm.children()) != list(ppm):
+            raise NotSwappable("key_downsample holds no pooling scales")
+    except NotSwappable as e:
+        raise NotSwappable(f"stages.{index}: {e}") from None
+    return PyramidSelfAttentionBlock.from_modules(m.key_project, m.query_project, m.value_project,
+                                                  m.out_project, cc, scales)
+
+
+def _ann_stages(m: nn.Module, low: int, high: int, out: int, shared: bool, backend: str | None) -> list:
+    expect_children(m, "stages", "bottleneck")
+    expect_no_own_state(m)
+    stages = expect_class(m, "stages", class_path(nn.ModuleList))
+    if len(stages) == 0:
+        raise NotSwappable("stages is empty")
+    blocks = [_ann_stage(stages, str(i), low, high, out, shared) for i in range(len(stages))]
+    for b in blocks:
+        b.backend = backend
+    return blocks
+
+
+@recogniser("mmseg.models.decode_heads.ann_head.AFNB", description="mmseg AFNB (ANNHead.fusion)")
+def _mmseg_afnb(m: nn.Module, backend: str | None) -> nn.Module:
+    """Stages with separate query/key projections (queries from the high-level map, keys and
+    values from the low-level one), summed; ``bottleneck`` ConvModule 1x1 ``out + high -> out``."""
+    first = m._modules.get("stages")
+    first = first[0] if isinstance(first, nn.ModuleList) and len(first) else None
+    if first is None or class_path(first) != MMSEG_ANN_BLOCK:
+        raise NotSwappable(f"stages holds {class_path(first) if first is not None else 'nothing'}, "
+                           f"expected {MMSEG_ANN_BLOCK}")
+    low, high, out = first.key_in_channels, first.query_in_channels, first.out_channels
+    blocks = _ann_stages(m, low, high, out, False, backend)
+    expect_conv_modules(m, "bottleneck", out + high, out, 1)
+    return AFNB.from_modules(blocks, m.bottleneck, low, high)
+
+
+@recogniser("mmseg.models.decode_heads.ann_head.APNB", description="mmseg APNB (ANNHead.context)")
+def _mmseg_apnb(m: nn.Module, backend: str | None) -> nn.Module:
+    """Stages with one shared query/key projection of the same map, summed; ``bottleneck``
+    ConvModule 1x1 ``2C -> C``."""
+    first = m._modules.get("stages")
+    first = first[0] if isinstance(first, nn.ModuleList) and len(first) else None
+    if first is None or class_path(first) != MMSEG_ANN_BLOCK:
+        raise NotSwappable(f"stages holds {class_path(first) if first is not None else 'nothing'}, "
+                           f"expected {MMSEG_ANN_BLOCK}")
+    c = first.key_in_channels
+    blocks = _ann_stages(m, c, c, c, True, backend)
+    expect_conv_modules(m, "bottleneck", 2 * c, c, 1)
+    return APNB.from_modules(blocks, m.bottleneck, c)

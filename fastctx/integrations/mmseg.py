@@ -15,7 +15,8 @@ Heads: ``FastCCHead`` (CCHead: ``cca`` -> :class:`fastctx.nn.CrissCrossAttention
 ``FastOCRHead`` (OCRHead: ``spatial_gather_module`` -> :class:`fastctx.nn.SpatialGather`,
 ``object_context_block`` -> :class:`fastctx.nn.ObjectAttention`), ``FastISAHead`` (ISAHead:
 ``global_relation`` / ``local_relation`` -> fastctx's, and its padding/permute forward -> the
-fused interlaced attention).
+fused interlaced attention), ``FastANNHead`` (ANNHead: ``fusion`` -> :class:`fastctx.nn.AFNB`,
+``context`` -> :class:`fastctx.nn.APNB`).
 Adding one is a line, once :mod:`fastctx.swap` recognises its modules::
 
     FastISAHead = fast_head(ISAHead, "FastISAHead", swaps=("global_relation", "local_relation"))
@@ -33,10 +34,10 @@ from fastctx.swap import FastISAForward, NotSwappable, SwapError, isa_relations,
 
 require("mmseg.models", "fastctx.integrations.mmseg", "mmsegmentation")
 
-from mmseg.models.decode_heads import CCHead, ISAHead, OCRHead  # noqa: E402
+from mmseg.models.decode_heads import ANNHead, CCHead, ISAHead, OCRHead  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
-__all__ = ["FastCCHead", "FastISAHead", "FastOCRHead", "fast_head"]
+__all__ = ["FastANNHead", "FastCCHead", "FastISAHead", "FastOCRHead", "fast_head"]
 
 
 def fast_head(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> type[nn.Module]:
@@ -70,6 +71,7 @@ def fast_head(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> type[
 
 
 FastCCHead = fast_head(CCHead, "FastCCHead", swaps=("cca",))
+FastANNHead = fast_head(ANNHead, "FastANNHead", swaps=("fusion", "context"))
 FastOCRHead = fast_head(OCRHead, "FastOCRHead", swaps=("spatial_gather_module", "object_context_block"))
 
 
