@@ -12,9 +12,9 @@ subclass) is left alone and reported as a look-alike.
 
 Adding a recogniser (the one place to edit)::
 
-    @recogniser("mmseg.models.decode_heads.isa_head.SelfAttentionBlock",
-                description="mmseg ISAHead global/local relation")
-    def _mmseg_isa_block(m: nn.Module, backend: str | None) -> nn.Module:
+    @recogniser("some_toolbox.models.heads.ContextBlock",
+                description="some_toolbox ContextBlock (SomeHead.context)")
+    def _some_toolbox_block(m: nn.Module, backend: str | None) -> nn.Module:
         expect_children(m, ...)             # raise NotSwappable(reason) on any difference
         return FastBlock.from_modules(...)  # reuse m's submodules: never copy parameters
 

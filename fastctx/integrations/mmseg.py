@@ -19,9 +19,11 @@ fused interlaced attention), ``FastANNHead`` (ANNHead: ``fusion`` -> :class:`fas
 ``context`` -> :class:`fastctx.nn.APNB`).
 Adding one is a line, once :mod:`fastctx.swap` recognises its modules::
 
-    FastISAHead = fast_head(ISAHead, "FastISAHead", swaps=("global_relation", "local_relation"))
+    FastANNHead = fast_head(ANNHead, "FastANNHead", swaps=("fusion", "context"))
 
-(subclass the result and override ``forward`` where the head's own forward needs fastctx too).
+A head whose own forward needs fastctx too is written out, as ``FastISAHead`` is (its relations
+are rebuilt by :func:`fastctx.swap.isa_relations` and its forward is
+:class:`fastctx.swap.FastISAForward`'s).
 """
 
 from __future__ import annotations
