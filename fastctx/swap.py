@@ -12,9 +12,9 @@ subclass) is left alone and reported as a look-alike.
 
 Adding a recogniser (the one place to edit)::
 
-    @recogniser("mmseg.models.decode_heads.isa_head.SelfAttentionBlock",
-                description="mmseg ISAHead global/local relation")
-    def _mmseg_isa_block(m: nn.Module, backend: str | None) -> nn.Module:
+    @recogniser("some_toolbox.models.heads.ContextBlock",
+                description="some_toolbox ContextBlock (SomeHead.context)")
+    def _some_toolbox_block(m: nn.Module, backend: str | None) -> nn.Module:
         expect_children(m, ...)             # raise NotSwappable(reason) on any difference
         return FastBlock.from_modules(...)  # reuse m's submodules: never copy parameters
 
@@ -25,15 +25,21 @@ training flag and the hooks registered on the original over.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from fastctx.backends import _check_name
+from fastctx.nn.ann import AFNB, APNB, PyramidSelfAttentionBlock
 from fastctx.nn.criss_cross import CrissCrossAttention, Scale
+from fastctx.nn.interlaced import ISASelfAttentionBlock, interlaced_sparse_context
+from fastctx.nn.ocr import ObjectAttention, SpatialGather
 
 __all__ = [
+    "FastISAForward",
     "NotSwappable",
     "SwapEntry",
     "SwapError",
@@ -41,8 +47,12 @@ __all__ = [
     "class_path",
     "expect_children",
     "expect_class",
+    "expect_attrs",
     "expect_conv1x1",
+    "expect_conv_module",
+    "expect_conv_modules",
     "expect_no_own_state",
+    "isa_relations",
     "recogniser",
     "recognisers",
     "swap",
@@ -223,6 +233,47 @@ def expect_conv1x1(m: nn.Module, name: str, in_channels: int, out_channels: int,
     return conv
 
 
+MMCV_CONV_MODULE = "mmcv.cnn.bricks.conv_module.ConvModule"
+
+
+def expect_conv_module(m: nn.Module, name: str, in_channels: int, out_channels: int) -> nn.Module:
+    """Submodule ``name`` of ``m`` is an mmcv ``ConvModule`` whose ``conv`` is a plain 1x1
+    ``nn.Conv2d`` ``in_channels -> out_channels`` (stride 1, no padding, one group); returns it.
+    The converters reuse the ConvModule itself (its norm and activation run as they did), so
+    only the shape of what it produces is verified."""
+    cm = expect_class(m, name, MMCV_CONV_MODULE)
+    try:
+        expect_conv1x1(cm, "conv", in_channels, out_channels, bias=cm.conv.bias is not None)
+    except NotSwappable as e:
+        raise NotSwappable(f"{name}.{e}") from None
+    return cm
+
+
+def expect_conv_modules(m: nn.Module, name: str, in_channels: int, out_channels: int, count: int) -> nn.Module:
+    """Submodule ``name`` of ``m`` is mmseg ``SelfAttentionBlock.build_project``'s projection
+    with ``use_conv_module=True``: one mmcv ConvModule (``count == 1``) or an ``nn.Sequential`` of
+    exactly ``count`` of them, ``in_channels -> out_channels -> ... -> out_channels``; returns it."""
+    if count == 1:
+        return expect_conv_module(m, name, in_channels, out_channels)
+    seq = expect_class(m, name, class_path(nn.Sequential))
+    if len(seq) != count:
+        raise NotSwappable(f"{name} holds {len(seq)} modules, expected {count} ConvModules")
+    for i in range(count):
+        try:
+            expect_conv_module(seq, str(i), in_channels if i == 0 else out_channels, out_channels)
+        except NotSwappable as e:
+            raise NotSwappable(f"{name}.{e}") from None
+    return seq
+
+
+def expect_attrs(m: nn.Module, **values: object) -> None:
+    """``m``'s attributes have exactly these values (``None`` attributes too)."""
+    for name, want in values.items():
+        got = getattr(m, name, "<missing>")
+        if got is not want and got != want:
+            raise NotSwappable(f"{name} is {got!r}, expected {want!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # swap
 # --------------------------------------------------------------------------------------------
@@ -267,7 +318,13 @@ def swap(model: nn.Module, backend: str | None = None, strict: bool = False) -> 
     fastctx equivalent, without changing what the model computes.
 
     Recognised (``fastctx.swap.recognisers()`` lists them): mmcv's ``CrissCrossAttention``
-    (mmseg ``CCHead.cca``, sssegmentation ``CCNet.cca``) -> :class:`fastctx.nn.CrissCrossAttention`.
+    (mmseg ``CCHead.cca``, sssegmentation ``CCNet.cca``) -> :class:`fastctx.nn.CrissCrossAttention`;
+    mmseg ``OCRHead``'s ``SpatialGatherModule`` -> :class:`fastctx.nn.SpatialGather` and
+    ``ObjectAttentionBlock`` -> :class:`fastctx.nn.ObjectAttention`; mmseg ``ISAHead`` -> the same
+    head (a subclass of ``ISAHead`` sharing the original's submodules) whose relations are
+    :class:`fastctx.nn.interlaced.ISASelfAttentionBlock` and whose padding / permute forward runs
+    the fused interlaced attention; mmseg ``ANNHead``'s ``AFNB`` / ``APNB`` ->
+    :class:`fastctx.nn.AFNB` / :class:`fastctx.nn.APNB`.
 
     The replacement is built around the original's own submodules: the same ``Parameter`` and
     buffer objects, so the ``state_dict`` is unchanged (keys and values), an optimiser built
@@ -385,3 +442,232 @@ def _mmcv_criss_cross(m: nn.Module, backend: str | None) -> nn.Module:
             "expected one 0-d parameter 'scale'"
         )
     return CrissCrossAttention.from_modules(m.query_conv, m.key_conv, m.value_conv, gamma, backend=backend)
+
+
+@recogniser(
+    "mmseg.models.decode_heads.ocr_head.SpatialGatherModule",
+    description="mmseg SpatialGatherModule (OCRHead.spatial_gather_module)",
+)
+def _mmseg_spatial_gather(m: nn.Module, backend: str | None) -> nn.Module:
+    """No parameters; softmax of ``scale * probs`` over the pixels, then ``probs @ feats``."""
+    expect_children(m)
+    expect_no_own_state(m)
+    scale = getattr(m, "scale", None)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise NotSwappable(f"scale is {scale!r}, expected a positive number")
+    return SpatialGather.from_modules(float(scale), backend=backend)
+
+
+@recogniser(
+    "mmseg.models.decode_heads.ocr_head.ObjectAttentionBlock",
+    description="mmseg ObjectAttentionBlock (OCRHead.object_context_block)",
+)
+def _mmseg_object_attention(m: nn.Module, backend: str | None) -> nn.Module:
+    """mmseg builds it as a ``SelfAttentionBlock`` with ``key_query_num_convs=2``,
+    ``value_out_num_convs=1``, ConvModule projections, ``matmul_norm=True``, an out projection,
+    no down-sampling (``scale=1``: for ``scale > 1`` its own forward fails) and a ConvModule
+    ``bottleneck`` ``2C -> C``."""
+    expect_children(m, "key_project", "query_project", "value_project", "out_project", "bottleneck")
+    expect_no_own_state(m)
+    expect_attrs(m, share_key_query=False, query_downsample=None, key_downsample=None, matmul_norm=True)
+    c, cc = getattr(m, "key_in_channels", None), getattr(m, "channels", None)
+    if not (isinstance(c, int) and isinstance(cc, int)):
+        raise NotSwappable(f"key_in_channels={c!r}, channels={cc!r}: expected ints")
+    expect_attrs(m, query_in_channels=c, out_channels=c)
+    if m.query_project is m.key_project:
+        raise NotSwappable("query_project is key_project (shared), expected two projections")
+    expect_conv_modules(m, "key_project", c, cc, 2)
+    expect_conv_modules(m, "query_project", c, cc, 2)
+    expect_conv_modules(m, "value_project", c, cc, 1)
+    expect_conv_modules(m, "out_project", cc, c, 1)
+    expect_conv_modules(m, "bottleneck", 2 * c, c, 1)
+    return ObjectAttention.from_modules(
+        m.key_project, m.query_project, m.value_project, m.out_project, m.bottleneck, c, cc,
+        conv_cfg=m.conv_cfg, norm_cfg=m.norm_cfg, act_cfg=m.act_cfg, backend=backend,
+    )
+
+
+# mmseg ISAHead -------------------------------------------------------------------------------
+
+MMSEG_ISA_BLOCK = "mmseg.models.decode_heads.isa_head.SelfAttentionBlock"
+
+
+def _isa_relation(head: nn.Module, name: str, c: int) -> ISASelfAttentionBlock:
+    """mmseg ``isa_head.SelfAttentionBlock(c, isa_channels)``: key/query projections 2 x
+    ConvModule 1x1 ``c -> isa_channels``, value a plain 1x1 conv ``c -> c`` with bias, no
+    ``out_project``, ``output_project`` ConvModule 1x1 ``c -> c``, ``matmul_norm``; all pointwise,
+    so they run on the unpermuted map (the same pixels, so the same BN statistics)."""
+    m = expect_class(head, name, MMSEG_ISA_BLOCK)
+    try:
+        if "forward" in vars(m):
+            raise NotSwappable("its forward is overridden on the instance")
+        expect_children(m, "key_project", "query_project", "value_project", "output_project")
+        expect_no_own_state(m)
+        expect_attrs(m, share_key_query=False, query_downsample=None, key_downsample=None,
+                     matmul_norm=True, out_project=None, key_in_channels=c, query_in_channels=c,
+                     out_channels=c)
+        cc = getattr(m, "channels", None)
+        if not isinstance(cc, int):
+            raise NotSwappable(f"channels is {cc!r}, expected an int")
+        expect_conv_modules(m, "key_project", c, cc, 2)
+        expect_conv_modules(m, "query_project", c, cc, 2)
+        expect_conv1x1(m, "value_project", c, c)
+        expect_conv_modules(m, "output_project", c, c, 1)
+    except NotSwappable as e:
+        raise NotSwappable(f"{name}: {e}") from None
+    return ISASelfAttentionBlock.from_modules(m.key_project, m.query_project, m.value_project,
+                                              m.output_project, cc)
+
+
+def isa_relations(head: nn.Module) -> tuple[ISASelfAttentionBlock, ISASelfAttentionBlock]:
+    """Verify an mmseg ``ISAHead``'s structure and build fastctx relations around its
+    ``global_relation`` / ``local_relation`` projections (raises :class:`NotSwappable`)."""
+    c = getattr(head, "channels", None)
+    if not isinstance(c, int):
+        raise NotSwappable(f"channels is {c!r}, expected an int")
+    down = getattr(head, "down_factor", None)
+    if (not isinstance(down, (tuple, list)) or len(down) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in down)):
+        raise NotSwappable(f"down_factor is {down!r}, expected two positive ints")
+    for name in ("in_conv", "out_conv", "conv_seg"):
+        if not isinstance(head._modules.get(name), nn.Module):
+            raise NotSwappable(f"has no submodule {name}")
+    return _isa_relation(head, "global_relation", c), _isa_relation(head, "local_relation", c)
+
+
+class FastISAForward:
+    """Mixin: mmseg ``ISAHead.forward`` with its relations as fastctx
+    :class:`~fastctx.nn.interlaced.ISASelfAttentionBlock` s: ``in_conv``, the interlaced
+    attention (:func:`~fastctx.nn.interlaced.interlaced_sparse_context`: pad, long-range then
+    short-range groups, crop, without mmseg's permutes), ``out_conv(cat([context, x]))``,
+    ``cls_seg``. ``fastctx_backend`` is the backend of the fused op."""
+
+    fastctx_backend: str | None = None
+
+    def forward(self, inputs):
+        x = self.in_conv(self._transform_inputs(inputs))
+        context = interlaced_sparse_context(x, self.global_relation, self.local_relation,
+                                            tuple(self.down_factor), False, self.fastctx_backend)
+        return self.cls_seg(self.out_conv(torch.cat([context, x], dim=1)))
+
+
+_FAST_HEADS: dict[type, type] = {}
+
+
+def _fast_isa_class(base: type) -> type:
+    cls = _FAST_HEADS.get(base)
+    if cls is None:
+        cls = type("FastISAHead", (FastISAForward, base), {
+            "__module__": __name__, "__qualname__": "FastISAHead",
+            "__doc__": f"{class_path(base)} on fastctx's interlaced attention (made by fastctx.swap).",
+        })
+        _FAST_HEADS[base] = cls
+    return cls
+
+
+@recogniser(
+    "mmseg.models.decode_heads.isa_head.ISAHead",
+    description="mmseg ISAHead (global_relation / local_relation and its padding/permute forward)",
+)
+def _mmseg_isa_head(m: nn.Module, backend: str | None) -> nn.Module:
+    """The replacement is an instance of a subclass of ``type(m)`` (so mmseg's losses,
+    ``predict`` and ``cls_seg`` are unchanged) holding the same submodules, with the two
+    relations rebuilt by :func:`isa_relations` and the forward of :class:`FastISAForward`."""
+    global_relation, local_relation = isa_relations(m)
+    new = object.__new__(_fast_isa_class(type(m)))
+    new.__dict__.update(m.__dict__)
+    for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+        if name in vars(m):
+            new.__dict__[name] = copy.copy(vars(m)[name])  # the original keeps its own
+    new._modules["global_relation"] = global_relation
+    new._modules["local_relation"] = local_relation
+    new.fastctx_backend = backend
+    return new
+
+
+# mmseg ANNHead -------------------------------------------------------------------------------
+
+MMSEG_ANN_BLOCK = "mmseg.models.decode_heads.ann_head.SelfAttentionBlock"
+MMSEG_PPM_CONCAT = "mmseg.models.decode_heads.ann_head.PPMConcat"
+
+
+def _ann_stage(parent: nn.Module, index: str, low: int, high: int, out: int, shared: bool) -> PyramidSelfAttentionBlock:
+    """mmseg ``ann_head.SelfAttentionBlock`` with ``query_scale=1`` (mmseg's own forward fails
+    for more): key/query ConvModule 1x1 ``-> channels`` (one shared module when ``shared``),
+    value and out plain 1x1 convs with bias, ``key_downsample`` a ``PPMConcat`` of square
+    ``AdaptiveAvgPool2d`` s, ``matmul_norm``."""
+    m = expect_class(parent, index, MMSEG_ANN_BLOCK)
+    try:
+        if "forward" in vars(m):
+            raise NotSwappable("its forward is overridden on the instance")
+        expect_children(m, "key_project", "query_project", "value_project", "out_project", "key_downsample")
+        expect_no_own_state(m)
+        expect_attrs(m, share_key_query=shared, query_downsample=None, matmul_norm=True,
+                     key_in_channels=low, query_in_channels=high, out_channels=out)
+        if (m.query_project is m.key_project) != shared:
+            raise NotSwappable(f"query_project is{'' if shared else ' not'} key_project, expected the opposite")
+        cc = getattr(m, "channels", None)
+        if not isinstance(cc, int):
+            raise NotSwappable(f"channels is {cc!r}, expected an int")
+        expect_conv_modules(m, "key_project", low, cc, 1)
+        expect_conv_modules(m, "query_project", high, cc, 1)
+        expect_conv1x1(m, "value_project", low, cc)
+        expect_conv1x1(m, "out_project", cc, out)
+        ppm = expect_class(m, "key_downsample", MMSEG_PPM_CONCAT)
+        scales = []
+        for i, pool in enumerate(ppm):
+            size = getattr(pool, "output_size", None)
+            if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+                size = size[0]
+            if class_path(pool) != class_path(nn.AdaptiveAvgPool2d) or not (
+                    isinstance(size, int) and not isinstance(size, bool) and size > 0):
+                raise NotSwappable(f"key_downsample.{i} is {pool!r}, expected AdaptiveAvgPool2d(<positive int>)")
+            scales.append(size)
+        if not scales or list(ppm.children()) != list(ppm):
+            raise NotSwappable("key_downsample holds no pooling scales")
+    except NotSwappable as e:
+        raise NotSwappable(f"stages.{index}: {e}") from None
+    return PyramidSelfAttentionBlock.from_modules(m.key_project, m.query_project, m.value_project,
+                                                  m.out_project, cc, scales)
+
+
+def _ann_stages(m: nn.Module, low: int, high: int, out: int, shared: bool, backend: str | None) -> list:
+    expect_children(m, "stages", "bottleneck")
+    expect_no_own_state(m)
+    stages = expect_class(m, "stages", class_path(nn.ModuleList))
+    if len(stages) == 0:
+        raise NotSwappable("stages is empty")
+    blocks = [_ann_stage(stages, str(i), low, high, out, shared) for i in range(len(stages))]
+    for b in blocks:
+        b.backend = backend
+    return blocks
+
+
+@recogniser("mmseg.models.decode_heads.ann_head.AFNB", description="mmseg AFNB (ANNHead.fusion)")
+def _mmseg_afnb(m: nn.Module, backend: str | None) -> nn.Module:
+    """Stages with separate query/key projections (queries from the high-level map, keys and
+    values from the low-level one), summed; ``bottleneck`` ConvModule 1x1 ``out + high -> out``."""
+    first = m._modules.get("stages")
+    first = first[0] if isinstance(first, nn.ModuleList) and len(first) else None
+    if first is None or class_path(first) != MMSEG_ANN_BLOCK:
+        raise NotSwappable(f"stages holds {class_path(first) if first is not None else 'nothing'}, "
+                           f"expected {MMSEG_ANN_BLOCK}")
+    low, high, out = first.key_in_channels, first.query_in_channels, first.out_channels
+    blocks = _ann_stages(m, low, high, out, False, backend)
+    expect_conv_modules(m, "bottleneck", out + high, out, 1)
+    return AFNB.from_modules(blocks, m.bottleneck, low, high)
+
+
+@recogniser("mmseg.models.decode_heads.ann_head.APNB", description="mmseg APNB (ANNHead.context)")
+def _mmseg_apnb(m: nn.Module, backend: str | None) -> nn.Module:
+    """Stages with one shared query/key projection of the same map, summed; ``bottleneck``
+    ConvModule 1x1 ``2C -> C``."""
+    first = m._modules.get("stages")
+    first = first[0] if isinstance(first, nn.ModuleList) and len(first) else None
+    if first is None or class_path(first) != MMSEG_ANN_BLOCK:
+        raise NotSwappable(f"stages holds {class_path(first) if first is not None else 'nothing'}, "
+                           f"expected {MMSEG_ANN_BLOCK}")
+    c = first.key_in_channels
+    blocks = _ann_stages(m, c, c, c, True, backend)
+    expect_conv_modules(m, "bottleneck", 2 * c, c, 1)
+    return APNB.from_modules(blocks, m.bottleneck, c)

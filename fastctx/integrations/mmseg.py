@@ -11,27 +11,35 @@ submodules, then swaps its context modules for fastctx's with :func:`fastctx.swa
 its ``state_dict`` is the original head's (a checkpoint trained with ``<X>Head`` loads
 unchanged) and it computes the same logits.
 
-Heads: ``FastCCHead`` (CCHead: ``cca`` -> :class:`fastctx.nn.CrissCrossAttention`).
+Heads: ``FastCCHead`` (CCHead: ``cca`` -> :class:`fastctx.nn.CrissCrossAttention`),
+``FastOCRHead`` (OCRHead: ``spatial_gather_module`` -> :class:`fastctx.nn.SpatialGather`,
+``object_context_block`` -> :class:`fastctx.nn.ObjectAttention`), ``FastISAHead`` (ISAHead:
+``global_relation`` / ``local_relation`` -> fastctx's, and its padding/permute forward -> the
+fused interlaced attention), ``FastANNHead`` (ANNHead: ``fusion`` -> :class:`fastctx.nn.AFNB`,
+``context`` -> :class:`fastctx.nn.APNB`).
 Adding one is a line, once :mod:`fastctx.swap` recognises its modules::
 
-    FastISAHead = fast_head(ISAHead, "FastISAHead", swaps=("global_relation", "local_relation"))
+    FastANNHead = fast_head(ANNHead, "FastANNHead", swaps=("fusion", "context"))
 
-(subclass the result and override ``forward`` where the head's own forward needs fastctx too).
+A head whose own forward needs fastctx too is written out, as ``FastISAHead`` is (its relations
+are rebuilt by :func:`fastctx.swap.isa_relations` and its forward is
+:class:`fastctx.swap.FastISAForward`'s).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from fastctx.backends import _check_name
 from fastctx.integrations import require
-from fastctx.swap import swap
+from fastctx.swap import FastISAForward, NotSwappable, SwapError, isa_relations, swap
 
 require("mmseg.models", "fastctx.integrations.mmseg", "mmsegmentation")
 
-from mmseg.models.decode_heads import CCHead  # noqa: E402
+from mmseg.models.decode_heads import ANNHead, CCHead, ISAHead, OCRHead  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 
-__all__ = ["FastCCHead", "fast_head"]
+__all__ = ["FastANNHead", "FastCCHead", "FastISAHead", "FastOCRHead", "fast_head"]
 
 
 def fast_head(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> type[nn.Module]:
@@ -65,3 +73,26 @@ def fast_head(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> type[
 
 
 FastCCHead = fast_head(CCHead, "FastCCHead", swaps=("cca",))
+FastANNHead = fast_head(ANNHead, "FastANNHead", swaps=("fusion", "context"))
+FastOCRHead = fast_head(OCRHead, "FastOCRHead", swaps=("spatial_gather_module", "object_context_block"))
+
+
+class FastISAHead(FastISAForward, ISAHead):
+    """mmseg's ISAHead on fastctx's interlaced attention: same config keys (plus
+    ``fastctx_backend``), same state_dict, same logits; ``global_relation`` / ``local_relation``
+    are :class:`fastctx.nn.interlaced.ISASelfAttentionBlock` s around the original projections
+    and the forward is :class:`fastctx.swap.FastISAForward`'s (no permutes)."""
+
+    def __init__(self, *args, fastctx_backend: str | None = None, **kwargs) -> None:
+        ISAHead.__init__(self, *args, **kwargs)
+        if fastctx_backend is not None:
+            _check_name(fastctx_backend, "fastctx.integrations.mmseg.FastISAHead")
+        try:
+            global_relation, local_relation = isa_relations(self)
+        except NotSwappable as e:
+            raise SwapError(f"fastctx.integrations.mmseg.FastISAHead: cannot run on fastctx: {e}") from None
+        self.global_relation, self.local_relation = global_relation, local_relation
+        self.fastctx_backend = fastctx_backend
+
+
+MODELS.register_module(name="FastISAHead", module=FastISAHead, force=True)

@@ -94,6 +94,39 @@ class PyramidSelfAttentionBlock(nn.Module):
         nn.init.zeros_(self.out_project.bias)
         self.query_downsample = nn.MaxPool2d(query_scale) if query_scale > 1 else None
 
+    @classmethod
+    def from_modules(
+        cls,
+        key_project: nn.Module,
+        query_project: nn.Module,
+        value_project: nn.Module,
+        out_project: nn.Module,
+        channels: int,
+        key_pool_scales: Sequence[int],
+        *,
+        backend: str | None = None,
+    ) -> PyramidSelfAttentionBlock:
+        """A block around existing projections (the SAME modules, so the same ``Parameter`` and
+        buffer objects, run by their own forward), with ``query_scale=1``: :func:`fastctx.swap`
+        builds one from each stage of an mmseg ``AFNB`` / ``APNB``. ``query_project is
+        key_project`` means ``share_key_query``. The projections must be pointwise and map to
+        ``channels`` (the caller verifies it)."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.channels = channels
+        block.share_key_query = query_project is key_project
+        block.query_scale = 1
+        block.key_pool_scales = _check_scales(
+            "fastctx.nn.PyramidSelfAttentionBlock", "key_pool_scales", key_pool_scales
+        )
+        block.backend = backend
+        block.key_project = key_project
+        block.query_project = query_project
+        block.value_project = value_project
+        block.out_project = out_project
+        block.query_downsample = None
+        return block
+
     def forward(self, query_feats: Tensor, key_feats: Tensor) -> Tensor:
         """``query_feats``: ``[B, high_in, Hq, Wq]``, ``key_feats``: ``[B, low_in, H, W]`` ->
         ``[B, out_channels, Hq, Wq]``."""
@@ -173,6 +206,20 @@ class AFNB(nn.Module):
             out_channels + high_in_channels, out_channels, 1, conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=None
         )
 
+    @classmethod
+    def from_modules(
+        cls, stages: Sequence[PyramidSelfAttentionBlock], bottleneck: nn.Module, low_in_channels: int,
+        high_in_channels: int,
+    ) -> AFNB:
+        """An AFNB around existing stages and ``bottleneck`` (the SAME modules): used by
+        :func:`fastctx.swap` for an mmseg ``AFNB``."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.low_in_channels, block.high_in_channels = low_in_channels, high_in_channels
+        block.stages = nn.ModuleList(stages)
+        block.bottleneck = bottleneck
+        return block
+
     def forward(self, low_feats: Tensor, high_feats: Tensor) -> Tensor:
         _check_input("fastctx.nn.AFNB", "low_feats", low_feats, self.low_in_channels)
         _check_input("fastctx.nn.AFNB", "high_feats", high_feats, self.high_in_channels)
@@ -242,6 +289,19 @@ class APNB(nn.Module):
         self.bottleneck = ConvModule(
             2 * in_channels, out_channels, 1, conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg
         )
+
+    @classmethod
+    def from_modules(
+        cls, stages: Sequence[PyramidSelfAttentionBlock], bottleneck: nn.Module, in_channels: int
+    ) -> APNB:
+        """An APNB around existing stages and ``bottleneck`` (the SAME modules): used by
+        :func:`fastctx.swap` for an mmseg ``APNB``."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.in_channels = in_channels
+        block.stages = nn.ModuleList(stages)
+        block.bottleneck = bottleneck
+        return block
 
     def forward(self, feats: Tensor) -> Tensor:
         _check_input("fastctx.nn.APNB", "feats", feats, self.in_channels)

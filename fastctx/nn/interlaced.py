@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fastctx.nn._conv import BN, RELU, ConvModule
 from fastctx.ops.interlaced import interlaced_attention
 
-__all__ = ["ISASelfAttentionBlock", "InterlacedSparseAttention"]
+__all__ = ["ISASelfAttentionBlock", "InterlacedSparseAttention", "interlaced_sparse_context"]
 
 def _to_groups(x: Tensor, bh: int, bw: int, mode: str) -> Tensor:
     """``[B, C, H, W]`` -> ``[B, G, C, L]``: G groups of L members (the interlaced pattern)."""
@@ -102,6 +102,28 @@ class ISASelfAttentionBlock(nn.Module):
         self.output_project = ConvModule(
             in_channels, in_channels, 1, conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg
         )
+
+    @classmethod
+    def from_modules(
+        cls,
+        key_project: nn.Module,
+        query_project: nn.Module,
+        value_project: nn.Module,
+        output_project: nn.Module,
+        channels: int,
+    ) -> ISASelfAttentionBlock:
+        """An ISASelfAttentionBlock around existing projections (the SAME modules, so the same
+        ``Parameter`` and buffer objects, run by their own forward): :func:`fastctx.swap` builds
+        one from each relation of an mmseg ``ISAHead``. The projections must be pointwise, with
+        ``query_project`` / ``key_project`` mapping to ``channels`` (the caller verifies it)."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.channels = channels
+        block.key_project = key_project
+        block.query_project = query_project
+        block.value_project = value_project
+        block.output_project = output_project
+        return block
 
     def forward(
         self,
@@ -200,24 +222,41 @@ class InterlacedSparseAttention(nn.Module):
             raise ValueError(
                 f"fastctx.nn.InterlacedSparseAttention: x must be [B, {self.channels}, H, W], got {shape}"
             )
-        h, w = x.shape[2:]
-        bh, bw = self.down_factor
-        pad_h, pad_w = math.ceil(h / bh) * bh - h, math.ceil(w / bw) * bw - w
-        top, left = pad_h // 2, pad_w // 2
-        valid = None
-        if pad_h or pad_w:
-            x = F.pad(x, (left, pad_w - left, top, pad_h - top))
-            if self.mask_padding:
-                valid = torch.zeros(x.shape[2:], dtype=torch.bool, device=x.device)
-                valid[top : top + h, left : left + w] = True
-        x = self.global_relation(x, (bh, bw), "long", valid, self.backend)
-        x = self.local_relation(x, (bh, bw), "short", valid, self.backend)
-        if pad_h or pad_w:
-            x = x[:, :, top : top + h, left : left + w]
-        return x
+        return interlaced_sparse_context(
+            x, self.global_relation, self.local_relation, self.down_factor, self.mask_padding, self.backend
+        )
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, down_factor={self.down_factor}, "
             f"mask_padding={self.mask_padding}, backend={self.backend!r}"
         )
+
+
+def interlaced_sparse_context(
+    x: Tensor,
+    global_relation: ISASelfAttentionBlock,
+    local_relation: ISASelfAttentionBlock,
+    down_factor: tuple[int, int],
+    mask_padding: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """mmseg ``ISAHead.forward`` between ``in_conv`` and ``out_conv``: pad ``x`` to multiples of
+    ``down_factor``, run ``global_relation`` on the long-range groups and ``local_relation`` on
+    the blocks, crop (:class:`InterlacedSparseAttention` runs this; so does the head
+    :func:`fastctx.swap` makes of an mmseg ``ISAHead``)."""
+    h, w = x.shape[2:]
+    bh, bw = down_factor
+    pad_h, pad_w = math.ceil(h / bh) * bh - h, math.ceil(w / bw) * bw - w
+    top, left = pad_h // 2, pad_w // 2
+    valid = None
+    if pad_h or pad_w:
+        x = F.pad(x, (left, pad_w - left, top, pad_h - top))
+        if mask_padding:
+            valid = torch.zeros(x.shape[2:], dtype=torch.bool, device=x.device)
+            valid[top : top + h, left : left + w] = True
+    x = global_relation(x, (bh, bw), "long", valid, backend)
+    x = local_relation(x, (bh, bw), "short", valid, backend)
+    if pad_h or pad_w:
+        x = x[:, :, top : top + h, left : left + w]
+    return x

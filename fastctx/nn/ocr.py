@@ -42,6 +42,12 @@ class SpatialGather(nn.Module):
         self.scale = scale
         self.backend = backend
 
+    @classmethod
+    def from_modules(cls, scale: float, backend: str | None = None) -> SpatialGather:
+        """The fastctx module for an mmseg ``SpatialGatherModule`` of this ``scale`` (it holds no
+        parameters); used by :func:`fastctx.swap`."""
+        return cls(scale, backend=backend)
+
     def forward(self, feats: Tensor, probs: Tensor) -> Tensor:
         return spatial_gather(feats, probs, self.scale, backend=self.backend).unsqueeze(3)
 
@@ -129,6 +135,46 @@ class ObjectAttention(nn.Module):
         self.key_downsample = None
         self.matmul_norm = True
         self.bottleneck = ConvModule(in_channels * 2, in_channels, 1, conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)
+
+    @classmethod
+    def from_modules(
+        cls,
+        key_project: nn.Module,
+        query_project: nn.Module,
+        value_project: nn.Module,
+        out_project: nn.Module,
+        bottleneck: nn.Module,
+        in_channels: int,
+        channels: int,
+        conv_cfg: dict | None = None,
+        norm_cfg: dict | None = None,
+        act_cfg: dict | None = None,
+        backend: str | None = None,
+    ) -> ObjectAttention:
+        """An ObjectAttention around existing projections (the SAME modules, so the same
+        ``Parameter`` and buffer objects, and their own forward): :func:`fastctx.swap` builds one
+        from an mmseg ``ObjectAttentionBlock``. ``query_project`` / ``key_project`` /
+        ``value_project`` must map ``in_channels -> channels``, ``out_project`` ``channels ->
+        in_channels`` and ``bottleneck`` ``2 * in_channels -> in_channels`` (the caller verifies
+        it). The cfg dicts are only recorded."""
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.key_in_channels = block.query_in_channels = block.out_channels = in_channels
+        block.in_channels = in_channels
+        block.channels = channels
+        block.scale = 1
+        block.share_key_query = False
+        block.conv_cfg, block.norm_cfg, block.act_cfg = conv_cfg, norm_cfg, act_cfg
+        block.backend = backend
+        block.key_project = key_project
+        block.query_project = query_project
+        block.value_project = value_project
+        block.out_project = out_project
+        block.query_downsample = None
+        block.key_downsample = None
+        block.matmul_norm = True
+        block.bottleneck = bottleneck
+        return block
 
     def _check(self, query_feats: object, key_feats: object) -> Tensor:
         who = "fastctx.nn.ObjectAttention"
