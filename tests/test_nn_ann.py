@@ -213,7 +213,7 @@ APNB_CASES = [  # (H, W, query_scales, key_pool_scales)
 @pytest.mark.parametrize("H,W,qs,ks", APNB_CASES, ids=[f"{h}x{w}-q{len(q)}-k{len(k)}" for h, w, q, k in APNB_CASES])
 def test_apnb_matches_mmseg(H, W, qs, ks, train):
     C, Cp = 10, 6
-    m = _randomize(APNB(C, Cp, C, qs, ks, backend="reference")).double().train(train)
+    m = _randomize(APNB(C, Cp, C, qs, ks)).double().train(train)
     ref = copy.deepcopy(m)
     x, xr = _pair(2, C, H, W)
     _check_step(m, ref, (x,), (xr,), lambda r, f: _mm_apnb(r, f, Cp, qs, ks), "apnb")
@@ -232,7 +232,7 @@ AFNB_CASES = [  # (low H, W), (high H, W)
 def test_afnb_matches_mmseg(low, high, train):
     Cl, Ch, Cp, Co = 8, 10, 6, 12
     qs, ks = (1,), (1, 3, 6, 8)
-    m = _randomize(AFNB(Cl, Ch, Cp, Co, qs, ks, backend="reference")).double().train(train)
+    m = _randomize(AFNB(Cl, Ch, Cp, Co, qs, ks)).double().train(train)
     ref = copy.deepcopy(m)
     lo, lor = _pair(2, Cl, *low)
     hi, hir = _pair(2, Ch, *high)
