@@ -73,6 +73,23 @@ class _SelfAttentionBlock(nn.Module):
         self.matmul_norm = True
         self.transform_channels = transform
 
+    @classmethod
+    def from_modules(cls, key_project: nn.Module, query_project: nn.Module, value_project: nn.Module,
+                     out_project: nn.Module, transform: int) -> _SelfAttentionBlock:
+        """The block around existing projections (the SAME modules: same ``Parameter`` and buffer
+        objects); the caller verifies their structure."""
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net.key_project = key_project
+        net.query_project = query_project
+        net.value_project = value_project
+        net.out_project = out_project
+        net.query_downsample = None
+        net.key_downsample = None
+        net.matmul_norm = True
+        net.transform_channels = transform
+        return net
+
 
 def _check_map(who: str, name: str, t: object, channels: int | None, like: Tensor | None = None) -> None:
     if not isinstance(t, Tensor):
@@ -216,6 +233,36 @@ class SemanticLevelContext(nn.Module):
         if concat_input:
             self.bottleneck = _conv_block(who, feats_channels * 2, feats_channels, 3, norm_cfg, act_cfg)
 
+    @classmethod
+    def from_modules(
+        cls,
+        key_project: nn.Module,
+        query_project: nn.Module,
+        value_project: nn.Module,
+        out_project: nn.Module,
+        bottleneck: nn.Module | None,
+        feats_channels: int,
+        transform_channels: int,
+        backend: str | None = None,
+    ) -> SemanticLevelContext:
+        """A SemanticLevelContext around existing modules (the SAME modules, so the same
+        ``Parameter`` and buffer objects): :func:`fastctx.swap` builds one from sssegmentation's
+        ``SemanticLevelContext`` (its ``correlate_net`` projections and ``bottleneck``, None
+        without ``concat_input``). The projections must be blocks ``nn.Sequential(1x1 conv, norm,
+        act)`` (key/query: a Sequential of two) as sssegmentation builds them, with ``key_project``
+        / ``value_project`` ``C -> transform_channels``, pixelwise activations and a norm that is
+        Identity, BatchNorm2d, SyncBatchNorm or GroupNorm (the caller verifies it)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.feats_channels = feats_channels
+        m.backend = backend
+        m.correlate_net = _SelfAttentionBlock.from_modules(
+            key_project, query_project, value_project, out_project, transform_channels
+        )
+        if bottleneck is not None:
+            m.bottleneck = bottleneck
+        return m
+
     def forward(self, x: Tensor, preds: Tensor, feats_il: Tensor | None = None) -> Tensor:
         who = "fastctx.nn.SemanticLevelContext"
         _check_map(who, "x", x, self.feats_channels)
@@ -294,6 +341,36 @@ class ImageLevelContext(nn.Module):
         )
         if concat_input:
             self.bottleneck = _conv_block(who, feats_channels * 2, feats_channels, 3, norm_cfg, act_cfg)
+
+    @classmethod
+    def from_modules(
+        cls,
+        global_avgpool: nn.Module,
+        key_project: nn.Module,
+        query_project: nn.Module,
+        value_project: nn.Module,
+        out_project: nn.Module,
+        bottleneck: nn.Module | None,
+        feats_channels: int,
+        transform_channels: int,
+        align_corners: bool = False,
+    ) -> ImageLevelContext:
+        """An ImageLevelContext around existing modules (the SAME modules): :func:`fastctx.swap`
+        builds one from sssegmentation's ``ImageLevelContext`` (its ``global_avgpool``, an
+        ``AdaptiveAvgPool2d((1, 1))``, its ``correlate_net`` projections, ``key_project`` /
+        ``value_project`` taking ``2 * feats_channels``, and ``bottleneck``, None without
+        ``concat_input``; the caller verifies them)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.feats_channels = feats_channels
+        m.align_corners = align_corners
+        m.global_avgpool = global_avgpool
+        m.correlate_net = _SelfAttentionBlock.from_modules(
+            key_project, query_project, value_project, out_project, transform_channels
+        )
+        if bottleneck is not None:
+            m.bottleneck = bottleneck
+        return m
 
     def forward(self, x: Tensor) -> Tensor:
         _check_map("fastctx.nn.ImageLevelContext", "x", x, self.feats_channels)

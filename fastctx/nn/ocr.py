@@ -153,10 +153,12 @@ class ObjectAttention(nn.Module):
     ) -> ObjectAttention:
         """An ObjectAttention around existing projections (the SAME modules, so the same
         ``Parameter`` and buffer objects, and their own forward): :func:`fastctx.swap` builds one
-        from an mmseg ``ObjectAttentionBlock``. ``query_project`` / ``key_project`` /
-        ``value_project`` must map ``in_channels -> channels``, ``out_project`` ``channels ->
-        in_channels`` and ``bottleneck`` ``2 * in_channels -> in_channels`` (the caller verifies
-        it). The cfg dicts are only recorded."""
+        from an mmseg ``ObjectAttentionBlock`` (ConvModule projections, a 1x1 ConvModule
+        ``bottleneck``) or an sssegmentation ``ObjectContextBlock`` (``nn.Sequential(conv, norm,
+        act)`` projections, a 3x3 ``bottleneck``). ``query_project`` / ``key_project`` /
+        ``value_project`` must map ``in_channels -> channels`` pointwise, ``out_project``
+        ``channels -> in_channels`` and ``bottleneck`` ``2 * in_channels -> in_channels`` keeping
+        the spatial size (the caller verifies it). The cfg dicts are only recorded."""
         block = cls.__new__(cls)
         nn.Module.__init__(block)
         block.key_in_channels = block.query_in_channels = block.out_channels = in_channels
