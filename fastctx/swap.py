@@ -36,6 +36,7 @@ from fastctx.backends import _check_name
 from fastctx.nn.ann import AFNB, APNB, PyramidSelfAttentionBlock
 from fastctx.nn.criss_cross import CrissCrossAttention, Scale
 from fastctx.nn.interlaced import ISASelfAttentionBlock, interlaced_sparse_context
+from fastctx.nn.isnet import ImageLevelContext, SemanticLevelContext
 from fastctx.nn.ocr import ObjectAttention, SpatialGather
 
 __all__ = [
@@ -485,6 +486,184 @@ def _mmseg_object_attention(m: nn.Module, backend: str | None) -> nn.Module:
         m.key_project, m.query_project, m.value_project, m.out_project, m.bottleneck, c, cc,
         conv_cfg=m.conv_cfg, norm_cfg=m.norm_cfg, act_cfg=m.act_cfg, backend=backend,
     )
+
+
+# sssegmentation ISNet / OCRNet ----------------------------------------------------------------
+#
+# sssegmentation 1.7.0 builds these modules on ``segmentors/base/selfattention.py``'s
+# SelfAttentionBlock, whose projections (``buildproject`` with ``use_norm=True``) are blocks
+# ``nn.Sequential(Conv2d 1x1 without bias, BuildNormalization, BuildActivation)`` (nn.Identity for
+# a None cfg), or an nn.Sequential of two such blocks; no mmcv ConvModule.
+
+SSSEG_SELF_ATTENTION = "ssseg.modules.models.segmentors.base.selfattention.SelfAttentionBlock"
+_SSSEG_ACT = "ssseg.modules.models.backbones.bricks.activation."
+#: Norms under which fastctx.nn.SemanticLevelContext's key/value projections reproduce the dense
+#: ones (BatchNorm on the class vectors with count-weighted statistics; GroupNorm on the full
+#: pooled map), and activations that act on each element alone (run on the class vectors).
+_SSSEG_SLC_NORMS = tuple(class_path(c) for c in (nn.Identity, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm))
+_SSSEG_SLC_ACTS = tuple(class_path(c) for c in (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.Sigmoid, nn.SiLU, nn.ELU,
+    nn.CELU, nn.SELU, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus,
+)) + (_SSSEG_ACT + "hardswish.HardSwish", _SSSEG_ACT + "hardsigmoid.HardSigmoid", _SSSEG_ACT + "swish.Swish")
+
+
+def _ssseg_block(parent: nn.Module, name: str, cin: int, cout: int, kernel: int, pixelwise: bool) -> None:
+    """Submodule ``name`` is ``nn.Sequential(Conv2d(cin, cout, kernel, padding=kernel // 2,
+    bias=False), norm, act)``; with ``pixelwise`` its norm and activation are ones
+    :class:`fastctx.nn.SemanticLevelContext` runs on the class vectors."""
+    seq = expect_class(parent, name, class_path(nn.Sequential))
+    if list(seq._modules) != ["0", "1", "2"] or any(c is None for c in seq._modules.values()):
+        raise NotSwappable(f"{name} holds {list(seq._modules)}, expected (Conv2d, norm, activation)")
+    if kernel == 1:
+        try:
+            expect_conv1x1(seq, "0", cin, cout, bias=False)
+        except NotSwappable as e:
+            raise NotSwappable(f"{name}.{e}") from None
+    else:
+        conv = expect_class(seq, "0", class_path(nn.Conv2d))
+        got = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+               conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        want = (cin, cout, (kernel, kernel), (1, 1), (kernel // 2, kernel // 2), (1, 1), 1, False, "zeros")
+        if got != want or tuple(conv.weight.shape) != (cout, cin, kernel, kernel):
+            raise NotSwappable(f"{name}.0 is {conv!r}, expected Conv2d({cin}, {cout}, kernel_size={kernel}, "
+                               f"padding={kernel // 2}, bias=False)")
+    norm, act = seq[1], seq[2]
+    channels = getattr(norm, "num_features", getattr(norm, "num_channels", cout))
+    if channels != cout:
+        raise NotSwappable(f"{name}.1 normalises {channels} channels, expected {cout}")
+    if pixelwise:
+        if class_path(norm) not in _SSSEG_SLC_NORMS:
+            raise NotSwappable(f"{name}.1 is {class_path(norm)}, expected one of {', '.join(_SSSEG_SLC_NORMS)}")
+        if class_path(act) not in _SSSEG_SLC_ACTS:
+            raise NotSwappable(f"{name}.2 is {class_path(act)}, expected an elementwise activation "
+                               f"({', '.join(_SSSEG_SLC_ACTS)})")
+
+
+def _ssseg_project(m: nn.Module, name: str, cin: int, cout: int, count: int, pixelwise: bool = False) -> nn.Module:
+    """``SelfAttentionBlock.buildproject(use_norm=True)``: one block (``count == 1``) or an
+    nn.Sequential of ``count`` blocks ``cin -> cout -> ... -> cout``; returns it."""
+    if count == 1:
+        _ssseg_block(m, name, cin, cout, 1, pixelwise)
+        return m._modules[name]
+    seq = expect_class(m, name, class_path(nn.Sequential))
+    if list(seq._modules) != [str(i) for i in range(count)]:
+        raise NotSwappable(f"{name} holds {len(seq._modules)} modules, expected {count} blocks")
+    for i in range(count):
+        try:
+            _ssseg_block(seq, str(i), cin if i == 0 else cout, cout, 1, pixelwise)
+        except NotSwappable as e:
+            raise NotSwappable(f"{name}.{e}") from None
+    return seq
+
+
+def _ssseg_in_channels(m: nn.Module, name: str) -> int:
+    """``in_channels`` of the first convolution of projection ``name`` (then verified in full)."""
+    p = m._modules.get(name)
+    while isinstance(p, nn.Sequential) and len(p):
+        p = p[0]
+    if not isinstance(p, nn.Conv2d):
+        raise NotSwappable(f"{name} holds no Conv2d first, expected (Conv2d, norm, activation) blocks")
+    return p.in_channels
+
+
+def _ssseg_attention(m: nn.Module, key_in: int, query_in: int, out: int, pixelwise_kv: bool) -> int:
+    """``m`` holds a ``SelfAttentionBlock`` as ISNet and OCRNet build it: key/query 2 blocks
+    ``-> transform_channels``, value and out 1 block, no sharing, no down-sampling,
+    ``matmul_norm``, an out projection ``transform -> out``; returns ``transform_channels``."""
+    if "forward" in vars(m):
+        raise NotSwappable("its forward is overridden on the instance")
+    expect_attrs(m, query_downsample=None, key_downsample=None, matmul_norm=True)
+    t = getattr(m, "transform_channels", None)
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise NotSwappable(f"transform_channels is {t!r}, expected an int")
+    if m._modules.get("out_project") is None:
+        raise NotSwappable("out_project is None (with_out_project=False), expected a projection")
+    if m._modules.get("query_project") is m._modules.get("key_project"):
+        raise NotSwappable("query_project is key_project (share_key_query=True), expected two projections")
+    _ssseg_project(m, "key_project", key_in, t, 2, pixelwise_kv)
+    _ssseg_project(m, "query_project", query_in, t, 2)
+    _ssseg_project(m, "value_project", key_in, t, 1, pixelwise_kv)
+    _ssseg_project(m, "out_project", t, out, 1)
+    return t
+
+
+def _ssseg_context(m: nn.Module, *others: str, key_factor: int, pixelwise_kv: bool):
+    """ISNet's context modules: ``correlate_net`` (a SelfAttentionBlock, keys of ``key_factor *
+    C`` channels), ``others`` and, with ``concat_input``, ``bottleneck`` (3x3 block ``2C -> C``);
+    returns (correlate_net, bottleneck or None, C, transform_channels)."""
+    expect_no_own_state(m)
+    has_bottleneck = m._modules.get("bottleneck") is not None
+    expect_children(m, *others, "correlate_net", *(("bottleneck",) if has_bottleneck else ()))
+    net = expect_class(m, "correlate_net", SSSEG_SELF_ATTENTION)
+    try:
+        expect_children(net, "key_project", "query_project", "value_project", "out_project")
+        expect_no_own_state(net)
+        c = _ssseg_in_channels(net, "query_project")
+        t = _ssseg_attention(net, key_factor * c, c, c, pixelwise_kv)
+    except NotSwappable as e:
+        raise NotSwappable(f"correlate_net: {e}") from None
+    if has_bottleneck:
+        _ssseg_block(m, "bottleneck", 2 * c, c, 3, False)
+    return net, m._modules.get("bottleneck"), c, t
+
+
+@recogniser(
+    "ssseg.modules.models.segmentors.isnet.semanticlevel.SemanticLevelContext",
+    description="sssegmentation SemanticLevelContext (ISNet.slc_net)",
+)
+def _ssseg_semantic_level(m: nn.Module, backend: str | None) -> nn.Module:
+    """The dense semantic-level attention -> :class:`fastctx.nn.SemanticLevelContext` (its
+    reduction to the K class vectors), around the same projections and bottleneck."""
+    net, bottleneck, c, t = _ssseg_context(m, key_factor=1, pixelwise_kv=True)
+    return SemanticLevelContext.from_modules(net.key_project, net.query_project, net.value_project,
+                                             net.out_project, bottleneck, c, t, backend=backend)
+
+
+@recogniser(
+    "ssseg.modules.models.segmentors.isnet.imagelevel.ImageLevelContext",
+    description="sssegmentation ImageLevelContext (ISNet.ilc_net)",
+)
+def _ssseg_image_level(m: nn.Module, backend: str | None) -> nn.Module:
+    """``global_avgpool`` an ``AdaptiveAvgPool2d((1, 1))``, keys/values from ``2C`` channels
+    -> :class:`fastctx.nn.ImageLevelContext` (runs no fastctx op: ``backend`` is unused)."""
+    net, bottleneck, c, t = _ssseg_context(m, "global_avgpool", key_factor=2, pixelwise_kv=False)
+    pool = expect_class(m, "global_avgpool", class_path(nn.AdaptiveAvgPool2d))
+    if pool.output_size not in (1, (1, 1)):
+        raise NotSwappable(f"global_avgpool.output_size is {pool.output_size!r}, expected (1, 1)")
+    align_corners = getattr(m, "align_corners", None)
+    if not isinstance(align_corners, bool):
+        raise NotSwappable(f"align_corners is {align_corners!r}, expected a bool")
+    return ImageLevelContext.from_modules(pool, net.key_project, net.query_project, net.value_project,
+                                          net.out_project, bottleneck, c, t, align_corners)
+
+
+# sssegmentation's SpatialGatherModule is mmseg's: no parameters, softmax of scale * probs over
+# the pixels, regions [B, C, K, 1].
+recogniser(
+    "ssseg.modules.models.segmentors.ocrnet.spatialgather.SpatialGatherModule",
+    description="sssegmentation SpatialGatherModule (OCRNet.spatial_gather_module)",
+)(_mmseg_spatial_gather)
+
+
+@recogniser(
+    "ssseg.modules.models.segmentors.ocrnet.objectcontext.ObjectContextBlock",
+    description="sssegmentation ObjectContextBlock (OCRNet.object_context_block)",
+)
+def _ssseg_object_context(m: nn.Module, backend: str | None) -> nn.Module:
+    """A SelfAttentionBlock (see :func:`_ssseg_attention`) whose ``bottleneck`` is a 3x3 block
+    ``2C -> C`` on ``cat([context, x])`` -> :class:`fastctx.nn.ObjectAttention`. ``scale > 1``
+    (a MaxPool2d ``query_downsample``) is left alone: sssegmentation 1.7.0's own forward then
+    fails (it reshapes the pooled queries' context to the full size)."""
+    expect_no_own_state(m)
+    if getattr(m, "query_downsample", None) is not None:
+        raise NotSwappable(f"query_downsample is {m.query_downsample!r} (scale > 1): sssegmentation "
+                           "1.7.0's own forward then fails, so there is nothing to reproduce")
+    expect_children(m, "key_project", "query_project", "value_project", "out_project", "bottleneck")
+    c = _ssseg_in_channels(m, "query_project")
+    t = _ssseg_attention(m, c, c, c, False)
+    _ssseg_block(m, "bottleneck", 2 * c, c, 3, False)
+    return ObjectAttention.from_modules(m.key_project, m.query_project, m.value_project, m.out_project,
+                                        m.bottleneck, c, t, backend=backend)
 
 
 # mmseg ISAHead -------------------------------------------------------------------------------
