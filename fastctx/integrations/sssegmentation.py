@@ -11,9 +11,16 @@ then swaps its context modules for fastctx's with :func:`fastctx.swap` (strict),
 ``state_dict`` is the original's and it computes the same logits. An optional
 ``cfg['fastctx_backend']`` names the backend of the fastctx ops.
 
-Segmentors: ``FastCCNet`` (CCNet: ``cca``, mmcv's CrissCrossAttention ->
-:class:`fastctx.nn.CrissCrossAttention`). Adding one is a line, once :mod:`fastctx.swap`
-recognises its modules::
+Segmentors:
+
+- ``FastCCNet`` (CCNet: ``cca``, mmcv's CrissCrossAttention -> :class:`fastctx.nn.CrissCrossAttention`);
+- ``FastISNet`` (ISNet: ``ilc_net`` -> :class:`fastctx.nn.ImageLevelContext`, ``slc_net`` ->
+  :class:`fastctx.nn.SemanticLevelContext`);
+- ``FastOCRNet`` (OCRNet: ``spatial_gather_module`` -> :class:`fastctx.nn.SpatialGather`,
+  ``object_context_block`` -> :class:`fastctx.nn.ObjectAttention`; ``head.scale`` 1, as
+  sssegmentation's own forward fails for more).
+
+Adding one is a line, once :mod:`fastctx.swap` recognises its modules::
 
     FastISANet = fast_segmentor(ISANet, "FastISANet", swaps=(...))
 """
@@ -30,8 +37,10 @@ require("ssseg.modules.models.segmentors.builder", _PLUGIN, "sssegmentation")
 
 from ssseg.modules.models.segmentors.builder import SegmentorBuilder  # noqa: E402
 from ssseg.modules.models.segmentors.ccnet import CCNet  # noqa: E402
+from ssseg.modules.models.segmentors.isnet import ISNet  # noqa: E402
+from ssseg.modules.models.segmentors.ocrnet import OCRNet  # noqa: E402
 
-__all__ = ["FastCCNet", "fast_segmentor"]
+__all__ = ["FastCCNet", "FastISNet", "FastOCRNet", "fast_segmentor"]
 
 
 def fast_segmentor(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> type[nn.Module]:
@@ -65,3 +74,5 @@ def fast_segmentor(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> 
 
 
 FastCCNet = fast_segmentor(CCNet, "FastCCNet", swaps=("cca",))
+FastISNet = fast_segmentor(ISNet, "FastISNet", swaps=("ilc_net", "slc_net"))
+FastOCRNet = fast_segmentor(OCRNet, "FastOCRNet", swaps=("spatial_gather_module", "object_context_block"))
