@@ -148,3 +148,50 @@ def ssseg_logits(segmentor):
         return segmentor(SSSegInputStructure(images=x, mode="TEST")).seg_logits
 
     return forward
+
+
+# ---- sssegmentation ISNet / OCRNet (tests/test_swap_ssseg_isnet_ocr.py) -----------------------
+
+
+def ssseg_isnet_cfg(type_: str, in_channels: int, feats_channels: int, transform_channels: int) -> dict:
+    """sssegmentation's ISNet config for Cityscapes (configs/isnet/base_cfg.py +
+    isnet_resnet50os8_cityscapes.py: 19 classes, SyncBatchNorm, ReLU, concat_input, no shortcut,
+    dropout 0.1; head in 2048, feats 512, transform 256), without backbone and auxiliary head:
+    the tests feed the feature map through :func:`ssseg_given_features`."""
+    return {
+        "type": type_, "num_classes": 19, "align_corners": False,
+        "norm_cfg": {"type": "SyncBatchNorm"}, "act_cfg": {"type": "ReLU", "inplace": True},
+        "head": {"in_channels": in_channels, "feats_channels": feats_channels,
+                 "transform_channels": transform_channels, "concat_input": True,
+                 "shortcut": {"is_on": False, "in_channels": 256, "feats_channels": 48}, "dropout": 0.1},
+        "auxiliary": None,
+    }
+
+
+def ssseg_ocrnet_cfg(type_: str, aux_in: int, aux_out: int, in_channels: int, feats_channels: int,
+                     transform_channels: int) -> dict:
+    """sssegmentation's OCRNet config for Cityscapes (configs/ocrnet/ocrnet_resnet50os8_cityscapes.py:
+    19 classes, SyncBatchNorm, ReLU, scale 1, dropout 0; head in 2048, feats 512, transform 256;
+    auxiliary in 1024, out 512, which OCRNet requires), without backbone: the tests feed
+    ``cat([stage 3, stage 4])`` through :func:`ssseg_given_split_features`."""
+    return {
+        "type": type_, "num_classes": 19, "align_corners": False,
+        "norm_cfg": {"type": "SyncBatchNorm"}, "act_cfg": {"type": "ReLU", "inplace": True},
+        "head": {"in_channels": in_channels, "feats_channels": feats_channels,
+                 "transform_channels": transform_channels, "scale": 1, "dropout": 0},
+        "auxiliary": {"in_channels": aux_in, "out_channels": aux_out, "dropout": 0},
+    }
+
+
+def ssseg_given_split_features(segmentor, *channels: int) -> None:
+    """As :func:`ssseg_given_features`, for segmentors that read several backbone stages (OCRNet:
+    ``[-2]`` for the auxiliary head, ``[-1]`` for the head): the input is the stages' feature
+    maps concatenated along the channels, split back into ``channels``."""
+    from torch import nn
+
+    class GivenSplitFeatures(nn.Module):
+        def forward(self, x):
+            return list(x.split(list(channels), dim=1))
+
+    segmentor.cfg["backbone"] = {"selected_indices": tuple(range(len(channels)))}
+    segmentor.backbone_net = GivenSplitFeatures()
