@@ -12,7 +12,10 @@ then swaps its context modules for fastctx's with :func:`fastctx.swap` (strict),
 ``cfg['fastctx_backend']`` names the backend of the fastctx ops.
 
 Segmentors: ``FastCCNet`` (CCNet: ``cca``, mmcv's CrissCrossAttention ->
-:class:`fastctx.nn.CrissCrossAttention`). Adding one is a line, once :mod:`fastctx.swap`
+:class:`fastctx.nn.CrissCrossAttention`); ``FastISANet`` (ISANet: ``global_relation`` /
+``local_relation`` -> :class:`fastctx.nn.interlaced.ISASelfAttentionBlock`, and its
+padding/permute forward -> the fused interlaced attention); ``FastANNNet`` (ANNNet:
+``afn_block`` / ``apn_block`` -> :class:`fastctx.nn.AFNB` / :class:`fastctx.nn.APNB`). Adding one is a line, once :mod:`fastctx.swap`
 recognises its modules::
 
     FastISANet = fast_segmentor(ISANet, "FastISANet", swaps=(...))
@@ -31,7 +34,7 @@ require("ssseg.modules.models.segmentors.builder", _PLUGIN, "sssegmentation")
 from ssseg.modules.models.segmentors.builder import SegmentorBuilder  # noqa: E402
 from ssseg.modules.models.segmentors.ccnet import CCNet  # noqa: E402
 
-__all__ = ["FastCCNet", "fast_segmentor"]
+__all__ = ["FastANNNet", "FastCCNet", "FastISANet", "fast_segmentor"]
 
 
 def fast_segmentor(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> type[nn.Module]:
@@ -65,3 +68,20 @@ def fast_segmentor(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> 
 
 
 FastCCNet = fast_segmentor(CCNet, "FastCCNet", swaps=("cca",))
+
+
+# sssegmentation ISANet / ANNNet ------------------------------------------------------------------
+
+from ssseg.modules.models.segmentors.annnet import ANNNet  # noqa: E402
+from ssseg.modules.models.segmentors.isanet import ISANet  # noqa: E402
+
+from fastctx.swap import fast_isanet_class  # noqa: E402
+
+# The relations are swapped by fastctx.swap; the forward without the permuted copies comes from
+# the base, fastctx.swap.fast_isanet_class(ISANet) (what swap() makes of an ISANet).
+FastISANet = fast_segmentor(fast_isanet_class(ISANet), "FastISANet", swaps=("global_relation", "local_relation"))
+FastISANet.__doc__ = (
+    "sssegmentation's ISANet on fastctx ops: same config, same state_dict, same logits; swapped: "
+    "global_relation, local_relation, and the padding/permute forward (fused interlaced attention)."
+)
+FastANNNet = fast_segmentor(ANNNet, "FastANNNet", swaps=("afn_block", "apn_block"))
