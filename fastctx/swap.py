@@ -41,6 +41,7 @@ from fastctx.nn.ocr import ObjectAttention, SpatialGather
 
 __all__ = [
     "FastISAForward",
+    "FastISANetForward",
     "NotSwappable",
     "SwapEntry",
     "SwapError",
@@ -53,6 +54,7 @@ __all__ = [
     "expect_conv_module",
     "expect_conv_modules",
     "expect_no_own_state",
+    "fast_isanet_class",
     "isa_relations",
     "recogniser",
     "recognisers",
@@ -849,4 +851,325 @@ def _mmseg_apnb(m: nn.Module, backend: str | None) -> nn.Module:
     c = first.key_in_channels
     blocks = _ann_stages(m, c, c, c, True, backend)
     expect_conv_modules(m, "bottleneck", 2 * c, c, 1)
+    return APNB.from_modules(blocks, m.bottleneck, c)
+
+
+# ============================================================================================
+# sssegmentation 1.7.0: ISANet (global_relation / local_relation and its padding/permute
+# forward) and ANNNet (AFNBlock / APNBlock)
+# ============================================================================================
+#
+# sssegmentation builds its projections with ``base.SelfAttentionBlock.buildproject``: a plain
+# ``nn.Conv2d`` 1x1 without bias when unnormalised, else ``nn.Sequential(Conv2d 1x1, norm, act)``
+# (an ``nn.Sequential`` of those for more than one conv); so its state-dict keys are
+# ``key_project.0.weight``, ``key_project.1.running_mean``, ... (not mmcv's ``.conv`` / ``.bn``).
+
+SSSEG_SEGMENTORS = "ssseg.modules.models.segmentors"
+SSSEG_ISANET = f"{SSSEG_SEGMENTORS}.isanet.isanet.ISANet"
+SSSEG_ISA_BLOCK = f"{SSSEG_SEGMENTORS}.isanet.isanet.SelfAttentionBlock"
+SSSEG_SA_BLOCK = f"{SSSEG_SEGMENTORS}.base.selfattention.SelfAttentionBlock"
+SSSEG_PPM_CONCAT = f"{SSSEG_SEGMENTORS}.annnet.ppm.PPMConcat"
+SSSEG_AFN_BLOCK = f"{SSSEG_SEGMENTORS}.annnet.afnblock.AFNBlock"
+SSSEG_APN_BLOCK = f"{SSSEG_SEGMENTORS}.annnet.apnblock.APNBlock"
+
+# Norms whose statistics do not depend on how the pixels are grouped into a batch: sssegmentation's
+# ISANet runs its relations on the map permuted into groups (one batch entry per group), fastctx
+# on the whole map; batch norm sees the same pixels either way, a per-image norm (GroupNorm,
+# InstanceNorm, ...) would not. ``nn.Identity`` is what ssseg builds for ``norm_cfg=None``.
+_SSSEG_NORMS = (class_path(nn.BatchNorm2d), class_path(nn.SyncBatchNorm), class_path(nn.Identity))
+# Elementwise activations of ssseg's ActivationBuilder (``nn.Identity`` for ``act_cfg=None``).
+_SSSEG_ACTS = tuple(class_path(getattr(nn, name)) for name in (
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "GELU", "Sigmoid", "SiLU", "ELU", "CELU", "SELU", "Tanh",
+    "Mish", "Softplus", "Hardtanh", "Identity",
+)) + tuple(f"ssseg.modules.models.backbones.bricks.activation.{m}.{c}" for m, c in (
+    ("hardswish", "HardSwish"), ("hardsigmoid", "HardSigmoid"), ("swish", "Swish"),
+))
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _expect_ssseg_conv_norm_act(m: nn.Module, name: str, in_channels: int, out_channels: int,
+                                act: bool = True) -> nn.Sequential:
+    """Submodule ``name`` of ``m`` is ssseg's ``nn.Sequential(Conv2d 1x1 in -> out, norm[, act])``
+    with a batch norm (or Identity) over ``out_channels`` and an elementwise activation."""
+    seq = expect_class(m, name, class_path(nn.Sequential))
+    if len(seq) != (3 if act else 2):
+        raise NotSwappable(f"{name} holds {len(seq)} modules, expected Conv2d, norm{', activation' if act else ''}")
+    try:
+        expect_conv1x1(seq, "0", in_channels, out_channels, bias=seq[0].bias is not None)
+        norm = seq[1]
+        if class_path(norm) not in _SSSEG_NORMS:
+            raise NotSwappable(f"1 is {class_path(norm)}, expected one of {', '.join(_SSSEG_NORMS)}")
+        if not isinstance(norm, nn.Identity) and norm.num_features != out_channels:
+            raise NotSwappable(f"1 normalises {norm.num_features} channels, expected {out_channels}")
+        if act and class_path(seq[2]) not in _SSSEG_ACTS:
+            raise NotSwappable(f"2 is {class_path(seq[2])}, expected an elementwise activation")
+    except NotSwappable as e:
+        raise NotSwappable(f"{name}.{e}") from None
+    return seq
+
+
+def _expect_ssseg_project(m: nn.Module, name: str, in_channels: int, out_channels: int,
+                          num_convs: int) -> nn.Sequential:
+    """``buildproject(..., num_convs, use_norm=True)``: one conv-norm-act ``nn.Sequential``, or
+    an ``nn.Sequential`` of ``num_convs`` of them, ``in -> out -> ... -> out``."""
+    if num_convs == 1:
+        return _expect_ssseg_conv_norm_act(m, name, in_channels, out_channels)
+    seq = expect_class(m, name, class_path(nn.Sequential))
+    if len(seq) != num_convs:
+        raise NotSwappable(f"{name} holds {len(seq)} modules, expected {num_convs} conv-norm-act blocks")
+    for i in range(num_convs):
+        try:
+            _expect_ssseg_conv_norm_act(seq, str(i), in_channels if i == 0 else out_channels, out_channels)
+        except NotSwappable as e:
+            raise NotSwappable(f"{name}.{e}") from None
+    return seq
+
+
+def _transform_channels(m: nn.Module) -> int:
+    cc = getattr(m, "transform_channels", None)
+    if not _positive_int(cc):
+        raise NotSwappable(f"transform_channels is {cc!r}, expected a positive int")
+    return cc
+
+
+# ssseg ISANet --------------------------------------------------------------------------------
+
+
+def _ssseg_isa_relation(m: nn.Module, backend: str | None) -> ISASelfAttentionBlock:
+    """ssseg ``isanet.SelfAttentionBlock(c, isa_channels)``: key/query 2 x conv-norm-act 1x1
+    ``c -> isa_channels``, value a plain 1x1 conv ``c -> c`` (no bias), no ``out_project``,
+    ``output_project`` conv-norm-act 1x1 ``c -> c``, ``matmul_norm`` (scale
+    ``transform_channels ** -0.5``), no down-sampling: full attention over the map it is given."""
+    if "forward" in vars(m):
+        raise NotSwappable("its forward is overridden on the instance")
+    expect_children(m, "key_project", "query_project", "value_project", "output_project")
+    expect_no_own_state(m)
+    expect_attrs(m, query_downsample=None, key_downsample=None, matmul_norm=True, out_project=None)
+    if m.query_project is m.key_project:
+        raise NotSwappable("query_project is key_project (shared), expected two projections")
+    cc = _transform_channels(m)
+    value = expect_class(m, "value_project", class_path(nn.Conv2d))
+    c = value.in_channels
+    expect_conv1x1(m, "value_project", c, c, bias=value.bias is not None)
+    _expect_ssseg_project(m, "key_project", c, cc, 2)
+    _expect_ssseg_project(m, "query_project", c, cc, 2)
+    _expect_ssseg_project(m, "output_project", c, c, 1)
+    return ISASelfAttentionBlock.from_modules(m.key_project, m.query_project, m.value_project,
+                                              m.output_project, cc, backend=backend)
+
+
+@recogniser(
+    SSSEG_ISA_BLOCK,
+    description="sssegmentation ISANet's SelfAttentionBlock (ISANet.global_relation / local_relation)",
+)
+def _ssseg_isa_block(m: nn.Module, backend: str | None) -> nn.Module:
+    """Alone (not inside a recognised ``ISANet``): the relation run on whatever map it is given
+    (sssegmentation's ISANet forward gives it the permuted groups) as one group of the fused
+    interlaced attention; inside a recognised ``ISANet`` the whole segmentor is swapped instead."""
+    return _ssseg_isa_relation(m, backend)
+
+
+class FastISANetForward:
+    """Mixin: sssegmentation ``ISANet.forward`` with its relations as fastctx
+    :class:`~fastctx.nn.interlaced.ISASelfAttentionBlock` s: backbone, ``in_conv``, the
+    interlaced attention (:func:`~fastctx.nn.interlaced.interlaced_sparse_context`: pad, long-range
+    then short-range groups, crop, without the permuted copies), ``out_conv(cat([context, feats]))``,
+    ``decoder``, then ssseg's losses / outputs as ``ISANet.forward`` returns them. The backend is
+    each relation's ``backend``."""
+
+    _ssseg_output: Callable = None  # ssseg's SSSegOutputStructure, set by fast_isanet_class
+
+    def forward(self, data_meta):
+        img_size = data_meta.images.size(2), data_meta.images.size(3)
+        backbone_outputs = self.transforminputs(
+            self.backbone_net(data_meta.images), selected_indices=self.cfg["backbone"].get("selected_indices"))
+        feats = self.in_conv(backbone_outputs[-1])
+        context = interlaced_sparse_context(feats, self.global_relation, self.local_relation,
+                                            tuple(self.down_factor))
+        seg_logits = self.decoder(self.out_conv(torch.cat([context, feats], dim=1)))
+        if self.mode in ("TRAIN", "TRAIN_DEVELOP"):
+            loss, losses_log_dict = self.customizepredsandlosses(
+                seg_logits=seg_logits, annotations=data_meta.getannotations(),
+                backbone_outputs=backbone_outputs, losses_cfg=self.cfg["losses"], img_size=img_size,
+            )
+            if self.mode == "TRAIN":
+                return self._ssseg_output(mode=self.mode, loss=loss, losses_log_dict=losses_log_dict)
+            return self._ssseg_output(mode=self.mode, loss=loss, losses_log_dict=losses_log_dict,
+                                      seg_logits=seg_logits)
+        return self._ssseg_output(mode=self.mode, seg_logits=seg_logits)
+
+    def train(self, mode: bool = True):
+        # ssseg's BaseSegmentor.train sets self.mode ('TRAIN' / 'TEST'); fastctx.swap calls
+        # train(original.training) on the replacement once, which must not change the mode the
+        # original segmentor had (e.g. built in 'TEST' mode, or 'TRAIN_DEVELOP').
+        out = super().train(mode)
+        keep = self.__dict__.pop("_fastctx_keep_mode", None)
+        if keep is not None:
+            self.mode = keep
+        return out
+
+
+_FAST_ISANETS: dict[type, type] = {}
+
+
+def fast_isanet_class(base: type) -> type:
+    """The subclass of ``base`` (sssegmentation's ``ISANet`` or a subclass of it) with
+    :class:`FastISANetForward`'s forward: what :func:`swap` makes of an ``ISANet``, and the base
+    of the plugin segmentor ``fastctx.integrations.sssegmentation.FastISANet``."""
+    cls = _FAST_ISANETS.get(base)
+    if cls is None:
+        isanet = next((k for k in base.__mro__ if class_path(k) == SSSEG_ISANET), None)
+        if isanet is None:
+            raise TypeError(f"fastctx.swap.fast_isanet_class: {class_path(base)} is not {SSSEG_ISANET} "
+                            "or a subclass of it")
+        import sys  # the ssseg module defining ISANet is loaded: an instance of it is being swapped
+
+        output = sys.modules[isanet.__module__].SSSegOutputStructure
+        cls = type("FastISANet", (FastISANetForward, base), {
+            "__module__": __name__, "__qualname__": "FastISANet", "_ssseg_output": staticmethod(output),
+            "__doc__": f"{class_path(base)} on fastctx's interlaced attention (made by fastctx.swap).",
+        })
+        _FAST_ISANETS[base] = cls
+    return cls
+
+
+@recogniser(
+    SSSEG_ISANET,
+    description="sssegmentation ISANet (global_relation / local_relation and its padding/permute forward)",
+)
+def _ssseg_isanet(m: nn.Module, backend: str | None) -> nn.Module:
+    """The replacement is an instance of a subclass of ``type(m)`` (:func:`fast_isanet_class`:
+    ssseg's losses, inference and ``train`` / ``eval`` are unchanged) holding the same submodules,
+    with the two relations rebuilt around their projections and the forward of
+    :class:`FastISANetForward`. Like every swapped module it is not searched further: in
+    sssegmentation 1.7.0 its other submodules (backbone, ``in_conv``, ``out_conv``, decoders) hold
+    nothing fastctx recognises."""
+    down = getattr(m, "down_factor", None)
+    if not isinstance(down, (tuple, list)) or len(down) != 2 or not all(_positive_int(d) for d in down):
+        raise NotSwappable(f"down_factor is {down!r}, expected two positive ints")
+    relations = {}
+    for name in ("global_relation", "local_relation"):
+        rel = expect_class(m, name, SSSEG_ISA_BLOCK)
+        try:
+            relations[name] = _ssseg_isa_relation(rel, backend)
+        except NotSwappable as e:
+            raise NotSwappable(f"{name}: {e}") from None
+    c = relations["global_relation"].value_project.in_channels
+    if relations["local_relation"].value_project.in_channels != c:
+        raise NotSwappable(f"global_relation takes {c} channels, local_relation "
+                           f"{relations['local_relation'].value_project.in_channels}")
+    for name, index, attr, want in (("in_conv", 0, "out_channels", c), ("out_conv", 0, "in_channels", 2 * c)):
+        seq = expect_class(m, name, class_path(nn.Sequential))
+        first = seq[index] if len(seq) else None
+        if not isinstance(first, nn.Conv2d) or getattr(first, attr) != want:
+            raise NotSwappable(f"{name}.{index} is {first!r}, expected a Conv2d with {attr}={want}")
+    for name in ("backbone_net", "decoder"):
+        if not isinstance(m._modules.get(name), nn.Module):
+            raise NotSwappable(f"has no submodule {name}")
+    new = object.__new__(fast_isanet_class(type(m)))
+    new.__dict__.update(m.__dict__)
+    for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+        if name in vars(m):
+            new.__dict__[name] = copy.copy(vars(m)[name])  # the original keeps its own
+    new._modules.update(relations)
+    if isinstance(getattr(m, "mode", None), str):
+        new.__dict__["_fastctx_keep_mode"] = m.mode  # see FastISANetForward.train
+    return new
+
+
+# ssseg ANNNet --------------------------------------------------------------------------------
+
+
+def _ssseg_ann_stage(stages: nn.Module, index: str, low: int, high: int, out: int, shared: bool,
+                     backend: str | None) -> PyramidSelfAttentionBlock:
+    """ssseg ``base.SelfAttentionBlock`` as AFNBlock / APNBlock build it: key/query one
+    conv-norm-act 1x1 ``-> transform_channels`` (one shared module when ``shared``), value and out
+    plain 1x1 convs, ``key_downsample`` a ``PPMConcat`` of square ``AdaptiveAvgPool2d`` s,
+    ``matmul_norm``, no ``query_downsample`` (``query_scale=1``)."""
+    m = expect_class(stages, index, SSSEG_SA_BLOCK)
+    try:
+        if "forward" in vars(m):
+            raise NotSwappable("its forward is overridden on the instance")
+        down = m._modules.get("query_downsample")
+        if down is not None:
+            raise NotSwappable(
+                f"query_downsample is {down!r} (query_scales > 1): sssegmentation's forward reshapes "
+                "the pooled context to the query's full size, which fails, so there is nothing to reproduce")
+        expect_children(m, "key_project", "query_project", "value_project", "out_project", "key_downsample")
+        expect_no_own_state(m)
+        expect_attrs(m, query_downsample=None, matmul_norm=True)
+        if (m.query_project is m.key_project) != shared:
+            raise NotSwappable(f"query_project is{' not' if shared else ''} key_project, expected the opposite")
+        cc = _transform_channels(m)
+        _expect_ssseg_project(m, "key_project", low, cc, 1)
+        _expect_ssseg_project(m, "query_project", high, cc, 1)
+        expect_conv1x1(m, "value_project", low, cc, bias=getattr(m.value_project, "bias", None) is not None)
+        expect_conv1x1(m, "out_project", cc, out, bias=getattr(m.out_project, "bias", None) is not None)
+        ppm = expect_class(m, "key_downsample", SSSEG_PPM_CONCAT)
+        if "forward" in vars(ppm):
+            raise NotSwappable("key_downsample's forward is overridden on the instance")
+        expect_children(ppm, "pool_nets")
+        pools = expect_class(ppm, "pool_nets", class_path(nn.ModuleList))
+        scales = []
+        for i, pool in enumerate(pools):
+            size = getattr(pool, "output_size", None)
+            if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+                size = size[0]
+            if class_path(pool) != class_path(nn.AdaptiveAvgPool2d) or not _positive_int(size):
+                raise NotSwappable(f"key_downsample.pool_nets.{i} is {pool!r}, "
+                                   "expected AdaptiveAvgPool2d(<positive int>)")
+            scales.append(size)
+        if not scales:
+            raise NotSwappable("key_downsample holds no pooling scales")
+    except NotSwappable as e:
+        raise NotSwappable(f"stages.{index}: {e}") from None
+    return PyramidSelfAttentionBlock.from_modules(m.key_project, m.query_project, m.value_project,
+                                                  m.out_project, cc, scales, backend=backend)
+
+
+def _ssseg_ann_channels(m: nn.Module) -> tuple[int, int, int]:
+    """(low, high, out) channels read off ``stages.0`` (the stage checks then verify them)."""
+    stages = m._modules.get("stages")
+    first = stages[0] if isinstance(stages, nn.ModuleList) and len(stages) else None
+    if first is None or class_path(first) != SSSEG_SA_BLOCK:
+        raise NotSwappable(f"stages holds {class_path(first) if first is not None else 'nothing'}, "
+                           f"expected {SSSEG_SA_BLOCK}")
+    query, value, out = (first._modules.get(n) for n in ("query_project", "value_project", "out_project"))
+    query = query[0] if isinstance(query, nn.Sequential) and len(query) else None
+    if not all(isinstance(conv, nn.Conv2d) for conv in (query, value, out)):
+        raise NotSwappable("stages.0: query_project.0, value_project and out_project are not all Conv2d")
+    return value.in_channels, query.in_channels, out.out_channels
+
+
+def _ssseg_ann_stages(m: nn.Module, low: int, high: int, out: int, shared: bool, backend: str | None) -> list:
+    expect_children(m, "stages", "bottleneck")
+    expect_no_own_state(m)
+    stages = expect_class(m, "stages", class_path(nn.ModuleList))
+    return [_ssseg_ann_stage(stages, str(i), low, high, out, shared, backend) for i in range(len(stages))]
+
+
+@recogniser(SSSEG_AFN_BLOCK, description="sssegmentation AFNBlock (ANNNet.afn_block)")
+def _ssseg_afnb(m: nn.Module, backend: str | None) -> nn.Module:
+    """Stages with separate query/key projections (queries from the high-level map, keys and
+    values from the low-level one), summed; ``bottleneck`` conv-norm 1x1 ``out + high -> out``
+    (no activation)."""
+    low, high, out = _ssseg_ann_channels(m)
+    blocks = _ssseg_ann_stages(m, low, high, out, False, backend)
+    _expect_ssseg_conv_norm_act(m, "bottleneck", out + high, out, act=False)
+    return AFNB.from_modules(blocks, m.bottleneck, low, high)
+
+
+@recogniser(SSSEG_APN_BLOCK, description="sssegmentation APNBlock (ANNNet.apn_block)")
+def _ssseg_apnb(m: nn.Module, backend: str | None) -> nn.Module:
+    """Stages with one shared query/key projection of the same map, summed; ``bottleneck``
+    conv-norm-act 1x1 ``2C -> C``."""
+    c, high, out = _ssseg_ann_channels(m)
+    if high != c or out != c:
+        raise NotSwappable(f"stages.0 maps {c} (keys) / {high} (queries) channels to {out}, expected "
+                           "the same number")
+    blocks = _ssseg_ann_stages(m, c, c, c, True, backend)
+    _expect_ssseg_conv_norm_act(m, "bottleneck", 2 * c, c)
     return APNB.from_modules(blocks, m.bottleneck, c)

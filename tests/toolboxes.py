@@ -195,3 +195,46 @@ def ssseg_given_split_features(segmentor, *channels: int) -> None:
 
     segmentor.cfg["backbone"] = {"selected_indices": tuple(range(len(channels)))}
     segmentor.backbone_net = GivenSplitFeatures()
+
+
+# ---------------------------------------------------------------------------------------------
+# sssegmentation ISANet / ANNNet (tests/test_swap_ssseg_isa_ann.py)
+# ---------------------------------------------------------------------------------------------
+
+#: sssegmentation's CrossEntropyLoss as its configs use it (``SEGMENTOR_CFG['losses']``).
+SSSEG_LOSSES = {"loss_cls": {"type": "CrossEntropyLoss", "scale_factor": 1.0, "ignore_index": 255,
+                             "reduction": "mean"}}
+
+
+def ssseg_isanet_cfg(type_: str, in_channels: int, feats_channels: int, isa_channels: int,
+                     down_factor: tuple[int, int] = (8, 8)) -> dict:
+    """sssegmentation's ISANet config for Cityscapes (configs/isanet/isanet_resnet50os8_cityscapes.py
+    and base_cfg.py: 19 classes, SyncBatchNorm, ReLU, ``down_factor=(8, 8)``, dropout 0.1; widths
+    2048 / 512 / 256, given here narrowed), without backbone and auxiliary head: the tests feed the
+    feature map through :func:`ssseg_given_features`."""
+    return {
+        "type": type_, "num_classes": 19, "align_corners": False,
+        "norm_cfg": {"type": "SyncBatchNorm"}, "act_cfg": {"type": "ReLU", "inplace": True},
+        "head": {"down_factor": tuple(down_factor), "in_channels": in_channels,
+                 "feats_channels": feats_channels, "isa_channels": isa_channels, "dropout": 0.1},
+        "auxiliary": None, "losses": dict(SSSEG_LOSSES),
+    }
+
+
+def ssseg_annnet_cfg(type_: str, in_channels_list: tuple[int, int], transform_channels: int,
+                     feats_channels: int, query_scales: tuple[int, ...] = (1,),
+                     key_pool_scales: tuple[int, ...] = (1, 3, 6, 8)) -> dict:
+    """sssegmentation's ANNNet config for Cityscapes (configs/annnet/annnet_resnet50os8_cityscapes.py
+    and base_cfg.py: 19 classes, SyncBatchNorm, ReLU, ``query_scales=(1,)``,
+    ``key_pool_scales=(1, 3, 6, 8)``, dropout 0.1; widths [1024, 2048] / 256 / 512, given here
+    narrowed), without backbone and auxiliary head: the tests feed the two feature maps through
+    :func:`ssseg_given_split_features`."""
+    return {
+        "type": type_, "num_classes": 19, "align_corners": False,
+        "norm_cfg": {"type": "SyncBatchNorm"}, "act_cfg": {"type": "ReLU", "inplace": True},
+        "head": {"in_channels_list": list(in_channels_list), "transform_channels": transform_channels,
+                 "query_scales": tuple(query_scales), "feats_channels": feats_channels,
+                 "key_pool_scales": tuple(key_pool_scales), "dropout": 0.1},
+        "auxiliary": None, "losses": dict(SSSEG_LOSSES),
+    }
+

@@ -18,11 +18,16 @@ Segmentors:
   :class:`fastctx.nn.SemanticLevelContext`);
 - ``FastOCRNet`` (OCRNet: ``spatial_gather_module`` -> :class:`fastctx.nn.SpatialGather`,
   ``object_context_block`` -> :class:`fastctx.nn.ObjectAttention`; ``head.scale`` 1, as
-  sssegmentation's own forward fails for more).
+  sssegmentation's own forward fails for more);
+- ``FastISANet`` (ISANet: ``global_relation`` / ``local_relation`` ->
+  :class:`fastctx.nn.interlaced.ISASelfAttentionBlock`, and its padding/permute forward -> the
+  fused interlaced attention);
+- ``FastANNNet`` (ANNNet: ``afn_block`` / ``apn_block`` -> :class:`fastctx.nn.AFNB` /
+  :class:`fastctx.nn.APNB`).
 
 Adding one is a line, once :mod:`fastctx.swap` recognises its modules::
 
-    FastISANet = fast_segmentor(ISANet, "FastISANet", swaps=(...))
+    FastXNet = fast_segmentor(XNet, "FastXNet", swaps=(...))
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from ssseg.modules.models.segmentors.ccnet import CCNet  # noqa: E402
 from ssseg.modules.models.segmentors.isnet import ISNet  # noqa: E402
 from ssseg.modules.models.segmentors.ocrnet import OCRNet  # noqa: E402
 
-__all__ = ["FastCCNet", "FastISNet", "FastOCRNet", "fast_segmentor"]
+__all__ = ["FastANNNet", "FastCCNet", "FastISANet", "FastISNet", "FastOCRNet", "fast_segmentor"]
 
 
 def fast_segmentor(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> type[nn.Module]:
@@ -76,3 +81,20 @@ def fast_segmentor(base: type[nn.Module], name: str, swaps: tuple[str, ...]) -> 
 FastCCNet = fast_segmentor(CCNet, "FastCCNet", swaps=("cca",))
 FastISNet = fast_segmentor(ISNet, "FastISNet", swaps=("ilc_net", "slc_net"))
 FastOCRNet = fast_segmentor(OCRNet, "FastOCRNet", swaps=("spatial_gather_module", "object_context_block"))
+
+
+# sssegmentation ISANet / ANNNet ------------------------------------------------------------------
+
+from ssseg.modules.models.segmentors.annnet import ANNNet  # noqa: E402
+from ssseg.modules.models.segmentors.isanet import ISANet  # noqa: E402
+
+from fastctx.swap import fast_isanet_class  # noqa: E402
+
+# The relations are swapped by fastctx.swap; the forward without the permuted copies comes from
+# the base, fastctx.swap.fast_isanet_class(ISANet) (what swap() makes of an ISANet).
+FastISANet = fast_segmentor(fast_isanet_class(ISANet), "FastISANet", swaps=("global_relation", "local_relation"))
+FastISANet.__doc__ = (
+    "sssegmentation's ISANet on fastctx ops: same config, same state_dict, same logits; swapped: "
+    "global_relation, local_relation, and the padding/permute forward (fused interlaced attention)."
+)
+FastANNNet = fast_segmentor(ANNNet, "FastANNNet", swaps=("afn_block", "apn_block"))

@@ -72,11 +72,15 @@ class ISASelfAttentionBlock(nn.Module):
     (``with_out=False``); ``output_project``: ConvModule(1x1) ``in_channels -> in_channels``.
     The projections are pointwise, so they run once on the unpermuted map and the attention
     follows the group pattern (mmseg permutes the map into groups first; same result).
+    Called with the map alone (``block=None``) it attends over the whole map, one group, as
+    mmseg's and sssegmentation's relation blocks do with the permuted groups they are given.
 
     Args:
         in_channels (int): channels of the feature map (mmseg's ``channels``).
         channels (int): query/key channels (mmseg's ``isa_channels``).
         conv_cfg, norm_cfg, act_cfg (dict | None): as mmcv's ``ConvModule``.
+        backend (str | None): of :func:`fastctx.interlaced_attention` when ``forward`` is given
+            none. Default: None.
     """
 
     def __init__(
@@ -86,9 +90,12 @@ class ISASelfAttentionBlock(nn.Module):
         conv_cfg: Mapping | None = None,
         norm_cfg: Mapping | None = BN,
         act_cfg: Mapping | None = RELU,
+        *,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.channels = channels
+        self.backend = backend
 
         def project(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
@@ -111,14 +118,18 @@ class ISASelfAttentionBlock(nn.Module):
         value_project: nn.Module,
         output_project: nn.Module,
         channels: int,
+        *,
+        backend: str | None = None,
     ) -> ISASelfAttentionBlock:
         """An ISASelfAttentionBlock around existing projections (the SAME modules, so the same
         ``Parameter`` and buffer objects, run by their own forward): :func:`fastctx.swap` builds
-        one from each relation of an mmseg ``ISAHead``. The projections must be pointwise, with
-        ``query_project`` / ``key_project`` mapping to ``channels`` (the caller verifies it)."""
+        one from each relation of an mmseg ``ISAHead`` or an sssegmentation ``ISANet``. The
+        projections must be pointwise, with ``query_project`` / ``key_project`` mapping to
+        ``channels`` (the caller verifies it)."""
         block = cls.__new__(cls)
         nn.Module.__init__(block)
         block.channels = channels
+        block.backend = backend
         block.key_project = key_project
         block.query_project = query_project
         block.value_project = value_project
@@ -128,13 +139,18 @@ class ISASelfAttentionBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        block: tuple[int, int],
-        mode: str,
+        block: tuple[int, int] | None = None,
+        mode: str = "short",
         valid: Tensor | None = None,
         backend: str | None = None,
     ) -> Tensor:
-        """``x``: ``[B, C, H, W]`` with ``H``, ``W`` multiples of ``block``; ``valid``: bool
-        ``[H, W]`` to mask keys (plain-PyTorch path), or None (the fastctx op)."""
+        """``x``: ``[B, C, H, W]`` with ``H``, ``W`` multiples of ``block`` (None: one group, the
+        whole map); ``valid``: bool ``[H, W]`` to mask keys (plain-PyTorch path), or None (the
+        fastctx op); ``backend``: None uses ``self.backend``."""
+        if block is None:
+            block, mode = (x.shape[2], x.shape[3]), "short"
+        if backend is None:
+            backend = self.backend
         q, k, v = self.query_project(x), self.key_project(x), self.value_project(x)
         scale = self.channels**-0.5  # mmseg: matmul_norm=True
         if valid is None:
