@@ -327,7 +327,15 @@ def swap(model: nn.Module, backend: str | None = None, strict: bool = False) -> 
     head (a subclass of ``ISAHead`` sharing the original's submodules) whose relations are
     :class:`fastctx.nn.interlaced.ISASelfAttentionBlock` and whose padding / permute forward runs
     the fused interlaced attention; mmseg ``ANNHead``'s ``AFNB`` / ``APNB`` ->
-    :class:`fastctx.nn.AFNB` / :class:`fastctx.nn.APNB`.
+    :class:`fastctx.nn.AFNB` / :class:`fastctx.nn.APNB`. sssegmentation's ISNet
+    ``SemanticLevelContext`` / ``ImageLevelContext`` -> :class:`fastctx.nn.SemanticLevelContext` /
+    :class:`fastctx.nn.ImageLevelContext`; its OCRNet ``SpatialGatherModule`` /
+    ``ObjectContextBlock`` -> :class:`fastctx.nn.SpatialGather` / :class:`fastctx.nn.ObjectAttention`;
+    its ``ISANet`` -> the same segmentor (a subclass of ``ISANet``) whose relations are
+    ``ISASelfAttentionBlock`` s and whose padding / permute forward runs the fused interlaced
+    attention (an ``isanet.SelfAttentionBlock`` outside a recognised ISANet -> an
+    ``ISASelfAttentionBlock`` over the map it is given); its ``ANNNet``'s ``AFNBlock`` /
+    ``APNBlock`` -> :class:`fastctx.nn.AFNB` / :class:`fastctx.nn.APNB`.
 
     The replacement is built around the original's own submodules: the same ``Parameter`` and
     buffer objects, so the ``state_dict`` is unchanged (keys and values), an optimiser built
@@ -786,7 +794,7 @@ def _ann_stage(parent: nn.Module, index: str, low: int, high: int, out: int, sha
         expect_attrs(m, share_key_query=shared, query_downsample=None, matmul_norm=True,
                      key_in_channels=low, query_in_channels=high, out_channels=out)
         if (m.query_project is m.key_project) != shared:
-            raise NotSwappable(f"query_project is{'' if shared else ' not'} key_project, expected the opposite")
+            raise NotSwappable(f"query_project is{' not' if shared else ''} key_project, expected the opposite")
         cc = getattr(m, "channels", None)
         if not isinstance(cc, int):
             raise NotSwappable(f"channels is {cc!r}, expected an int")
