@@ -8,7 +8,7 @@ import os
 
 COLUMNS = [
     "op", "case", "dtype", "candidate", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mib",
-    "speedup_vs_reference", "speedup_vs_strongest", "memory_vs_reference", "status",
+    "speedup_vs_reference", "speedup_vs_strongest", "memory_vs_reference", "out_rel_err", "status",
 ]
 
 
