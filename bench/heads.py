@@ -37,9 +37,11 @@ the swapped head; tests/test_swap*.py compare every gradient in float64 (relativ
 
 Sizes: B=2, the ResNet heads' 1/8 of 512x1024 = 64x128 at the Cityscapes widths (in_channels
 2048, channels 512, ...). ``--quick``: 33x65 feature maps (1/8 of 257x513: ISA pads them), every
-width divided by 4 (``--narrow 4``) and fewer repetitions: the heads' 3x3 convolutions, which the
-swap does not touch, cost ~0.8 TFLOP a forward at full width and size. ``--size`` and ``--narrow``
-override either.
+width divided by 8 (``--narrow 8``) and fewer repetitions: the heads' 3x3 convolutions, which the
+swap does not touch, cost ~0.8 TFLOP a forward at full width and size (CCHead). Narrowing makes
+the attention (linear in the width) a larger part of a head than its convolutions (quadratic):
+the quick ratios flatter the swap; the full-size run gives the figures. ``--size`` and
+``--narrow`` override either.
 
 Targets, checked on CPU in fp32 (the issue's): every swapped head at least as fast as the original
 (fwd and fwd+bwd; the ISNet head at least 10x) and no swapped head above the original's peak
@@ -79,7 +81,7 @@ INSTALL = (
 NUM_CLASSES = 19
 FULL = (2, 64, 128)  # B, H, W: 1/8 of 512x1024
 QUICK = (2, 33, 65)
-QUICK_NARROW = 4
+QUICK_NARROW = 8
 SYNC_BN = {"type": "SyncBatchNorm"}  # sssegmentation's Cityscapes configs
 
 
@@ -416,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="fastctx-heads-report", help="output folder (default ./fastctx-heads-report)")
     p.add_argument("--heads", help=f"comma-separated (default: all): {','.join(HEADS)}")
     p.add_argument("--size", help="BxHxW of the feature maps (default 2x64x128; --quick 2x33x65)")
-    p.add_argument("--narrow", type=int, help="divide every width by this (default 1; --quick 4)")
+    p.add_argument("--narrow", type=int, help="divide every width by this (default 1; --quick 8)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--backend", help="backend for the swapped modules (default: fastctx chooses per call)")
     args = p.parse_args(argv)
