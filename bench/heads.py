@@ -76,7 +76,7 @@ INSTALL = (
     "bench/heads.py needs the segmentation toolboxes, which are test-only (not fastctx dependencies): "
     "mmsegmentation==1.2.2 mmcv-lite==2.1.0 mmengine==0.10.7 ftfy regex, and sssegmentation==1.7.0 "
     "(pip --no-deps, with dill tqdm torchvision). `make test` installs them into .venv "
-    "(the Makefile's $(VENV)/.toolboxes step)."
+    "(`make .venv/.toolboxes` installs only them)."
 )
 NUM_CLASSES = 19
 FULL = (2, 64, 128)  # B, H, W: 1/8 of 512x1024
