@@ -30,7 +30,8 @@ tests/toolboxes.py's ``ssseg_given_features`` does). fp32; peak memory as fastct
 measures it.
 
 Parity: each candidate's logits against the original head run in float64 (same weights), within
-the float32 row of fastctx.testing (``out_rel_err`` in the JSON/CSV: max |diff| / max |truth|).
+the float32 row of fastctx.testing widened 10x as for the model cases (``out_rel_err`` in the
+JSON/CSV and the Markdown: max |diff| / max |truth|).
 The gradients are computed, not compared: float32 rounding in a whole head in training mode
 (ReLUs whose input rounds across 0) moves a few gradient elements of the original as much as of
 the swapped head; tests/test_swap*.py compare every gradient in float64 (relative error 1e-5).
@@ -266,6 +267,10 @@ class HeadCase(Case):
     """A Case whose runner parity check compares the output (the logits) only (module docstring)."""
 
     check_grads: bool = False
+    # a whole head in float32 rounds further from its float64 self than one op does (measured,
+    # --quick: the swapped OCR cascade 2 elements of 163020 at 1.9x the float32 row), so the row
+    # is widened as the model cases widen it
+    tol_scale: float = 10.0
 
 
 def _train_mode(model: nn.Module) -> nn.Module:
