@@ -395,7 +395,8 @@ def import_toolboxes(heads: list[str]) -> None:
         if any(h.startswith("ssseg-") for h in heads):
             toolboxes.ssseg_segmentor("isnet")
     except ImportError as e:
-        sys.exit(f"{INSTALL}\n({e})")
+        print(f"{INSTALL}\n({e})", file=sys.stderr)
+        sys.exit(2)
 
 
 def parity_markdown(report: dict, cases: list[Case]) -> str:
@@ -408,8 +409,7 @@ def parity_markdown(report: dict, cases: list[Case]) -> str:
             rows = [r for r in report["rows"] if r["case"] == case.name and r["candidate"] == cand]
             if not rows:
                 continue
-            status = rows[0]["status"]
-            verdict = "ok" if status == "ok" else status
+            verdict = rows[0]["status"].replace("|", "\\|")  # the failure message's "|diff|"
             err = rows[0].get("out_rel_err")
             swapped = "-" if cand == "original" else ("<br>".join(case.config["swapped"] or []) or "nothing")
             lines.append(f"| {case.name} | {cand} | **{verdict}** | {'-' if err is None else f'{err:.2g}'} | {swapped} |")
