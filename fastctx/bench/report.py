@@ -8,7 +8,7 @@ import os
 
 COLUMNS = [
     "op", "case", "dtype", "candidate", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mib",
-    "speedup_vs_reference", "speedup_vs_strongest", "memory_vs_reference", "status",
+    "speedup_vs_reference", "speedup_vs_strongest", "memory_vs_reference", "out_rel_err", "status",
 ]
 
 
@@ -18,6 +18,11 @@ def _fmt(x, digits=3):
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def _cell(text: str) -> str:
+    """A table cell: a failure message's "|diff|" must not split the Markdown row."""
+    return str(text).replace("|", "\\|")
 
 
 def markdown(report: dict) -> str:
@@ -52,7 +57,7 @@ def markdown(report: dict) -> str:
         for c in cands:
             mine = {r["mode"]: r for r in rows if r["candidate"] == c}
             if "-" in mine:
-                lines.append(f"| {c} | {mine['-']['status']} | | | | | | | |")
+                lines.append(f"| {c} | {_cell(mine['-']['status'])} | | | | | | | |")
                 continue
             t = lambda m: f"{_fmt(mine[m]['median_ms'])} ({_fmt(mine[m]['p20_ms'])}-{_fmt(mine[m]['p80_ms'])})"  # noqa: E731
             fb = mine["fwd+bwd"]
@@ -65,7 +70,7 @@ def markdown(report: dict) -> str:
     if report["targets"]:
         lines += ["## Targets", "", "| target | case | dtype | result | figure |", "|---|---|---|---|---|"]
         for t in report["targets"]:
-            lines.append(f"| {t['target']} | {t['case']} | {t['dtype']} | **{t['result']}** | {t['detail']} |")
+            lines.append(f"| {t['target']} | {t['case']} | {t['dtype']} | **{t['result']}** | {_cell(t['detail'])} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -92,7 +92,7 @@ def _row(case: Case, dtype: torch.dtype, device: torch.device, cand: str, mode: 
     return {
         "op": case.op, "case": case.name, "config": case.config, "device_type": device.type,
         "dtype": DTYPE_NAMES[dtype], "candidate": cand, "mode": mode,
-        "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mib": None, "status": "ok", **kw,
+        "median_ms": None, "p20_ms": None, "p80_ms": None, "peak_mib": None, "out_rel_err": None, "status": "ok", **kw,
     }
 
 
@@ -125,8 +125,10 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
             if getattr(case, "check_grads", True):  # a Case subclass may check the output only
                 problems += [mismatch(g, t, dtype, f"grad{i}", case.tol_scale) for i, (g, t) in enumerate(zip(grads, truth_grads))]
         problems = [p for p in problems if p]
+        # the output's distance to the truth, relative to the truth's largest element (reported)
+        err = None if timing_only else _rel_err(out, truth_out)
         if problems:
-            rows.append(_row(case, dtype, device, cand, "-", status="FAILED parity: " + problems[0].splitlines()[0]))
+            rows.append(_row(case, dtype, device, cand, "-", out_rel_err=err, status="FAILED parity: " + problems[0].splitlines()[0]))
             log(f"  {cand:10s} FAILED parity: {problems[0].splitlines()[0]}")
             continue
         del out, grads
@@ -152,7 +154,7 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
         peaks = {"fwd": peak_mib(fwd, device), "bwd": None, "fwd+bwd": peak_mib(full, device)}
         for mode in MODES:
             med, p20, p80 = timings[mode]
-            rows.append(_row(case, dtype, device, cand, mode, median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=peaks[mode],
+            rows.append(_row(case, dtype, device, cand, mode, median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=peaks[mode], out_rel_err=err,
                              status="ok (timing only, no parity check)" if timing_only else "ok"))
         log(
             f"  {cand:10s} fwd {timings['fwd'][0]:9.3f} ms  bwd {timings['bwd'][0]:9.3f} ms  "
@@ -160,6 +162,11 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
         )
     _ratios(rows, case)
     return rows
+
+
+def _rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:
+    err = float((out.detach().double() - truth.double()).abs().max())
+    return err / max(float(truth.abs().max()), 1e-300)
 
 
 def _ratios(rows: list[dict], case: Case) -> None:
@@ -218,23 +225,26 @@ def run(
     dtypes: Iterable[torch.dtype] | None = None,
     quick: bool = False,
     log: Callable[[str], None] = print,
+    cases: Iterable[Case] | None = None,
 ) -> dict:
-    """Run the report; returns ``{"meta": ..., "rows": [...], "targets": [...]}``."""
+    """Run the report; returns ``{"meta": ..., "rows": [...], "targets": [...]}``. ``cases``, when
+    given, are run instead of the registered ones (``ops`` is then ignored): cases built outside
+    :data:`CASES`, e.g. bench/heads.py's toolbox heads."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
         dtypes = (torch.float32, torch.float16) if dev.type == "cuda" else (torch.float32,)
     os.environ["FASTCTX_CHECK_NAN"] = "0"  # the baselines do not check either: time the kernels
-    ops = list(ops or CASES)
-    unknown = [o for o in ops if o not in CASES]
-    if unknown:
-        raise ValueError(f"fastctx bench: unknown op(s) {unknown}; choose from {list(CASES)}")
+    if cases is None:
+        ops = list(ops or CASES)
+        unknown = [o for o in ops if o not in CASES]
+        if unknown:
+            raise ValueError(f"fastctx bench: unknown op(s) {unknown}; choose from {list(CASES)}")
+        cases = [case for op in ops for case in CASES[op](quick)]
     meta = metadata(dev)
     log(f"fastctx bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})")
-    rows, all_cases = [], []
-    for op in ops:
-        for case in CASES[op](quick):
-            all_cases.append(case)
-            for dtype in dtypes:
-                log(f"{case.op} {case.name} {DTYPE_NAMES[dtype]}")
-                rows += run_case(case, dtype, dev, quick, log)
+    rows, all_cases = [], list(cases)
+    for case in all_cases:
+        for dtype in dtypes:
+            log(f"{case.op} {case.name} {DTYPE_NAMES[dtype]}")
+            rows += run_case(case, dtype, dev, quick, log)
     return {"meta": meta, "rows": rows, "targets": check_targets(all_cases, rows, dev)}
