@@ -18,7 +18,7 @@ REPORT ?= fastctx-report
 TORCHVISION ?= torchvision==0.29.1
 TOOLBOXES = mmsegmentation==1.2.2 mmcv-lite==2.1.0 mmengine==0.10.7 ftfy regex dill tqdm
 
-.PHONY: install report report-full test clean
+.PHONY: install report report-full report-heads report-heads-quick test clean
 
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ report: install
 # The same with full repetitions.
 report-full: install
 	$(PY) -m fastctx bench --out $(REPORT)
+
+# The toolbox heads (mmseg, sssegmentation) before and after fastctx.swap: time, peak memory,
+# parity (bench/heads.py; the toolboxes are test-only). Full size: B=2, 64x128 features at the
+# Cityscapes widths (long on a 2-core CPU); -quick: 33x65 features, widths / 8.
+report-heads: install $(VENV)/.toolboxes
+	$(PY) bench/heads.py --out fastctx-heads-report
+
+report-heads-quick: install $(VENV)/.toolboxes
+	$(PY) bench/heads.py --quick --out fastctx-heads-report
 
 test: install $(VENV)/.toolboxes
 	$(PY) -m pytest -q tests

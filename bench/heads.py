@@ -313,10 +313,9 @@ def head_case(head: Head, size: tuple[int, int, int], narrow: int, backend: str 
             swapped, report = swap(copy.deepcopy(original), backend=backend, strict=True)
         except Exception as e:  # noqa: BLE001 (strict: reported as the candidate's error)
             why_not, report = e, None
-        if swapped is not None:
-            # fastctx.swap sets a replaced module's whole subtree to the original's training flag
-            # (nn.Module.train), which turns the dropout inside a replaced head (ISAHead) back on
-            _train_mode(swapped)
+        flags = {n: m.training for n, m in original.named_modules()}
+        if swapped is not None and any(flags.get(n, m.training) != m.training for n, m in swapped.named_modules()):
+            raise RuntimeError(f"bench/heads.py: {head.name}: the swap changed a submodule's train/eval flag")
         if report is not None:
             config["swapped"] = [str(e) for e in report.swapped]
             if not report.swapped:

@@ -294,6 +294,7 @@ _HOOK_DICTS = (
 def _convert(module: nn.Module, rec: Recogniser, backend: str | None) -> nn.Module:
     if "forward" in vars(module):
         raise NotSwappable("its forward is overridden on the instance")
+    flags = {id(m): m.training for m in module.modules()}
     new = rec.convert(module, backend)
     # The contract every converter must keep: same state_dict keys bound to the same tensors.
     old_sd, new_sd = module.state_dict(keep_vars=True), new.state_dict(keep_vars=True)
@@ -307,7 +308,11 @@ def _convert(module: nn.Module, rec: Recogniser, backend: str | None) -> nn.Modu
             f"fastctx.swap: the converter for {rec.class_path} broke the contract (same state_dict "
             f"keys bound to the same tensors); these differ: {differ}"
         )
-    new.train(module.training)
+    # Each submodule keeps its own train/eval flag (a frozen BN, an eval-mode dropout stay so):
+    # not new.train(), which would set the whole subtree. Modules the converter made take the
+    # replaced module's flag.
+    for m in new.modules():
+        m.training = flags.get(id(m), module.training)
     if "_is_full_backward_hook" in vars(module):
         new._is_full_backward_hook = module._is_full_backward_hook
     for name in _HOOK_DICTS:
@@ -341,7 +346,8 @@ def swap(model: nn.Module, backend: str | None = None, strict: bool = False) -> 
     buffer objects, so the ``state_dict`` is unchanged (keys and values), an optimiser built
     before the swap still updates the model, and checkpoints of the original load into the
     swapped model and back. A module shared by several parents stays shared. Hooks registered on
-    a replaced module and its train/eval mode carry over. Swapped modules are not searched
+    a replaced module carry over, and so does the train/eval flag of each of its submodules (a
+    frozen BN stays frozen, an eval-mode dropout stays off). Swapped modules are not searched
     further. The model is not copied: swap a ``copy.deepcopy`` to keep the original.
 
     One behaviour differs from the original modules: fastctx ops refuse NaN/inf inputs with a
@@ -1009,16 +1015,6 @@ class FastISANetForward:
                                       seg_logits=seg_logits)
         return self._ssseg_output(mode=self.mode, seg_logits=seg_logits)
 
-    def train(self, mode: bool = True):
-        # ssseg's BaseSegmentor.train sets self.mode ('TRAIN' / 'TEST'); fastctx.swap calls
-        # train(original.training) on the replacement once, which must not change the mode the
-        # original segmentor had (e.g. built in 'TEST' mode, or 'TRAIN_DEVELOP').
-        out = super().train(mode)
-        keep = self.__dict__.pop("_fastctx_keep_mode", None)
-        if keep is not None:
-            self.mode = keep
-        return out
-
 
 _FAST_ISANETS: dict[type, type] = {}
 
@@ -1083,8 +1079,6 @@ def _ssseg_isanet(m: nn.Module, backend: str | None) -> nn.Module:
         if name in vars(m):
             new.__dict__[name] = copy.copy(vars(m)[name])  # the original keeps its own
     new._modules.update(relations)
-    if isinstance(getattr(m, "mode", None), str):
-        new.__dict__["_fastctx_keep_mode"] = m.mode  # see FastISANetForward.train
     return new
 
 

@@ -388,3 +388,24 @@ def test_hooks_mode_and_sharing_carry_over(mmcv_cca):
     handle.remove()  # the handle of the hook registered on the original still removes it
     fast(torch.randn(1, 16, 5, 6))
     assert len(calls) == 1
+
+
+def test_each_submodule_keeps_its_train_flag(mmseg):
+    """A head trained with frozen norm layers (mmseg ``norm_eval``, ssseg ``is_freeze_norm``) or an
+    eval-mode dropout keeps them so after the swap: the flags are per submodule, not one
+    ``train()`` over the replacement's subtree."""
+    from mmseg.registry import MODELS
+
+    head = MODELS.build(dict(type="ISAHead", in_channels=24, channels=16, isa_channels=8, down_factor=(4, 4),
+                             num_classes=5, norm_cfg=dict(type="BN"), dropout_ratio=0.1))
+    head.train()
+    frozen = [name for name, m in head.named_modules() if isinstance(m, (nn.BatchNorm2d, nn.Dropout2d))][::2]
+    assert len(frozen) >= 3
+    for name in frozen:
+        head.get_submodule(name).eval()
+    want = {name: m.training for name, m in head.named_modules()}
+    fast, report = swap(head, strict=True)
+    assert [e.path for e in report.swapped] == [""] and fast is not head
+    got = {name: m.training for name, m in fast.named_modules()}
+    assert {n: got[n] for n in want if n in got} == want
+    assert all(got[n] for n in got.keys() - want.keys())  # modules the converter made: the head's flag
