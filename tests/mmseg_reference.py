@@ -8,6 +8,8 @@ test. mmseg itself is not imported.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,3 +81,16 @@ def compare_modules(got: nn.Module, want: nn.Module, what: str) -> None:
             assert torch.equal(b, c), f"{what} buffer {n}: {b} != {c}"
         else:
             assert_close(b, c, F64, f"{what} buffer {n}")
+
+
+def assert_compiles_fullgraph(m: nn.Module, x: torch.Tensor) -> None:
+    """``torch.compile(m, fullgraph=True)`` (aot_eager) gives eager's output and input gradient on
+    ``x`` (a float32 leaf; each run from its own copy of ``m``, as BN updates its statistics)."""
+    torch._dynamo.reset()
+    ref = copy.deepcopy(m)
+    got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    (dx,) = torch.autograd.grad(got.tanh().sum(), x)
+    want = ref(x)
+    (wx,) = torch.autograd.grad(want.tanh().sum(), x)
+    assert_close(got, want.double(), torch.float32, "out")
+    assert_close(dx, wx.double(), torch.float32, "dx")
