@@ -16,7 +16,7 @@ import torch
 import fastctx
 from fastctx.swap import SwapError
 from tests import toolboxes
-from tests._utils import assert_close
+from tests.swap_support import assert_plugin_head_matches, assert_same_logits, original_and_plugin_models, plugin_configs
 from tests.toolboxes import randomize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,15 +89,7 @@ def test_fastcchead_takes_cchead_keys_and_state(mmseg):
     fast = MODELS.build(cchead_cfg(type="FastCCHead", fastctx_backend="reference"))
     assert isinstance(fast, CCHead) and type(fast).__name__ == "FastCCHead"
     assert type(fast.cca) is fastctx.nn.CrissCrossAttention and fast.cca.backend == "reference"
-    assert list(fast.state_dict()) == list(original.state_dict())
-    fast.load_state_dict(original.state_dict(), strict=True)
-    original.eval()
-    fast.eval()
-    x = [torch.randn(2, 32, 13, 11)] * 4
-    with torch.no_grad():
-        want, got = original(x), fast(x)
-    assert fastctx.last_backend("criss_cross_attention") == "reference"
-    assert_close(got, want.double(), torch.float32, "logits")
+    assert_plugin_head_matches(original, fast, ([torch.randn(2, 32, 13, 11)] * 4,), "criss_cross_attention")
 
 
 def test_fastcchead_that_cannot_swap_fails_to_build(mmseg):
@@ -108,49 +100,13 @@ def test_fastcchead_that_cannot_swap_fails_to_build(mmseg):
 
 
 def test_config_with_the_plugin_loads_the_original_checkpoint(mmseg, tmp_path):
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
-    from mmseg.registry import MODELS
-
-    base = os.path.join(os.path.dirname(mmseg.__file__), ".mim", "configs", "ccnet",
-                        "ccnet_r50-d8_4xb2-40k_cityscapes-512x1024.py")
-    original_cfg = Config.fromfile(base)
-    original_cfg.model.pretrained = None  # random weights: nothing to download
-    # Forget the plugin, so that what registers FastCCHead below is the config's custom_imports.
-    sys.modules.pop("fastctx.integrations.mmseg")
-    MODELS._module_dict.pop("FastCCHead")
-    user_cfg = tmp_path / "ccnet_r50-d8_fastctx.py"
-    user_cfg.write_text(
-        f"_base_ = [{base!r}]\n"
-        "custom_imports = dict(imports=['fastctx.integrations.mmseg'], allow_failed_imports=False)\n"
-        "model = dict(pretrained=None, decode_head=dict(type='FastCCHead'))\n"
-    )
-    fast_cfg = Config.fromfile(str(user_cfg))
-    assert "FastCCHead" in MODELS.module_dict
+    original_cfg, fast_cfg = plugin_configs(mmseg, tmp_path, "ccnet/ccnet_r50-d8_4xb2-40k_cityscapes-512x1024.py",
+                                            "FastCCHead", dict(type="FastCCHead"))
     assert fast_cfg.model.decode_head.channels == 512 and fast_cfg.model.decode_head.recurrence == 2
-
-    init_default_scope(fast_cfg.get("default_scope", "mmseg"))  # as mmseg.apis.init_model does
-    torch.manual_seed(0)
-    original = MODELS.build(original_cfg.model)
+    original, fast = original_and_plugin_models(original_cfg, fast_cfg, tmp_path, randomize)
     assert type(original.decode_head).__name__ == "CCHead"
-    randomize(original)
-    checkpoint = tmp_path / "ccnet_original.pth"
-    torch.save({"meta": {}, "state_dict": original.state_dict()}, checkpoint)
-
-    fast = MODELS.build(fast_cfg.model)
     assert type(fast.decode_head).__name__ == "FastCCHead"
     assert type(fast.decode_head.cca) is fastctx.nn.CrissCrossAttention
-    load_checkpoint(fast, str(checkpoint), map_location="cpu", strict=True)
-    original.eval()
-    fast.eval()
     image = torch.randn(1, 3, 65, 97)  # a 9x13 feature map at output stride 8
-    with torch.no_grad():
-        want = original(image, mode="tensor")
-        got = fast(image, mode="tensor")
-        assert got.shape == (1, 19, 9, 13)
-        assert_close(got, want.double(), torch.float32, "logits")
-        # the criss-cross attention (gamma 0.8 in the checkpoint) matters to these logits
-        fast.decode_head.cca.gamma.scale.zero_()
-        without = fast(image, mode="tensor")
-    assert float((without - want).abs().max()) > 1e-3 * float(want.abs().max())
+    # the criss-cross attention (gamma 0.8 in the checkpoint) matters to these logits
+    assert_same_logits(original, fast, image, (1, 19, 9, 13), [fast.decode_head.cca.gamma.scale])

@@ -17,7 +17,7 @@ from torch import nn
 import fastctx.models as M
 from fastctx import _ext
 from fastctx.backends import last_backend
-from fastctx.nn import PyramidSelfAttentionBlock, Scale
+from fastctx.models._init import randomize_for_parity
 
 SMALL = ["ccnet_r18_d8", "isanet_r18_d8", "ann_r18_d8", "ocrnet_r18_d8", "isnet_r18_d8", "ocrnet_hr18"]
 BIG = ["ccnet_r50_d8", "isanet_r50_d8", "ann_r50_d8", "ocrnet_hr18", "ocrnet_hr48", "ocrnet_r101_d8", "isnet_r50_d8"]
@@ -31,24 +31,6 @@ OPS = {
 }
 # training outputs beyond "out" (ISNet: sssegmentation's loss on the stage-1 prediction)
 EXTRA = {"isnet": {"aux", "stage1"}}
-
-
-def randomize(model: nn.Module) -> None:
-    """Weights under which every attention reaches the output: mmcv's criss-cross ``gamma`` and
-    mmseg's ANN ``out_project`` start at 0 (and the residual blocks' last BN at 0), where a
-    fused-vs-reference comparison could not fail."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-            elif isinstance(m, Scale):
-                m.scale.fill_(0.8)
-            elif isinstance(m, PyramidSelfAttentionBlock):
-                m.out_project.weight.normal_(0, 0.1)
-                m.out_project.bias.normal_(0, 0.1)
 
 
 def close(got: torch.Tensor, want: torch.Tensor, what: str, floor: float = 0.0, eps: float = 2e-5) -> None:
@@ -95,7 +77,7 @@ def test_fused_vs_reference_forward_backward(name):
     K = 5
     kind = name.split("_")[0]
     fused = M.build(name, K).double()
-    randomize(fused)
+    randomize_for_parity(fused)
     ref = copy.deepcopy(fused)
     ref.backend = "reference"
     fused.train(), ref.train()
@@ -187,7 +169,7 @@ def test_d8_dilations():
 
 def test_load_backbone(tmp_path):
     src = M.ResNetV1c(18)
-    randomize(src)
+    randomize_for_parity(src)
     # an open-mmlab ImageNet checkpoint: backbone keys + the classifier's fc.*
     plain = tmp_path / "resnet18_v1c.pth"
     torch.save({"state_dict": {**src.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}}, plain)

@@ -1,8 +1,9 @@
 """fastctx.nn.APNB / AFNB against mmseg 1.2.2's ANN blocks, re-implemented here.
 
-``_mm_*`` below copy the logic of mmsegmentation 1.2.2 (``decode_heads/ann_head.py``,
-``utils/self_attention_block.py``) and mmcv 2.1's ``ConvModule`` in plain torch, and run it with
-the weights of the module under test. mmseg itself is not imported.
+``_mm_*`` below copy the logic of mmsegmentation 1.2.2 (``decode_heads/ann_head.py``, on the
+shared pieces of tests/mmseg_reference.py: mmcv 2.1's ``ConvModule``, the attention of
+``utils/self_attention_block.py``) in plain torch, and run it with the weights of the module under
+test. mmseg itself is not imported.
 """
 
 from __future__ import annotations
@@ -12,27 +13,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fastctx
 from fastctx.nn.ann import AFNB, APNB
 from tests._utils import AUTO, assert_close
-
-F64 = torch.float64
-BN_KEYS = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+from tests.mmseg_reference import (
+    F64, assert_compiles_fullgraph, compare_modules, conv_module_keys, mm_attention, mm_conv_module, pair, randomize,
+)
 
 
 # ---------------------------------------------------------------- mmseg, re-implemented literally
-
-
-def _mm_conv_module(cm: nn.Module, x: torch.Tensor, act: bool = True) -> torch.Tensor:
-    """mmcv ConvModule.forward, order ('conv', 'norm', 'act'), BN (+ ReLU)."""
-    x = F.conv2d(x, cm.conv.weight, cm.conv.bias)
-    bn = cm.bn
-    if bn.training:
-        bn.num_batches_tracked += 1
-    x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, 0.1, 1e-5)
-    return F.relu(x) if act else x
 
 
 def _mm_ppm_concat(feats: torch.Tensor, pool_scales) -> torch.Tensor:
@@ -52,24 +42,15 @@ def _mm_sab(blk, query_feats, key_feats, channels, query_scale, key_pool_scales,
     upsample with align_corners=True.
     """
     batch_size = query_feats.size(0)
-    query = _mm_conv_module(blk.query_project, query_feats)
+    query = mm_conv_module(blk.query_project, query_feats)
     if query_scale > 1:
         query = F.max_pool2d(query, kernel_size=query_scale)
     pooled_hw = query.shape[2:]
-    query = query.reshape(*query.shape[:2], -1)
-    query = query.permute(0, 2, 1).contiguous()
-    key = _mm_conv_module(blk.key_project, key_feats)
+    key = mm_conv_module(blk.key_project, key_feats)
     value = F.conv2d(key_feats, blk.value_project.weight, blk.value_project.bias)
     key = _mm_ppm_concat(key, key_pool_scales)
     value = _mm_ppm_concat(value, key_pool_scales)
-    key = key.reshape(*key.shape[:2], -1)
-    value = value.reshape(*value.shape[:2], -1)
-    value = value.permute(0, 2, 1).contiguous()
-    sim_map = torch.matmul(query, key)
-    sim_map = (channels**-0.5) * sim_map
-    sim_map = F.softmax(sim_map, dim=-1)
-    context = torch.matmul(sim_map, value)
-    context = context.permute(0, 2, 1).contiguous()
+    context = mm_attention(query, key, value, channels)
     if not upsample:
         context = context.reshape(batch_size, -1, *query_feats.shape[2:])
         return F.conv2d(context, blk.out_project.weight, blk.out_project.bias)
@@ -84,7 +65,7 @@ def _mm_apnb(m, feats, channels, query_scales, key_pool_scales, upsample=False):
         for stage, s in zip(m.stages, query_scales, strict=True)
     ]
     context = torch.stack(priors, dim=0).sum(dim=0)
-    return _mm_conv_module(m.bottleneck, torch.cat([context, feats], 1))
+    return mm_conv_module(m.bottleneck, torch.cat([context, feats], 1))
 
 
 def _mm_afnb(m, low_feats, high_feats, channels, query_scales, key_pool_scales, upsample=False):
@@ -93,7 +74,7 @@ def _mm_afnb(m, low_feats, high_feats, channels, query_scales, key_pool_scales, 
         for stage, s in zip(m.stages, query_scales, strict=True)
     ]
     context = torch.stack(priors, dim=0).sum(dim=0)
-    return _mm_conv_module(m.bottleneck, torch.cat([context, high_feats], 1), act=False)  # act_cfg=None
+    return mm_conv_module(m.bottleneck, torch.cat([context, high_feats], 1), act=False)  # act_cfg=None
 
 
 def _ann_keys(n_stages: int) -> list[str]:
@@ -102,32 +83,16 @@ def _ann_keys(n_stages: int) -> list[str]:
     both names, and state_dict lists both), value_project and out_project (Conv2d with bias),
     then query_downsample / key_downsample (no parameters); then the bottleneck ConvModule."""
 
-    def conv_module(p):
-        return [f"{p}.conv.weight"] + [f"{p}.bn.{k}" for k in BN_KEYS]
-
     keys = []
     for i in range(n_stages):
         p = f"stages.{i}"
-        keys += conv_module(f"{p}.key_project") + conv_module(f"{p}.query_project")
+        keys += conv_module_keys(f"{p}.key_project") + conv_module_keys(f"{p}.query_project")
         keys += [f"{p}.value_project.weight", f"{p}.value_project.bias"]
         keys += [f"{p}.out_project.weight", f"{p}.out_project.bias"]
-    return keys + conv_module("bottleneck")
+    return keys + conv_module_keys("bottleneck")
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def _randomize(m: nn.Module) -> nn.Module:
-    """Non-trivial weights (out_project starts at zero in mmseg) and BN statistics."""
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if name.endswith("weight") else 0.2) + (1.0 if ".bn.weight" in name else 0.0))
-        for name, b in m.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn_like(b) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand_like(b) + 0.5)
-    return m
 
 
 def _check_step(m, ref, inputs, ref_inputs, forward_ref, what):
@@ -141,18 +106,7 @@ def _check_step(m, ref, inputs, ref_inputs, forward_ref, what):
     want.backward(dout)
     for i, (x, xr) in enumerate(zip(inputs, ref_inputs, strict=True)):
         assert_close(x.grad, xr.grad, F64, f"{what} grad input {i}")
-    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters(), strict=True):
-        assert_close(p.grad, q.grad, F64, f"{what} grad {n}")
-    for (n, b), (_, c) in zip(m.named_buffers(), ref.named_buffers(), strict=True):
-        if b.dtype == torch.long:
-            assert torch.equal(b, c), f"{what} buffer {n}: {b} != {c}"
-        else:
-            assert_close(b, c, F64, f"{what} buffer {n}")
-
-
-def _pair(*shape):
-    x = torch.randn(*shape, dtype=F64, requires_grad=True)
-    return x, x.detach().clone().requires_grad_(True)
+    compare_modules(m, ref, what)
 
 
 # ------------------------------------------------------------------------------------- tests
@@ -196,7 +150,7 @@ def test_load_from_annhead_checkpoint():
 
 
 def test_state_dict_round_trip():
-    a = _randomize(AFNB(8, 10, 6, 10, query_scales=(1, 2))).double().eval()
+    a = randomize(AFNB(8, 10, 6, 10, query_scales=(1, 2))).double().eval()
     b = AFNB(8, 10, 6, 10, query_scales=(1, 2)).double().eval()
     b.load_state_dict(a.state_dict(), strict=True)
     low, high = torch.randn(1, 8, 9, 7, dtype=F64), torch.randn(1, 10, 11, 13, dtype=F64)
@@ -213,9 +167,9 @@ APNB_CASES = [  # (H, W, query_scales, key_pool_scales)
 @pytest.mark.parametrize("H,W,qs,ks", APNB_CASES, ids=[f"{h}x{w}-q{len(q)}-k{len(k)}" for h, w, q, k in APNB_CASES])
 def test_apnb_matches_mmseg(H, W, qs, ks, train):
     C, Cp = 10, 6
-    m = _randomize(APNB(C, Cp, C, qs, ks)).double().train(train)
+    m = randomize(APNB(C, Cp, C, qs, ks)).double().train(train)
     ref = copy.deepcopy(m)
-    x, xr = _pair(2, C, H, W)
+    x, xr = pair(2, C, H, W)
     _check_step(m, ref, (x,), (xr,), lambda r, f: _mm_apnb(r, f, Cp, qs, ks), "apnb")
     if train:  # mmseg runs the shared key/query ConvModule twice: its BN counts 2 batches
         assert m.stages[0].key_project.bn.num_batches_tracked.item() == 2
@@ -232,17 +186,17 @@ AFNB_CASES = [  # (low H, W), (high H, W)
 def test_afnb_matches_mmseg(low, high, train):
     Cl, Ch, Cp, Co = 8, 10, 6, 12
     qs, ks = (1,), (1, 3, 6, 8)
-    m = _randomize(AFNB(Cl, Ch, Cp, Co, qs, ks)).double().train(train)
+    m = randomize(AFNB(Cl, Ch, Cp, Co, qs, ks)).double().train(train)
     ref = copy.deepcopy(m)
-    lo, lor = _pair(2, Cl, *low)
-    hi, hir = _pair(2, Ch, *high)
+    lo, lor = pair(2, Cl, *low)
+    hi, hir = pair(2, Ch, *high)
     _check_step(m, ref, (lo, hi), (lor, hir), lambda r, a, b: _mm_afnb(r, a, b, Cp, qs, ks), "afnb")
 
 
 def test_mmseg_query_scale_above_one_raises():
     """Why query_scales > 1 cannot follow mmseg: its forward reshapes the pooled context to the
     query's full size, which fails (no mmseg checkpoint can use it)."""
-    m = _randomize(APNB(8, 6, 8, query_scales=(2,))).double()
+    m = randomize(APNB(8, 6, 8, query_scales=(2,))).double()
     x = torch.randn(1, 8, 16, 16, dtype=F64)
     with pytest.raises(RuntimeError):
         _mm_apnb(m, x, 6, (2,), (1, 3))
@@ -252,35 +206,27 @@ def test_mmseg_query_scale_above_one_raises():
 def test_query_scales_upsample_back(train):
     """query_scales > 1: max-pool the projected query, attend, upsample back (OCNet's fix)."""
     C, Cp, qs, ks = 8, 6, (1, 2, 3), (1, 3, 6)
-    m = _randomize(APNB(C, Cp, C, qs, ks)).double().train(train)
+    m = randomize(APNB(C, Cp, C, qs, ks)).double().train(train)
     ref = copy.deepcopy(m)
-    x, xr = _pair(2, C, 17, 23)  # not divisible by 2 or 3: max-pool drops the remainder
+    x, xr = pair(2, C, 17, 23)  # not divisible by 2 or 3: max-pool drops the remainder
     _check_step(m, ref, (x,), (xr,), lambda r, f: _mm_apnb(r, f, Cp, qs, ks, upsample=True), "apnb")
-    a = _randomize(AFNB(6, 8, 5, 8, (2,), ks)).double().train(train)
+    a = randomize(AFNB(6, 8, 5, 8, (2,), ks)).double().train(train)
     ref = copy.deepcopy(a)
-    lo, lor = _pair(2, 6, 9, 11)
-    hi, hir = _pair(2, 8, 21, 14)
+    lo, lor = pair(2, 6, 9, 11)
+    hi, hir = pair(2, 8, 21, 14)
     _check_step(a, ref, (lo, hi), (lor, hir), lambda r, p, q: _mm_afnb(r, p, q, 5, (2,), ks, upsample=True), "afnb")
 
 
 def test_float32_module_matches_float64_mmseg():
-    m = _randomize(AFNB(8, 10, 6, 12)).eval()
+    m = randomize(AFNB(8, 10, 6, 12)).eval()
     low, high = torch.randn(2, 8, 17, 23), torch.randn(2, 10, 33, 65)
     want = _mm_afnb(copy.deepcopy(m).double(), low.double(), high.double(), 6, (1,), (1, 3, 6, 8))
     assert_close(m(low, high), want, torch.float32, "out")
 
 
 def test_compile_fullgraph():
-    torch._dynamo.reset()
-    m = _randomize(APNB(8, 4, 8, query_scales=(1, 2))).train()
-    ref = copy.deepcopy(m)
-    x = torch.randn(2, 8, 9, 10, requires_grad=True)
-    got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
-    (dx,) = torch.autograd.grad(got.tanh().sum(), x)
-    want = ref(x)
-    (wx,) = torch.autograd.grad(want.tanh().sum(), x)
-    assert_close(got, want.double(), torch.float32, "out")
-    assert_close(dx, wx.double(), torch.float32, "dx")
+    m = randomize(APNB(8, 4, 8, query_scales=(1, 2))).train()
+    assert_compiles_fullgraph(m, torch.randn(2, 8, 9, 10, requires_grad=True))
 
 
 def test_fresh_blocks_start_as_mmseg():

@@ -1,8 +1,9 @@
 """fastctx.nn.InterlacedSparseAttention against mmseg 1.2.2's ISAHead, re-implemented here.
 
-``_mm_*`` below copy the logic of mmsegmentation 1.2.2 (``decode_heads/isa_head.py``,
-``utils/self_attention_block.py``) and mmcv 2.1's ``ConvModule`` in plain torch, and run it with
-the weights of the module under test. mmseg itself is not imported.
+``_mm_*`` below copy the logic of mmsegmentation 1.2.2 (``decode_heads/isa_head.py``, on the
+shared pieces of tests/mmseg_reference.py: mmcv 2.1's ``ConvModule``, the attention of
+``utils/self_attention_block.py``) in plain torch, and run it with the weights of the module under
+test. mmseg itself is not imported.
 """
 
 from __future__ import annotations
@@ -19,22 +20,13 @@ import fastctx
 from fastctx.nn._conv import ConvModule
 from fastctx.nn.interlaced import InterlacedSparseAttention
 from tests._utils import AUTO, assert_close
-
-F64 = torch.float64
-BN_KEYS = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+from tests.mmseg_reference import (
+    BN_KEYS, F64, assert_compiles_fullgraph, compare_modules, conv_module_keys, mm_attention, mm_conv_module, pair,
+    randomize,
+)
 
 
 # ---------------------------------------------------------------- mmseg, re-implemented literally
-
-
-def _mm_conv_module(cm: nn.Module, x: torch.Tensor, act: bool = True) -> torch.Tensor:
-    """mmcv ConvModule.forward, order ('conv', 'norm', 'act'), BN + ReLU."""
-    x = F.conv2d(x, cm.conv.weight, cm.conv.bias)
-    bn = cm.bn
-    if bn.training:
-        bn.num_batches_tracked += 1
-    x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, 0.1, 1e-5)
-    return F.relu(x) if act else x
 
 
 def _mm_self_attention_block(blk: nn.Module, x: torch.Tensor, isa_channels: int) -> torch.Tensor:
@@ -44,23 +36,14 @@ def _mm_self_attention_block(blk: nn.Module, x: torch.Tensor, isa_channels: int)
     batch_size = query_feats.size(0)
     query = query_feats
     for cm in blk.query_project:
-        query = _mm_conv_module(cm, query)
-    query = query.reshape(*query.shape[:2], -1)
-    query = query.permute(0, 2, 1).contiguous()
+        query = mm_conv_module(cm, query)
     key = key_feats
     for cm in blk.key_project:
-        key = _mm_conv_module(cm, key)
+        key = mm_conv_module(cm, key)
     value = F.conv2d(key_feats, blk.value_project.weight, blk.value_project.bias)
-    key = key.reshape(*key.shape[:2], -1)
-    value = value.reshape(*value.shape[:2], -1)
-    value = value.permute(0, 2, 1).contiguous()
-    sim_map = torch.matmul(query, key)
-    sim_map = (isa_channels**-0.5) * sim_map  # matmul_norm=True
-    sim_map = F.softmax(sim_map, dim=-1)
-    context = torch.matmul(sim_map, value)
-    context = context.permute(0, 2, 1).contiguous()
+    context = mm_attention(query, key, value, isa_channels)
     context = context.reshape(batch_size, -1, *query_feats.shape[2:])
-    return _mm_conv_module(blk.output_project, context)  # with_out=False: no out_project
+    return mm_conv_module(blk.output_project, context)  # with_out=False: no out_project
 
 
 def _mm_isa(m: nn.Module, x: torch.Tensor, down_factor, isa_channels: int) -> torch.Tensor:
@@ -92,41 +75,11 @@ def _isahead_keys(prefix: str) -> list[str]:
     """State-dict keys of isa_head.SelfAttentionBlock, in registration order: the base block
     registers key_project, query_project (2 ConvModules each: conv without bias + bn),
     value_project (Conv2d with bias), out_project=None (no keys); then output_project."""
-
-    def conv_module(p):
-        return [f"{p}.conv.weight"] + [f"{p}.bn.{k}" for k in BN_KEYS]
-
     keys = []
     for proj in ("key_project", "query_project"):
-        keys += conv_module(f"{prefix}.{proj}.0") + conv_module(f"{prefix}.{proj}.1")
+        keys += conv_module_keys(f"{prefix}.{proj}.0") + conv_module_keys(f"{prefix}.{proj}.1")
     keys += [f"{prefix}.value_project.weight", f"{prefix}.value_project.bias"]
-    return keys + conv_module(f"{prefix}.output_project")
-
-
-# ---------------------------------------------------------------------------------- helpers
-
-
-def _randomize(m: nn.Module) -> nn.Module:
-    """Non-trivial weights and BN statistics, so every term of the forward matters."""
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.5 if name.endswith("weight") else 0.2) + (1.0 if ".bn.weight" in name else 0.0))
-        for name, b in m.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn_like(b) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand_like(b) + 0.5)
-    return m
-
-
-def _compare_modules(got: nn.Module, want: nn.Module, what: str) -> None:
-    for (n, p), (_, q) in zip(got.named_parameters(), want.named_parameters(), strict=True):
-        assert_close(p.grad, q.grad, F64, f"{what} grad {n}")
-    for (n, b), (_, c) in zip(got.named_buffers(), want.named_buffers(), strict=True):
-        if b.dtype == torch.long:
-            assert torch.equal(b, c), f"{what} buffer {n}: {b} != {c}"
-        else:
-            assert_close(b, c, F64, f"{what} buffer {n}")
+    return keys + conv_module_keys(f"{prefix}.output_project")
 
 
 # ------------------------------------------------------------------------------------- tests
@@ -158,7 +111,7 @@ def test_state_dict_keys_are_isaheads():
 
 
 def test_state_dict_round_trip():
-    a = _randomize(InterlacedSparseAttention(12, 6, (4, 4))).double().eval()
+    a = randomize(InterlacedSparseAttention(12, 6, (4, 4))).double().eval()
     b = InterlacedSparseAttention(12, 6, (4, 4)).double().eval()
     b.load_state_dict(a.state_dict(), strict=True)
     x = torch.randn(1, 12, 9, 10, dtype=F64)
@@ -177,10 +130,9 @@ CASES = [  # (H, W, down_factor)
 @pytest.mark.parametrize("H,W,df", CASES, ids=[f"{h}x{w}-df{d[0]}x{d[1]}" for h, w, d in CASES])
 def test_matches_mmseg_isahead(H, W, df, train):
     C, Cqk = 12, 6
-    m = _randomize(InterlacedSparseAttention(C, Cqk, df, backend="reference")).double().train(train)
+    m = randomize(InterlacedSparseAttention(C, Cqk, df, backend="reference")).double().train(train)
     ref = copy.deepcopy(m)
-    x = torch.randn(2, C, H, W, dtype=F64, requires_grad=True)
-    xr = x.detach().clone().requires_grad_(True)
+    x, xr = pair(2, C, H, W)
     out = m(x)
     assert fastctx.last_backend("interlaced_attention") == "reference"
     want = _mm_isa(ref, xr, df, Cqk)
@@ -189,7 +141,7 @@ def test_matches_mmseg_isahead(H, W, df, train):
     out.backward(dout)
     want.backward(dout)
     assert_close(x.grad, xr.grad, F64, "grad x")
-    _compare_modules(m, ref, "train" if train else "eval")  # parameter grads, BN running stats
+    compare_modules(m, ref, "train" if train else "eval")  # parameter grads, BN running stats
     # One SGD step on both, then an eval forward: same weights, same statistics, same output.
     for mod in (m, ref):
         with torch.no_grad():
@@ -202,7 +154,7 @@ def test_matches_mmseg_isahead(H, W, df, train):
 
 
 def test_float32_module_matches_float64_mmseg():
-    m = _randomize(InterlacedSparseAttention(12, 6)).eval()
+    m = randomize(InterlacedSparseAttention(12, 6)).eval()
     x = torch.randn(2, 12, 33, 65)
     want = _mm_isa(copy.deepcopy(m).double(), x.double(), (8, 8), 6)
     assert_close(m(x), want, torch.float32, "out")
@@ -210,16 +162,8 @@ def test_float32_module_matches_float64_mmseg():
 
 @pytest.mark.parametrize("mask_padding", [False, True])
 def test_compile_fullgraph(mask_padding):
-    torch._dynamo.reset()
-    m = _randomize(InterlacedSparseAttention(8, 4, (4, 4), mask_padding=mask_padding)).train()
-    ref = copy.deepcopy(m)
-    x = torch.randn(2, 8, 9, 10, requires_grad=True)
-    got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
-    (dx,) = torch.autograd.grad(got.tanh().sum(), x)
-    want = ref(x)
-    (wx,) = torch.autograd.grad(want.tanh().sum(), x)
-    assert_close(got, want.double(), torch.float32, "out")
-    assert_close(dx, wx.double(), torch.float32, "dx")
+    m = randomize(InterlacedSparseAttention(8, 4, (4, 4), mask_padding=mask_padding)).train()
+    assert_compiles_fullgraph(m, torch.randn(2, 8, 9, 10, requires_grad=True))
 
 
 # ------------------------------------------------------------------------------ mask_padding
@@ -242,16 +186,16 @@ def _dense_masked_isa(m: nn.Module, x: torch.Tensor, df, isa_channels: int) -> t
         allowed = (groups[mode][:, None] == groups[mode][None, :]) & valid[None, :]  # [N, N]
         q, k = x, x
         for cm in blk.query_project:
-            q = _mm_conv_module(cm, q)
+            q = mm_conv_module(cm, q)
         for cm in blk.key_project:
-            k = _mm_conv_module(cm, k)
+            k = mm_conv_module(cm, k)
         v = F.conv2d(x, blk.value_project.weight, blk.value_project.bias)
         e = isa_channels**-0.5 * torch.einsum("bcn,bcm->bnm", q.flatten(2), k.flatten(2))
         e = e.masked_fill(~allowed, float("-inf"))
         has = allowed.any(1)
         a = torch.softmax(torch.where(has[:, None], e, torch.zeros_like(e)), -1) * has[:, None]
         ctx = torch.einsum("bnm,bcm->bcn", a, v.flatten(2)).reshape(n, -1, Hp, Wp)
-        x = _mm_conv_module(blk.output_project, ctx)
+        x = mm_conv_module(blk.output_project, ctx)
     return x[:, :, top : top + h, left : left + w]
 
 
@@ -262,10 +206,9 @@ MASK_CASES = [(13, 11, (4, 3)), (5, 13, (8, 4))]  # the second has groups made o
 @pytest.mark.parametrize("H,W,df", MASK_CASES, ids=[f"{h}x{w}-df{d[0]}x{d[1]}" for h, w, d in MASK_CASES])
 def test_mask_padding_matches_dense_masked_attention(H, W, df, train):
     C, Cqk = 8, 4
-    m = _randomize(InterlacedSparseAttention(C, Cqk, df, mask_padding=True)).double().train(train)
+    m = randomize(InterlacedSparseAttention(C, Cqk, df, mask_padding=True)).double().train(train)
     ref = copy.deepcopy(m)
-    x = torch.randn(2, C, H, W, dtype=F64, requires_grad=True)
-    xr = x.detach().clone().requires_grad_(True)
+    x, xr = pair(2, C, H, W)
     out = m(x)
     want = _dense_masked_isa(ref, xr, df, Cqk)
     assert_close(out, want, F64, "out")
@@ -273,7 +216,7 @@ def test_mask_padding_matches_dense_masked_attention(H, W, df, train):
     out.backward(dout)
     want.backward(dout)
     assert_close(x.grad, xr.grad, F64, "grad x")
-    _compare_modules(m, ref, "masked")
+    compare_modules(m, ref, "masked")
     # ... and it is a different semantics from mmseg's: the padded keys matter there.
     unmasked = InterlacedSparseAttention(C, Cqk, df).double().train(train)
     unmasked.load_state_dict(ref.state_dict())
@@ -281,7 +224,7 @@ def test_mask_padding_matches_dense_masked_attention(H, W, df, train):
 
 
 def test_mask_padding_without_padding_is_the_op():
-    a = _randomize(InterlacedSparseAttention(8, 4, (4, 4), mask_padding=True)).double().eval()
+    a = randomize(InterlacedSparseAttention(8, 4, (4, 4), mask_padding=True)).double().eval()
     b = InterlacedSparseAttention(8, 4, (4, 4)).double().eval()
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 8, 12, 16, dtype=F64)

@@ -301,3 +301,12 @@ def test_compiled_ops_check_their_inputs():
         torch.ops.fastctx.sp_fwd(_r(1, 4, 5, 6), _r(2, 3, 5, 6))
     with pytest.raises(RuntimeError, match=r"dregions must be"):
         torch.ops.fastctx.sp_bwd(_r(1, 4, 2), _r(1, 4, 5, 6), labels, _r(1, 5, 6), regions)
+    # the argument checks of csrc/cpu/common.h: op, stage, argument, shape / dtype
+    with pytest.raises(RuntimeError, match=r"fastctx.semantic_pool \(sp_fwd\): logits has dtype Double but feats has dtype Float"):
+        torch.ops.fastctx.sp_fwd(_r(1, 4, 5, 6), _r(1, 3, 5, 6).double())
+    with pytest.raises(RuntimeError, match=r"fastctx.semantic_pool \(sp_fwd\): feats must be 4-D \[B, C, H, W\], got shape \[4, 5, 6\]"):
+        torch.ops.fastctx.sp_fwd(_r(4, 5, 6), _r(1, 3, 5, 6))
+    with pytest.raises(RuntimeError, match=r"fastctx.semantic_pool \(sp_scatter\): dpooled must be float16, bfloat16, float32 or float64, got Long"):
+        torch.ops.fastctx.sp_scatter(torch.zeros(1, 4, 5, 6, dtype=torch.int64), labels, 3)
+    with pytest.raises(RuntimeError, match=r"fastctx.semantic_pool \(sp_gather\): labels must be 3-D \[B, H, W\], got shape \[5, 6\]"):
+        torch.ops.fastctx.sp_gather(regions, labels[0], torch.float32)

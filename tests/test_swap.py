@@ -30,78 +30,15 @@ from torch import nn
 import fastctx
 from fastctx.swap import SwapError, recognisers, swap
 from tests import toolboxes
-from tests.toolboxes import randomize
 from tests._utils import assert_close
+from tests.swap_support import check, compare_runs, run
+from tests.swap_support import mmseg_fixture  # noqa: F401 (the fixture "mmseg")
+from tests.toolboxes import randomize
 
 MMCV_CCA = "mmcv.ops.cc_attention.CrissCrossAttention"
 FAST_CCA = "fastctx.nn.criss_cross.CrissCrossAttention"
 SIZES = [(33, 65), (97, 97)]
 HEAD_IN, HEAD_CH = 64, 64  # narrowed from 2048, 512 (see the module docstring)
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-
-
-#: Below NOISE[dtype] * (the largest quantity compared in a run), an expected value is a sum
-#: that cancels to rounding level: key_conv.bias's gradient is exactly 0 (a constant added to
-#: every key of a softmax row changes nothing); gamma's is a sum over the ~10^6 elements of a
-#: 2x64x97x97 map that cancels to ~1e-4 of the largest gradient (measured in the 97x97 train
-#: run: 0.033 against 464, where the original and the swapped head in float32 are 2.7e-5 and
-#: 4.2e-5 off the float64 value, and 6.9e-5 apart). Such a value must be matched to that level.
-NOISE = {torch.float64: 1e-8, torch.float32: 1e-4}
-
-
-def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str,
-          scale: float = 0.0) -> None:
-    """``actual`` against ``expected`` (both computed in ``dtype``): relative error <= 1e-5 in
-    float64 (the issue's target: max|actual - expected| / max|expected|), the dtype's row of
-    fastctx.testing otherwise; an expected tensor at noise level (see NOISE) must be matched by
-    an actual one at noise level."""
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    assert not a.isnan().any(), f"{name}: NaN"
-    err = float((a - e).abs().max())
-    noise = NOISE[dtype] * scale
-    if float(e.abs().max()) <= noise:
-        assert err <= noise, f"{name}: expected zero up to rounding ({noise:.3g}), off by {err:.3g}"
-    elif dtype == torch.float64:
-        rel = err / float(e.abs().max())
-        assert rel <= 1e-5, f"{name}: relative error {rel:.3g} > 1e-05"
-    else:
-        assert_close(actual, e, dtype, name)
-
-
-def run(model: nn.Module, x: torch.Tensor, dout: torch.Tensor, seed: int, forward=None):
-    """Forward (dropout drawn from ``seed``) and backward with ``dout``; returns the output,
-    the gradients of x and of every parameter (by name) and the buffers."""
-    x = x.detach().clone().requires_grad_(True)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = (forward or model)(x)
-    out.backward(dout.to(out.dtype))
-    grads = {"x": x.grad}
-    grads.update({n: p.grad for n, p in model.named_parameters()})
-    return out.detach(), grads, {n: b.detach().clone() for n, b in model.named_buffers()}
-
-
-def compare_runs(got, want, dtype, what):
-    """``got`` (swapped) against ``want`` (original), both run in ``dtype``."""
-    out, grads, bufs = got
-    out64, grads64, bufs64 = want
-    scale = max(float(t.abs().max()) for t in [out64, *grads64.values()])
-    check(out, out64, dtype, f"{what} output", scale)
-    assert grads.keys() == grads64.keys()
-    for n in grads64:
-        assert grads[n] is not None, f"{what}: no gradient for {n}"
-        check(grads[n], grads64[n], dtype, f"{what} grad {n}", scale)
-    assert bufs.keys() == bufs64.keys()
-    for n in bufs64:
-        if bufs64[n].is_floating_point():
-            check(bufs[n], bufs64[n], dtype, f"{what} buffer {n}")
-        else:
-            assert torch.equal(bufs[n], bufs64[n]), f"{what} buffer {n}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,11 +158,6 @@ def mmseg_cchead(in_channels: int = HEAD_IN, channels: int = HEAD_CH, **override
     head = MODELS.build(cfg)
     randomize(head)
     return head
-
-
-@pytest.fixture(scope="module")
-def mmseg():
-    return toolboxes.mmseg()
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

@@ -3,11 +3,9 @@
 the plugin head ``FastOCRHead``.
 
 Needs mmsegmentation (tests/toolboxes.py; FAILS when missing). Comparisons (output, input and
-parameter gradients, BN buffers): float64 as in tests/test_swap.py (relative error <= 1e-5
-against the original); float32 by :func:`compare_runs32` (against the original in float32, the
-float32 row of fastctx.testing, or, where that row is beaten by rounding in long sums, no more
-than F32_FACTOR times the original's own float32 error off the float64 result, or, after a ReLU
-flip in train mode, within F32_FLIP of the float64 result's largest element).
+parameter gradients, BN buffers) by tests/swap_support.py's ``parity``: float64 relative error
+<= 1e-5 against the original; float32 by ``compare_runs32`` (against the original in float32,
+the float32 row of fastctx.testing, with the fallbacks documented there).
 
 Widths: the module test uses mmseg's Cityscapes OCRNet widths (configs/_base_/models/
 ocrnet_r50-d8.py: OCRHead channels=512, ocr_channels=256, 19 classes). The cascade tests (the
@@ -20,8 +18,6 @@ touch, would otherwise cost minutes per test on two CPU cores.
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
@@ -29,9 +25,12 @@ from torch import nn
 
 import fastctx
 from fastctx.swap import SwapError, recognisers, swap
-from tests import toolboxes
-from tests._utils import assert_close
-from tests.test_swap import check, compare_runs, run
+from tests.swap_support import (
+    assert_look_alike_left_alone, assert_matters, assert_plugin_head_matches, assert_same_logits,
+    left_alone_reasons, mmseg_config, original_and_plugin_models, parity, plugin_configs,
+)
+from tests.swap_support import compare_runs32  # noqa: F401 (tests/test_swap_ssseg_*.py import it from here)
+from tests.swap_support import mmseg_fixture  # noqa: F401 (the fixture "mmseg")
 from tests.toolboxes import randomize
 
 SGM = "mmseg.models.decode_heads.ocr_head.SpatialGatherModule"
@@ -40,58 +39,6 @@ FAST_SG = "fastctx.nn.ocr.SpatialGather"
 FAST_OA = "fastctx.nn.ocr.ObjectAttention"
 SIZES = [(33, 65), (97, 97)]
 AUX_IN, AUX_CH, OCR_IN, OCR_CH, OCR_OCR = 24, 16, 32, 24, 12  # narrowed (module docstring)
-
-
-@pytest.fixture(scope="module")
-def mmseg():
-    return toolboxes.mmseg()
-
-
-#: A float32 tensor of the swapped model may miss the float32 row of fastctx.testing against the
-#: original's float32 result when both are long sums that cancel (the gradients of the key and
-#: value projections: sums over B * H * W pixels). It must then be at most F32_FACTOR times as far
-#: from the float64 result as the original's float32 result is (measured worst: 4.3x, the
-#: value projection's BN weight of the OCR cascade at 33x65, at 6.7e-7 of its largest element).
-#: As in tests/test_swap.py, an expected gradient at noise level (1e-4 of the largest quantity
-#: compared) need only be matched to that level.
-F32_FACTOR = 8.0
-#: In train mode a ReLU after a batch-statistics BN whose float32 input rounds across 0 in one
-#: model and not the other passes or blocks one gradient element, and every gradient upstream of
-#: it moves (measured: the OCR cascade at 97x97 in train mode, one such flip in the
-#: object-context bottleneck: its BN bias gradient 0.6 off of 146, the input gradient 0.10 off of
-#: 5.1, while the swapped model's float64 run matches the original to 1e-5). A float32 tensor
-#: beyond both rules above must then still be within F32_FLIP of its largest float64 element.
-#: This is a loose bound: the float64 comparison is the exactness test.
-F32_FLIP = 5e-2
-
-
-def compare_runs32(got, want32, want64, what):
-    """``got`` (swapped, float32) against ``want32`` (original, float32) and ``want64`` (original,
-    float64): outputs, gradients and buffers; see F32_FACTOR."""
-    names = [("output", got[0], want32[0], want64[0])]
-    assert got[1].keys() == want32[1].keys() == want64[1].keys()
-    names += [(f"grad {n}", got[1][n], want32[1][n], want64[1][n]) for n in want64[1]]
-    assert got[2].keys() == want32[2].keys()
-    for n in want64[2]:
-        if not want64[2][n].is_floating_point():
-            assert torch.equal(got[2][n], want32[2][n]), f"{what} buffer {n}"
-        else:
-            names.append((f"buffer {n}", got[2][n], want32[2][n], want64[2][n]))
-    scale = max(float(t.abs().max()) for t in [want32[0], *want32[1].values()])
-    for name, g, w32, w64 in names:
-        assert g is not None, f"{what}: no {name}"
-        try:
-            check(g, w32, torch.float32, f"{what} {name}", scale if not name.startswith("buffer") else 0.0)
-        except (AssertionError, pytest.fail.Exception) as row:
-            e_orig = float((w32.double() - w64).abs().max())
-            e_fast = float((g.double() - w64).abs().max())
-            assert e_fast <= F32_FACTOR * e_orig or e_fast <= F32_FLIP * float(w64.abs().max()), (
-                f"{what} {name}: {e_fast:.3g} off float64, more than {F32_FACTOR} x the original's "
-                f"float32 error {e_orig:.3g}; {row}")
-
-
-def paths(report):
-    return [(e.path, e.original, e.replacement) for e in report.swapped]
 
 
 def test_registry_lists_ocr():
@@ -131,28 +78,16 @@ def test_ocr_modules_swapped_match(mmseg, mode):
     x = torch.randn(2, 512 + 19, 33, 65, dtype=torch.float64)
     x[:, 512:] *= 3  # logits of a few units: a peaked softmax over the pixels
     dout = torch.randn(2, 512, 33, 65, dtype=torch.float64)
-    for dtype in (torch.float64, torch.float32):
-        original = copy.deepcopy(orig).to(dtype)
-        want = run(original, x.to(dtype), dout, seed=0)
-        want64 = want if dtype == torch.float64 else want64
-        fast = copy.deepcopy(orig).to(dtype)
-        same, report = swap(fast, strict=True)
-        assert same is fast
-        assert paths(report) == [("gather", SGM, FAST_SG), ("block", OAB, FAST_OA)]
+
+    def swapped(fast):
         assert type(fast.gather) is fastctx.nn.SpatialGather and type(fast.block) is fastctx.nn.ObjectAttention
         assert fast.training == (mode == "train") and fast.block.training == (mode == "train")
-        got = run(fast, x.to(dtype), dout, seed=0)
-        if dtype == torch.float64:
-            compare_runs(got, want, dtype, f"OCR modules {mode} {dtype}")
-        else:
-            compare_runs32(got, want, want64, f"OCR modules {mode} {dtype}")
+
+    original, want = parity(orig, x, dout, 0, lambda m: m, [("gather", SGM, FAST_SG), ("block", OAB, FAST_OA)],
+                            f"OCR modules {mode}", swapped)
     # the attention reaches the output (so the comparison above could fail)
-    with torch.no_grad():
-        original.block.out_project.bn.weight.zero_()
-        original.block.out_project.bn.bias.zero_()
-        original.eval()
-        without = original(x.float())
-    assert float((without - want[0]).abs().max()) > 1e-3 * float(want[0].abs().max())
+    bn = original.block.out_project.bn
+    assert_matters([bn.weight, bn.bias], lambda: original(x.float()), want[0], seed=0)
 
 
 def test_swapped_block_keeps_the_same_parameters_and_state_dict(mmseg):
@@ -201,12 +136,8 @@ def test_ocr_structure_differences_are_left_alone(mmseg):
     model = nn.Sequential(downsampled, wide_value, three_keys, plain_conv, no_matmul_norm,
                           SpatialGatherModule(0), SpatialGatherModule(-1.5))
     before = list(model)
-    with pytest.raises(SwapError, match="recognised modules could not be swapped") as info:
-        swap(model, strict=True)
-    assert list(model) == before
-    report = info.value.report
-    reasons = {e.path: e.reason for e in report.left_alone}
-    assert set(reasons) == {"0", "1", "2", "3", "4", "5", "6"} and not report.swapped
+    reasons = left_alone_reasons(model)
+    assert set(reasons) == {"0", "1", "2", "3", "4", "5", "6"}
     assert "query_downsample" in reasons["0"]
     assert "value_project.conv is Conv2d(in=16, out=8, kernel=(3, 3)" in reasons["1"]
     assert "key_project holds 3 modules, expected 2" in reasons["2"]
@@ -228,12 +159,7 @@ class SpatialGatherModule(nn.Module):
 
 
 def test_ocr_look_alike_is_reported_not_touched():
-    look = SpatialGatherModule()
-    model = nn.Sequential(look)
-    _, report = swap(model, strict=True)
-    assert model[0] is look and not report.swapped
-    [entry] = report.look_alikes
-    assert entry.original == f"{__name__}.SpatialGatherModule" and SGM in entry.reason
+    assert_look_alike_left_alone(SpatialGatherModule(), SGM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,27 +206,12 @@ def test_mmseg_ocr_cascade_swapped_matches(mmseg, size, mode):
     orig.train(mode == "train")
     x = torch.randn(2, AUX_IN + OCR_IN, *size, dtype=torch.float64)
     dout = torch.randn(2, 38, *size, dtype=torch.float64)
-    for dtype in (torch.float64, torch.float32):
-        original = copy.deepcopy(orig).to(dtype)
-        want = run(original, x.to(dtype), dout, seed=1, forward=cascade_forward(original))
-        want64 = want if dtype == torch.float64 else want64
-        fast = copy.deepcopy(orig).to(dtype)
-        _, report = swap(fast, strict=True)
-        assert paths(report) == [("1.object_context_block", OAB, FAST_OA),
-                                 ("1.spatial_gather_module", SGM, FAST_SG)]
-        got = run(fast, x.to(dtype), dout, seed=1, forward=cascade_forward(fast))
-        if dtype == torch.float64:
-            compare_runs(got, want, dtype, f"OCR cascade {size} {mode} {dtype}")
-        else:
-            compare_runs32(got, want, want64, f"OCR cascade {size} {mode} {dtype}")
+    original, want = parity(orig, x, dout, 1, cascade_forward,
+                            [("1.object_context_block", OAB, FAST_OA), ("1.spatial_gather_module", SGM, FAST_SG)],
+                            f"OCR cascade {size} {mode}")
     # the object attention matters to the OCR logits
-    with torch.no_grad():
-        block = original[1].object_context_block
-        block.out_project.bn.weight.zero_()
-        block.out_project.bn.bias.zero_()
-        torch.manual_seed(1)
-        without = cascade_forward(original)(x.float())
-    assert float((without - want[0]).abs().max()) > 1e-3 * float(want[0].abs().max())
+    bn = original[1].object_context_block.out_project.bn
+    assert_matters([bn.weight, bn.bias], lambda: cascade_forward(original)(x.float()), want[0], seed=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,69 +234,26 @@ def test_fastocrhead_takes_ocrhead_keys_and_state(mmseg):
     assert type(fast.object_context_block) is fastctx.nn.ObjectAttention
     assert type(fast.spatial_gather_module) is fastctx.nn.SpatialGather
     assert fast.object_context_block.backend == "reference" == fast.spatial_gather_module.backend
-    assert list(fast.state_dict()) == list(original.state_dict())
-    fast.load_state_dict(original.state_dict(), strict=True)
-    original.eval()
-    fast.eval()
-    x = [torch.randn(2, OCR_IN, 13, 11)] * 4
-    prev = torch.randn(2, 19, 13, 11)
-    with torch.no_grad():
-        want, got = original(x, prev), fast(x, prev)
-    assert fastctx.last_backend("region_attention") == "reference"
-    assert_close(got, want.double(), torch.float32, "logits")
+    inputs = ([torch.randn(2, OCR_IN, 13, 11)] * 4, torch.randn(2, 19, 13, 11))
+    assert_plugin_head_matches(original, fast, inputs, "region_attention")
     with pytest.raises(SwapError, match="query_downsample"):  # scale=2: mmseg's block max-pools
         MODELS.build({**cfg, "type": "FastOCRHead", "scale": 2})
 
 
 def test_ocrnet_config_with_the_plugin_loads_the_original_checkpoint(mmseg, tmp_path):
     from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
-    from mmseg.registry import MODELS
 
-    base = os.path.join(os.path.dirname(mmseg.__file__), ".mim", "configs", "ocrnet",
-                        "ocrnet_hr18s_4xb2-40k_cityscapes-512x1024.py")  # the smallest Cityscapes OCRNet
-    original_cfg = Config.fromfile(base)
-    original_cfg.model.pretrained = None  # random weights: nothing to download
-    heads = [d.to_dict() for d in original_cfg.model.decode_head]
+    config = "ocrnet/ocrnet_hr18s_4xb2-40k_cityscapes-512x1024.py"  # the smallest Cityscapes OCRNet
+    heads = [d.to_dict() for d in Config.fromfile(mmseg_config(mmseg, config)).model.decode_head]
     assert [h["type"] for h in heads] == ["FCNHead", "OCRHead"]
     heads[1]["type"] = "FastOCRHead"
-    # Forget the plugin, so that what registers FastOCRHead below is the config's custom_imports.
-    sys.modules.pop("fastctx.integrations.mmseg", None)
-    MODELS._module_dict.pop("FastOCRHead", None)
-    user_cfg = tmp_path / "ocrnet_r50-d8_fastctx.py"
-    user_cfg.write_text(
-        f"_base_ = [{base!r}]\n"
-        "custom_imports = dict(imports=['fastctx.integrations.mmseg'], allow_failed_imports=False)\n"
-        f"model = dict(pretrained=None, decode_head={heads!r})\n"
-    )
-    fast_cfg = Config.fromfile(str(user_cfg))
-    assert "FastOCRHead" in MODELS.module_dict
+    original_cfg, fast_cfg = plugin_configs(mmseg, tmp_path, config, "FastOCRHead", heads)
     assert fast_cfg.model.decode_head[1].ocr_channels == 256 and fast_cfg.model.decode_head[1].channels == 512
     assert fast_cfg.model.decode_head[1].type == "FastOCRHead"
-
-    init_default_scope(fast_cfg.get("default_scope", "mmseg"))
-    torch.manual_seed(0)
-    original = MODELS.build(original_cfg.model)
+    original, fast = original_and_plugin_models(original_cfg, fast_cfg, tmp_path, randomize)
     assert type(original.decode_head[1]).__name__ == "OCRHead"
-    randomize(original)
-    checkpoint = tmp_path / "ocrnet_original.pth"
-    torch.save({"meta": {}, "state_dict": original.state_dict()}, checkpoint)
-
-    fast = MODELS.build(fast_cfg.model)
     assert type(fast.decode_head[1]).__name__ == "FastOCRHead"
     assert type(fast.decode_head[1].object_context_block) is fastctx.nn.ObjectAttention
-    load_checkpoint(fast, str(checkpoint), map_location="cpu", strict=True)
-    original.eval()
-    fast.eval()
     image = torch.randn(1, 3, 65, 97)  # a 17x25 feature map at HRNet's output stride 4
-    with torch.no_grad():
-        want = original(image, mode="tensor")
-        got = fast(image, mode="tensor")
-        assert got.shape == (1, 19, 17, 25)
-        assert_close(got, want.double(), torch.float32, "logits")
-        block = fast.decode_head[1].object_context_block  # the object attention matters here
-        block.out_project.bn.weight.zero_()
-        block.out_project.bn.bias.zero_()
-        without = fast(image, mode="tensor")
-    assert float((without - want).abs().max()) > 1e-3 * float(want.abs().max())
+    bn = fast.decode_head[1].object_context_block.out_project.bn  # the object attention matters here
+    assert_same_logits(original, fast, image, (1, 19, 17, 25), [bn.weight, bn.bias])

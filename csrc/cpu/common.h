@@ -48,13 +48,22 @@ inline void check_tensor(const char* op_name, const char* stage, const at::Tenso
               " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
 }
 
+// The same without a reference: `name` is a defined CPU tensor of rank `dim`.
+inline void check_tensor(const char* op_name, const char* stage, const at::Tensor& t,
+                         const char* name, int64_t dim, const char* shape) {
+  check_tensor(op_name, stage, t, name, dim, shape, t, name);
+}
+
+// float16, bfloat16, float32 or float64.
+inline bool is_float(at::ScalarType st) {
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
+}
+
 // t is float16, bfloat16, float32 or float64.
 inline void check_float(const char* op_name, const char* stage, const at::Tensor& t,
                         const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              op_name, " (", stage, "): ", name,
-              " must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(is_float(t.scalar_type()), op_name, " (", stage, "): ", name,
+              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
 
 // Whether the AVX2 + FMA build of a kernel may run here. The kernels are compiled twice (see

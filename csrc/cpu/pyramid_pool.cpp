@@ -135,7 +135,7 @@ class PlanData {
 
 void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
                   const char* shape) {
-  cpu::check_tensor(PP_OP, op, t, name, dim, shape, t, name);
+  cpu::check_tensor(PP_OP, op, t, name, dim, shape);
   cpu::check_float(PP_OP, op, t, name);
 }
 

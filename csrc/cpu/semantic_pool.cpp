@@ -100,17 +100,9 @@ void bwd_block(const T* f, const T* dr, const T* drr, const int64_t* lab, const 
   isa_base::bwd_block<T>(f, dr, drr, lab, w, N, C, K, np, dot, df, dl);
 }
 
-bool is_float(at::ScalarType st) {
-  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
-}
-
 void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
                   const char* shape) {
-  TORCH_CHECK(t.defined(), SP_OP " (", op, "): ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), SP_OP " (", op, "): ", name,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, SP_OP " (", op, "): ", name, " must be ", dim, "-D ", shape,
-              ", got shape ", t.sizes());
+  cpu::check_tensor(SP_OP, op, t, name, dim, shape);
 }
 
 void check_float(const at::Tensor& t, const char* op, const char* name) {
@@ -164,10 +156,8 @@ void segsum(const T* x, const int64_t* lab, const T* w, int64_t B, int64_t C, in
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sp_fwd_cpu(const at::Tensor& feats_in,
                                                                       const at::Tensor& logits_in) {
   check_tensor(feats_in, "sp_fwd", "feats", 4, "[B, C, H, W]");
-  check_tensor(logits_in, "sp_fwd", "logits", 4, "[B, K, H, W]");
   check_float(feats_in, "sp_fwd", "feats");
-  TORCH_CHECK(logits_in.scalar_type() == feats_in.scalar_type(), SP_OP " (sp_fwd): logits has dtype ",
-              logits_in.scalar_type(), " but feats has dtype ", feats_in.scalar_type());
+  cpu::check_tensor(SP_OP, "sp_fwd", logits_in, "logits", 4, "[B, K, H, W]", feats_in, "feats");
   TORCH_CHECK(logits_in.size(0) == feats_in.size(0) && logits_in.size(2) == feats_in.size(2) &&
                   logits_in.size(3) == feats_in.size(3),
               SP_OP " (sp_fwd): feats and logits must agree in batch and spatial size, got feats ",
@@ -342,7 +332,7 @@ at::Tensor sp_gather_cpu(const at::Tensor& regions_in, const at::Tensor& labels_
                          at::ScalarType dtype) {
   check_tensor(regions_in, "sp_gather", "regions", 3, "[B, C, K]");
   check_float(regions_in, "sp_gather", "regions");
-  TORCH_CHECK(is_float(dtype), SP_OP " (sp_gather): dtype must be a floating-point type, got ",
+  TORCH_CHECK(cpu::is_float(dtype), SP_OP " (sp_gather): dtype must be a floating-point type, got ",
               dtype);
   const int64_t B = regions_in.size(0), C = regions_in.size(1), K = regions_in.size(2);
   check_tensor(labels_in, "sp_gather", "labels", 3, "[B, H, W]");

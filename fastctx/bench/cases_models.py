@@ -30,6 +30,7 @@ from torch.func import functional_call
 import fastctx.models as M
 from fastctx import _ext
 from fastctx.bench.cases import Case
+from fastctx.models._init import randomize_for_parity
 
 MODELS = ("ccnet_r18_d8", "isanet_r18_d8", "ann_r18_d8", "ocrnet_r18_d8", "isnet_r18_d8")
 NUM_CLASSES = 19
@@ -43,30 +44,15 @@ class ModelCase(Case):
     check_grads: bool = False
 
 
-def _randomize(model: nn.Module) -> None:
-    """Weights under which every branch reaches the logits, so that the parity check sees every
-    op: the zero-initialised parameters (criss-cross ``gamma``, ANN's ``out_project``, the residual
-    blocks' last BatchNorm weight) drawn from N(0, 0.1), the BatchNorm affine from
-    U(0.5, 1.5) / N(0, 0.2) (as tests/test_models.py does)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
-
-
 def model_for(name: str, backend: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """``name`` with seeded weights (the same for every backend and dtype; see :func:`_randomize`),
-    training mode, dropout off."""
+    """``name`` with seeded weights (the same for every backend and dtype; see
+    :func:`fastctx.models._init.randomize_for_parity`), training mode, dropout off."""
     key = (name, backend, dtype, str(device))
     if key not in _MODELS:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = M.build(name, NUM_CLASSES, backend=backend)
-            _randomize(model)
+            randomize_for_parity(model)
         model.to(device, dtype).train()
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):

@@ -1,5 +1,6 @@
-"""Helpers shared by the Triton kernels: heuristics, the float32-accumulating dot, channel-chunked
-dot products and the backward's ``delta = <dout, out>`` kernel."""
+"""Helpers shared by the Triton kernels: heuristics, the float32-accumulating dot, the program-id
+split and the optional tile preload of the kernels' prologues, channel-chunked dot products and
+the backward's ``delta = <dout, out>`` kernel."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ def _mm(a, b, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
 
 # under TRITON_INTERPRET=1, triton.jit gives an InterpretedFunction, not a JITFunction
 _INTERPRET = not isinstance(_mm, triton.runtime.JITFunction)
+
+
+@triton.jit
+def _split_pid(i_x, N_INNER: tl.constexpr, N_MID: tl.constexpr):
+    """(inner, middle, outer) of a program id ``i_x = (outer * N_MID + middle) * N_INNER + inner``:
+    the inner index varies fastest."""
+    return i_x % N_INNER, (i_x // N_INNER) % N_MID, i_x // (N_INNER * N_MID)
+
+
+@triton.jit
+def _tile_if(LOAD: tl.constexpr, p, o_r, o_c, m_r, m_c):
+    """The tile [R, C] at ``p + o_r[r] + o_c[c]`` (0 outside ``m_r x m_c``) when LOAD, else 0.0: an
+    operand preloaded when its channels fit one block (ONE_CQK / ONE_CV), else loaded by chunks
+    in the loops (_row_dot / _col_dot take it as their fix or var tile)."""
+    if LOAD:
+        b = tl.load(p + (o_r[:, None] + o_c[None, :]), mask=m_r[:, None] & m_c[None, :], other=0.0)
+    else:
+        b = 0.0
+    return b
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _HEURISTICS, _bwd_delta_kernel, _mm, _row_dot
+from fastctx.triton._common import _HEURISTICS, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if
 
 _OP = "fastctx.interlaced_attention"
 
@@ -73,9 +73,7 @@ def _isa_fwd_kernel(
     """
     i_x = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    i_cv = i_x % N_CV
-    i_mb = (i_x // N_CV) % N_MB
-    i_g = i_x // (N_CV * N_MB)
+    i_cv, i_mb, i_g = _split_pid(i_x, N_CV, N_MB)
     m_start = i_mb * BLOCK_M
     cv_start = i_cv * BLOCK_CV
     o_m = tl.arange(0, BLOCK_M)
@@ -94,11 +92,7 @@ def _isa_fwd_kernel(
     p_q = q + i_b * stride_qb + g_r * stride_qh + g_c * stride_qw
     p_k = k + i_b * stride_kb + g_r * stride_kh + g_c * stride_kw
     p_v = v + i_b * stride_vb + cv_start * stride_vc + g_r * stride_vh + g_c * stride_vw
-    if ONE_CQK:
-        b_q = tl.load(p_q + (o_qc[:, None] + o_qm[None, :]),
-                      mask=(o_c < Cqk)[:, None] & m_m[None, :], other=0.0)  # [BLOCK_CQK, BLOCK_M]
-    else:
-        b_q = 0.0
+    b_q = _tile_if(ONE_CQK, p_q, o_qc, o_qm, o_c < Cqk, m_m)  # [BLOCK_CQK, BLOCK_M] when ONE_CQK
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BLOCK_M], dtype=ACC)
     b_acc = tl.zeros([BLOCK_CV, BLOCK_M], dtype=ACC)
@@ -153,9 +147,7 @@ def _isa_bwd_dq_kernel(
     """
     i_x = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    i_cq = i_x % N_CQ
-    i_mb = (i_x // N_CQ) % N_MB
-    i_g = i_x // (N_CQ * N_MB)
+    i_cq, i_mb, i_g = _split_pid(i_x, N_CQ, N_MB)
     m_start = i_mb * BLOCK_M
     cq_start = i_cq * BLOCK_CQK  # this program's dq channels
     o_m = tl.arange(0, BLOCK_M)
@@ -176,16 +168,8 @@ def _isa_bwd_dq_kernel(
     p_do = do + i_b * stride_db + g_r * stride_dh + g_c * stride_dw
     p_k = k + i_b * stride_kb + g_r * stride_kh + g_c * stride_kw
     p_v = v + i_b * stride_vb + g_r * stride_vh + g_c * stride_vw
-    if ONE_CQK:
-        b_q = tl.load(p_q + (o_qc[:, None] + o_qm[None, :]),
-                      mask=(o_c < Cqk)[:, None] & m_m[None, :], other=0.0)  # [BLOCK_CQK, BLOCK_M]
-    else:
-        b_q = 0.0
-    if ONE_CV:
-        b_do = tl.load(p_do + (o_dc[:, None] + o_dm[None, :]),
-                       mask=(o_cv < Cv)[:, None] & m_m[None, :], other=0.0)  # [BLOCK_CV, BLOCK_M]
-    else:
-        b_do = 0.0
+    b_q = _tile_if(ONE_CQK, p_q, o_qc, o_qm, o_c < Cqk, m_m)  # [BLOCK_CQK, BLOCK_M] when ONE_CQK
+    b_do = _tile_if(ONE_CV, p_do, o_dc, o_dm, o_cv < Cv, m_m)  # [BLOCK_CV, BLOCK_M] when ONE_CV
     o_sm = (g_r + r_m) * W + g_c + c_m  # [BLOCK_M] in a contiguous [.., H, W]
     b_lse = tl.load(lse + i_b * H * W + o_sm, mask=m_m, other=0.0) * 1.4426950408889634  # [BLOCK_M]
     b_delta = tl.load(delta + i_b * H * W + o_sm, mask=m_m, other=0.0)  # [BLOCK_M]
@@ -238,9 +222,8 @@ def _isa_bwd_dkdv_kernel(
     """
     i_x = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    i_c = i_x % N_C  # chunk fastest: the programs of one key block run side by side (L2)
-    i_nb = (i_x // N_C) % N_NB
-    i_g = i_x // (N_C * N_NB)
+    # chunk fastest: the programs of one key block run side by side (L2)
+    i_c, i_nb, i_g = _split_pid(i_x, N_C, N_NB)
     n_start = i_nb * BLOCK_N
     ck_start = i_c * BLOCK_CQK  # this program's dk channels (COMPUTE_DK)
     cd_start = i_c * BLOCK_CV  # this program's dv channels (COMPUTE_DV)
@@ -265,16 +248,8 @@ def _isa_bwd_dkdv_kernel(
     p_do = do + i_b * stride_db + g_r * stride_dh + g_c * stride_dw
     p_lse = lse + i_b * H * W + g_r * W + g_c  # the group's origin in lse and delta
     p_delta = delta + i_b * H * W + g_r * W + g_c
-    if ONE_CQK:
-        b_k = tl.load(p_k + (o_kc[:, None] + o_kn[None, :]),
-                      mask=(o_c < Cqk)[:, None] & m_n[None, :], other=0.0)  # [BLOCK_CQK, BLOCK_N]
-    else:
-        b_k = 0.0
-    if ONE_CV:
-        b_v = tl.load(p_v + (o_vc[:, None] + o_vn[None, :]),
-                      mask=(o_cv < Cv)[:, None] & m_n[None, :], other=0.0)  # [BLOCK_CV, BLOCK_N]
-    else:
-        b_v = 0.0
+    b_k = _tile_if(ONE_CQK, p_k, o_kc, o_kn, o_c < Cqk, m_n)  # [BLOCK_CQK, BLOCK_N] when ONE_CQK
+    b_v = _tile_if(ONE_CV, p_v, o_vc, o_vn, o_cv < Cv, m_n)  # [BLOCK_CV, BLOCK_N] when ONE_CV
     b_dk = tl.zeros([BLOCK_CQK, BLOCK_N], dtype=ACC)
     b_dv = tl.zeros([BLOCK_CV, BLOCK_N], dtype=ACC)
 

@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _HEURISTICS, _LOG2E, _bwd_delta_kernel, _mm, _row_dot
+from fastctx.triton._common import (
+    _HEURISTICS, _LOG2E, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if,
+)
 
 _OP = "fastctx.region_attention"
 
@@ -98,11 +100,7 @@ def _ra_fwd_kernel(
     p_k = k + i_b * stride_kb  # key block s0: + s0 * stride_ks
     p_v = v + i_b * stride_vb + cv_start * stride_vc
     p_bias = bias + i_b * stride_bb
-    if ONE_CQK:
-        b_q = tl.load(p_q + (o_qc[:, None] + o_qn[None, :]),
-                      mask=(o_c < Cqk)[:, None] & m_n[None, :], other=0.0)  # [BLOCK_CQK, BLOCK_N]
-    else:
-        b_q = 0.0
+    b_q = _tile_if(ONE_CQK, p_q, o_qc, o_qn, o_c < Cqk, m_n)  # [BLOCK_CQK, BLOCK_N] when ONE_CQK
     b_m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_N], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_CV, BLOCK_N], dtype=tl.float32)
@@ -188,16 +186,8 @@ def _ra_bwd_dq_kernel(
     p_k = k + i_b * stride_kb  # key block s0: + s0 * stride_ks
     p_v = v + i_b * stride_vb
     p_bias = bias + i_b * stride_bb
-    if ONE_CQK:
-        b_q = tl.load(p_q + (o_qc[:, None] + o_qn[None, :]),
-                      mask=(o_c < Cqk)[:, None] & m_n[None, :], other=0.0)  # [BLOCK_CQK, BLOCK_N]
-    else:
-        b_q = 0.0
-    if ONE_CV:
-        b_do = tl.load(p_do + (o_dc[:, None] + o_dn[None, :]),
-                       mask=(o_cv < Cv)[:, None] & m_n[None, :], other=0.0)  # [BLOCK_CV, BLOCK_N]
-    else:
-        b_do = 0.0
+    b_q = _tile_if(ONE_CQK, p_q, o_qc, o_qn, o_c < Cqk, m_n)  # [BLOCK_CQK, BLOCK_N] when ONE_CQK
+    b_do = _tile_if(ONE_CV, p_do, o_dc, o_dn, o_cv < Cv, m_n)  # [BLOCK_CV, BLOCK_N] when ONE_CV
     b_lse = _load_lse2(lse, i_b * N + n_start + o_n, m_n)  # [BLOCK_N]
     b_delta = tl.load(delta + i_b * N + n_start + o_n, mask=m_n, other=0.0)  # [BLOCK_N]
     b_dq = tl.zeros([BLOCK_CQK, BLOCK_N], dtype=tl.float32)
@@ -255,9 +245,8 @@ def _ra_bwd_dkdv_kernel(
     """
     i_x = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    i_c = i_x % N_C  # chunk fastest: the programs of one pixel group run side by side (L2)
-    i_s = (i_x // N_C) % N_S
-    i_g = i_x // (N_C * N_S)
+    # chunk fastest: the programs of one pixel group run side by side (L2)
+    i_c, i_s, i_g = _split_pid(i_x, N_C, N_S)
     s_start = i_s * BLOCK_S
     ck_start = i_c * BLOCK_CQK  # this program's dk channels (COMPUTE_DK)
     cd_start = i_c * BLOCK_CV  # this program's dv channels (COMPUTE_DV)
@@ -276,16 +265,8 @@ def _ra_bwd_dkdv_kernel(
     p_v = v + i_b * stride_vb + s_start * stride_vs
     p_q = q + i_b * stride_qb
     p_do = do + i_b * stride_db
-    if ONE_CQK:
-        b_k = tl.load(p_k + (o_kc[:, None] + o_ks[None, :]),
-                      mask=(o_c < Cqk)[:, None] & m_s[None, :], other=0.0)  # [BLOCK_CQK, BLOCK_S]
-    else:
-        b_k = 0.0
-    if ONE_CV:
-        b_v = tl.load(p_v + (o_vc[:, None] + o_vs[None, :]),
-                      mask=(o_cv < Cv)[:, None] & m_s[None, :], other=0.0)  # [BLOCK_CV, BLOCK_S]
-    else:
-        b_v = 0.0
+    b_k = _tile_if(ONE_CQK, p_k, o_kc, o_ks, o_c < Cqk, m_s)  # [BLOCK_CQK, BLOCK_S] when ONE_CQK
+    b_v = _tile_if(ONE_CV, p_v, o_vc, o_vs, o_cv < Cv, m_s)  # [BLOCK_CV, BLOCK_S] when ONE_CV
     b_bias = tl.load(bias + i_b * stride_bb + (s_start + o_s) * stride_bs, mask=m_s,
                      other=float("-inf")).to(tl.float32) * 1.4426950408889634  # [BLOCK_S]
     b_dk = tl.zeros([BLOCK_CQK, BLOCK_S], dtype=tl.float32)

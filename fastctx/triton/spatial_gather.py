@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _INTERPRET, _LOG2E, _mm
+from fastctx.triton._common import _INTERPRET, _LOG2E, _mm, _split_pid
 
 _OP = "fastctx.spatial_gather"
 
@@ -82,9 +82,8 @@ def _sg_fwd_kernel(
     """
     i_x = tl.program_id(0).to(tl.int64)
     i_b = tl.program_id(1).to(tl.int64)
-    i_k = i_x % N_K  # class and channel blocks fastest: a split's programs run side by side
-    i_c = (i_x // N_K) % N_C
-    i_s = i_x // (N_K * N_C)
+    # class and channel blocks fastest: a split's programs run side by side
+    i_k, i_c, i_s = _split_pid(i_x, N_K, N_C)
     c_start = i_c * BLOCK_C
     k_start = i_k * BLOCK_K
     o_n = tl.arange(0, BLOCK_N)
