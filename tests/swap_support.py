@@ -144,6 +144,12 @@ F32_FLIP = 2e-2
 #: A flip counts only where the float64 pre-activation is within FLIP_NEAR of the largest
 #: |pre-activation| of that ReLU call (float32 rounding of a few conv / BN layers is ~1e-6 of it).
 FLIP_NEAR = 1e-4
+#: The bound when the swapped module runs some ReLUs on other shapes by design (``reshaped`` of
+#: :class:`ReluFlips`): ISNet's semantic-level projections run on one vector per class, so a
+#: flip there stands for every pixel of the class (measured: the ISNet segmentor, 33x65, train,
+#: 2 flips within 5e-7 of 0 in float64: a bottleneck weight gradient 2.9e-2 of its largest, the
+#: original's own float32 error already 1e-3 of it).
+F32_FLIP_RESHAPED = 5e-2
 #: ... and only when at most FLIP_MOST elements flipped, over all ReLU calls of the run.
 FLIP_MOST = 16
 
@@ -183,14 +189,18 @@ class ReluFlips:
     (``fast32``, ``orig32``: sign masks from :func:`record_relus`), judged against the original's
     float64 inputs (``pre64``): ``excuses`` is True when at least one element flipped, at most
     FLIP_MOST did, each where the float64 input is within FLIP_NEAR of that call's largest, and
-    every call could be paired (same ReLUs, same number of calls, same shapes)."""
+    every call could be paired (same ReLUs, same number of calls, same shapes), except the ReLUs
+    under the module paths ``reshaped``: those the swapped module runs on other shapes by design
+    (ISNet's semantic-level projections run on the K class vectors instead of the pixels), which
+    cannot be paired and are listed as such."""
 
-    def __init__(self, fast32, orig32, pre64) -> None:
-        self.count, self.far, self.unpaired, self.nearest = 0, [], [], 0.0
+    def __init__(self, fast32, orig32, pre64, reshaped: tuple[str, ...] = ()) -> None:
+        self.count, self.far, self.unpaired, self.reshaped, self.nearest = 0, [], [], [], 0.0
         for name in sorted(set(fast32) | set(orig32) | set(pre64)):
             f, o, p = fast32.get(name, []), orig32.get(name, []), pre64.get(name, [])
             if not len(f) == len(o) == len(p) or any(a.shape != b.shape for a, b in zip(f, p)):
-                self.unpaired.append(name)
+                by_design = any(name == r or name.startswith(r + ".") for r in reshaped)
+                (self.reshaped if by_design else self.unpaired).append(name)
                 continue
             for i, (a, b, v) in enumerate(zip(f, o, p, strict=True)):
                 flipped = a != b
@@ -207,7 +217,7 @@ class ReluFlips:
         return (f"{self.count} ReLU inputs flipped sign between the float32 runs (at most {FLIP_MOST}"
                 f" excuse a difference; float64 input at most {self.nearest:.3g} of its largest);"
                 f" far from 0 in float64: {self.far or 'none'}; ReLUs not paired between the runs:"
-                f" {self.unpaired or 'none'}")
+                f" {self.unpaired or 'none'}; run on other shapes by design: {self.reshaped or 'none'}")
 
 
 def compare_runs32(got, want32, want64, what, flips: ReluFlips | None = None):
@@ -235,19 +245,21 @@ def compare_runs32(got, want32, want64, what, flips: ReluFlips | None = None):
             if e_fast <= F32_FACTOR * e_orig or (name.startswith("grad ") and e_fast <= F32_SUM * largest):
                 continue
             flipped = flips if flips is not None else "ReLU flips not recorded"
-            assert flips is not None and flips.excuses and e_fast <= F32_FLIP * largest, (
+            bound = F32_FLIP_RESHAPED if flips is not None and flips.reshaped else F32_FLIP
+            assert flips is not None and flips.excuses and e_fast <= bound * largest, (
                 f"{what} {name}: {e_fast:.3g} off float64 ({e_fast / largest:.3g} of its largest), more"
                 f" than {F32_FACTOR} x the original's float32 error {e_orig:.3g}; {flipped}; {row}")
 
 
 def parity(orig: nn.Module, x: torch.Tensor, dout: torch.Tensor, seed: int,
            forward_of: Callable[[nn.Module], Callable], expected: list, what: str,
-           check_swapped: Callable[[nn.Module], None] | None = None):
+           check_swapped: Callable[[nn.Module], None] | None = None, reshaped: tuple[str, ...] = ()):
     """A copy of ``orig`` against a swapped copy (``swap(strict=True)``), in float64 then float32,
     on input ``x`` and upstream gradient ``dout``, dropout from ``seed``; ``forward_of(model)``
     is the function of the input that runs ``model``. The swap must report ``expected``
     (:func:`paths`) and return the copy itself unless the root is swapped (path ""); then
-    ``check_swapped(swapped model)``. Returns the float32 original and its run."""
+    ``check_swapped(swapped model)``; ``reshaped``: see :class:`ReluFlips`. Returns the float32
+    original and its run."""
     pre64 = {}
     for dtype in (torch.float64, torch.float32):
         original = copy.deepcopy(orig).to(dtype)
@@ -265,7 +277,7 @@ def parity(orig: nn.Module, x: torch.Tensor, dout: torch.Tensor, seed: int,
             compare_runs(got, want, dtype, f"{what} {dtype}")
             want64, pre64 = want, orig_relus
         else:
-            flips = ReluFlips(fast_relus, orig_relus, pre64)
+            flips = ReluFlips(fast_relus, orig_relus, pre64, reshaped)
             compare_runs32(got, want, want64, f"{what} {dtype}", flips)
     return original, want
 

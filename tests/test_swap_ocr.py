@@ -29,7 +29,6 @@ from tests.swap_support import (
     assert_look_alike_left_alone, assert_matters, assert_plugin_head_matches, assert_same_logits,
     left_alone_reasons, mmseg_config, original_and_plugin_models, parity, plugin_configs,
 )
-from tests.swap_support import compare_runs32  # noqa: F401 (tests/test_swap_ssseg_*.py import it from here)
 from tests.swap_support import mmseg_fixture  # noqa: F401 (the fixture "mmseg")
 from tests.toolboxes import randomize
 

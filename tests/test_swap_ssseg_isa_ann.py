@@ -32,7 +32,7 @@ from fastctx.swap import SwapError, recognisers, swap
 from tests import toolboxes
 from tests._utils import assert_close
 from tests.test_swap import compare_runs, run
-from tests.test_swap_ocr import compare_runs32
+from tests.swap_support import compare_runs32
 from tests.toolboxes import randomize
 
 SEG = "ssseg.modules.models.segmentors"

@@ -10,8 +10,8 @@ fastctx.nn.ObjectAttention, each around the module's own projections.
 Needs sssegmentation (tests/toolboxes.py; FAILS when missing). Comparisons (output, input and
 parameter gradients, BN running statistics after the step), eval and train mode: float64 as in
 tests/test_swap.py (relative error <= 1e-5 against the original run in float64); float32 by
-tests/test_swap_ocr.py's ``compare_runs32`` (the float32 row of fastctx.testing against the
-original run in float32, or its documented fallbacks for long sums and ReLU flips).
+tests/swap_support.py's ``parity`` (the float32 row of fastctx.testing against the original run
+in float32, or its documented fallbacks for long sums and recorded ReLU flips).
 
 Widths: ssseg's Cityscapes configs (tests/toolboxes.ssseg_isnet_cfg / ssseg_ocrnet_cfg: 19
 classes, SyncBatchNorm, ReLU, concat_input, dropout) with the channels narrowed (ISNet head in
@@ -34,8 +34,7 @@ import fastctx
 from fastctx.swap import SwapError, recognisers, swap
 from tests import toolboxes
 from tests._utils import assert_close
-from tests.test_swap import compare_runs, run
-from tests.test_swap_ocr import compare_runs32
+from tests.swap_support import parity
 from tests.toolboxes import randomize
 
 SSSEG = "ssseg.modules.models.segmentors."
@@ -74,25 +73,6 @@ def builder():
 
 def paths(report):
     return [(e.path, e.original, e.replacement) for e in report.swapped]
-
-
-def parity(orig: nn.Module, x: torch.Tensor, dout: torch.Tensor, seed: int, forward_of, expected, what: str):
-    """A copy of ``orig`` against a swapped copy, in float64 then float32: output, gradients of
-    the input and of every parameter, buffers. Returns the float32 original and its run."""
-    want64 = None
-    for dtype in (torch.float64, torch.float32):
-        original = copy.deepcopy(orig).to(dtype)
-        want = run(original, x.to(dtype), dout, seed, forward=forward_of(original))
-        want64 = want64 or want
-        fast = copy.deepcopy(orig).to(dtype)
-        same, report = swap(fast, strict=True)
-        assert same is fast and paths(report) == expected and not report.left_alone
-        got = run(fast, x.to(dtype), dout, seed, forward=forward_of(fast))
-        if dtype == torch.float64:
-            compare_runs(got, want, dtype, f"{what} {dtype}")
-        else:
-            compare_runs32(got, want, want64, f"{what} {dtype}")
-    return original, want
 
 
 def matters(original: nn.Module, block: nn.Sequential, x: torch.Tensor, want, forward_of, seed: int) -> None:
@@ -230,6 +210,8 @@ def build_isnet(isnet, widths) -> nn.Module:
 
 
 ISNET_SWAPS = [("ilc_net", ILC, FAST_ILC), ("slc_net", SLC, FAST_SLC)]
+# the swapped semantic-level key/value projections run on the K class vectors, not the pixels
+SLC_ON_CLASSES = ("slc_net.correlate_net.key_project", "slc_net.correlate_net.value_project")
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -241,7 +223,8 @@ def test_isnet_swapped_matches(isnet, size, widths, mode):
     orig.train(mode == "train")
     x = torch.randn(2, widths[0], *size, dtype=torch.float64)
     dout = torch.randn(2, K, *size, dtype=torch.float64)
-    original, want = parity(orig, x, dout, 3, toolboxes.ssseg_logits, ISNET_SWAPS, f"ISNet {size} {mode}")
+    original, want = parity(orig, x, dout, 3, toolboxes.ssseg_logits, ISNET_SWAPS, f"ISNet {size} {mode}",
+                            reshaped=SLC_ON_CLASSES)
     for name in ("slc_net", "ilc_net"):
         other = copy.deepcopy(original)
         matters(other, getattr(other, name).correlate_net.out_project, x, want, toolboxes.ssseg_logits, 3)
@@ -263,7 +246,8 @@ def test_isnet_ties_and_one_class_owning_every_pixel(isnet, kind, mode):
     orig.train(mode == "train")
     x = torch.randn(2, 48, *SIZES[1], dtype=torch.float64)
     dout = torch.randn(2, K, *SIZES[1], dtype=torch.float64)
-    parity(orig, x, dout, 4, toolboxes.ssseg_logits, ISNET_SWAPS, f"ISNet {kind} {mode}")
+    parity(orig, x, dout, 4, toolboxes.ssseg_logits, ISNET_SWAPS, f"ISNet {kind} {mode}",
+           reshaped=SLC_ON_CLASSES)
 
 
 OCR_WIDTHS = (24, 16, 48, 40, 12)  # auxiliary in, out; head in, feats, transform (narrowed)
