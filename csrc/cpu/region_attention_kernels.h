@@ -70,7 +70,7 @@ constexpr int kNR = 3;             // GEMM register block: vectors (12 accumulat
 constexpr int kMRmax = 8;          // GEMM register block: rows when a panel has 1 vector
 constexpr int64_t kNBW = 12;       // windows (vectors) per pixel block: 96 floats, 48 doubles
 constexpr int64_t kKC = 256;       // GEMM: k per chunk when k runs over channels (E, dA)
-constexpr int64_t kKS = 128;       // GEMM: k per chunk when k runs over keys (out, dq)
+constexpr int64_t kKS = 256;       // GEMM: k per chunk when k runs over keys (out, dq)
 constexpr int64_t kTaskBlocks = 4; // backward: about this many blocks per task
 
 template <class T>
