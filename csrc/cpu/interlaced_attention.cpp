@@ -239,16 +239,17 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
   }
 }
 
-// Zero-initialised, 64-byte aligned per-thread scratch (zeros: the padding columns of the dP
-// rows must be finite, see the kernels header; the same alignment for every thread keeps the
-// BLAS results independent of which thread ran an item).
+// 64-byte aligned per-thread scratch whose first zero_bytes are zeroed (the L x L matrices: the
+// padding columns of the dP rows must be finite, see the kernels header; every other buffer is
+// written before it is read). The same alignment for every thread keeps the BLAS results
+// independent of which thread ran an item.
 class Scratch {
  public:
-  explicit Scratch(int64_t bytes) {
+  Scratch(int64_t bytes, int64_t zero_bytes) {
     const size_t n = (static_cast<size_t>(std::max<int64_t>(bytes, 1)) + 63) / 64 * 64;
     p_ = std::aligned_alloc(64, n);
     TORCH_CHECK(p_ != nullptr, ISA_OP ": could not allocate ", n, " bytes of scratch");
-    std::memset(p_, 0, n);
+    std::memset(p_, 0, std::min(n, static_cast<size_t>(std::max<int64_t>(zero_bytes, 0))));
   }
   ~Scratch() { std::free(p_); }
   Scratch(const Scratch&) = delete;
@@ -260,13 +261,14 @@ class Scratch {
 };
 
 // Runs item(i, scratch) for every i in [0, n) on up to get_num_threads() workers, each with its
-// own scratch of scratch_bytes; items are claimed one at a time from a shared counter.
+// own scratch of scratch_bytes (the first zero_bytes zeroed); items are claimed one at a time
+// from a shared counter.
 template <class Fn>
-void for_each_item(int64_t n, int64_t scratch_bytes, const Fn& fn) {
+void for_each_item(int64_t n, int64_t scratch_bytes, int64_t zero_bytes, const Fn& fn) {
   const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
-    Scratch s(scratch_bytes);
+    Scratch s(scratch_bytes, zero_bytes);
     for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
   });
 }
@@ -309,7 +311,7 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& v, cons
 // packed inputs, y0: a result). Backward: q, k and dout packed whole ([U][C][L] in x0, x1, xd),
 // so that each is read from the strided map once and the dQ / dK / dV passes reuse them; v in
 // chunks (xv); two result chunks (y0, y1).
-struct Layout {
+struct Layout {  // s and dp first: the zeroed prefix [0, lse)
   int64_t s, dp, lse, x0, x1, xd, xv, y0, y1, total;
 };
 
@@ -363,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
       const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
       auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
-      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
         A *S = base + y.s, *lg = base + y.lse, *xq = base + y.x0, *xk = base + y.x1, *yo = base + y.y0;
@@ -445,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
       auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
-      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
         A *S = base + y.s, *dP = base + y.dp, *lg = base + y.lse;
