@@ -18,9 +18,10 @@
 // - GEMMs with at::mm_out / addmm_ on the scratch (BLAS; ATen runs it single-threaded inside
 //   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
 //   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
-//   Backward (P recomputed from the saved lse): S and dP = dO^T V summed over chunks,
-//   dS = scale P (dP - rowsum(P dP)), then per chunk dV = dO P, dQ = K dS^T, dK = Q dS (q, k and
-//   dout are read twice).
+//   Backward (P recomputed from the saved lse): q, k and dout are packed whole (each read from
+//   its map once and kept for the second pass), S = Q^T K in one GEMM per group, dP = dO^T V
+//   summed over chunks of v, dS = scale P (dP - rowsum(P dP)), then per chunk dV = dO P,
+//   dQ = K dS^T, dK = Q dS from the packed copies.
 // - the row passes (softmax, its backward) are in interlaced_attention_kernels.h, compiled for
 //   the baseline target and for AVX2 + FMA, picked at run time.
 // - unpack: a chunk's results are written row by row to the NCHW outputs.
@@ -160,13 +161,14 @@ inline void prefetch_row(const T* p, int64_t n, int64_t sw) {
 }
 
 // Packs channels [c0, c0 + cn) of band t of image b of x into dst, group by group:
-// dst[u][c - c0][l] (u < U, l < L) in the compute dtype A. Each map row is read once, along W
-// (channels_last and other maps whose channel stride is the smaller one: along C).
+// dst[u * us + (c - c0) * L + l] (u < U, l < L; us >= cn * L: the group stride) in the compute
+// dtype A. Each map row is read once, along W (channels_last and other maps whose channel stride
+// is the smaller one: along C).
 template <class T, class A>
 void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t cn, const Geom& g,
-               const int64_t* pu, const int64_t* pl, A* dst) {
+               const int64_t* pu, const int64_t* pl, A* dst, int64_t us) {
   const T* base = x.p + b * x.sB + c0 * x.sC;
-  const int64_t L = g.L, CL = cn * L, W = g.W;
+  const int64_t L = g.L, CL = us, W = g.W;
   if (std::abs(x.sC) < std::abs(x.sW)) {
     for (int64_t r = 0; r < g.R; ++r) {
       const T* row = base + band_row(g, t, r) * x.sH;
@@ -208,13 +210,13 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
   }
 }
 
-// The inverse: y[b, c, row, j] = src[u][c - c0][l] for the channels [c0, c0 + cn) of band t of
-// image b (y: a fresh contiguous tensor), converted to T.
+// The inverse: y[b, c, row, j] = src[u * us + (c - c0) * L + l] for the channels [c0, c0 + cn)
+// of band t of image b (y: a fresh contiguous tensor), converted to T.
 template <class T, class A>
 void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, const Geom& g,
-                 const int64_t* pu, const int64_t* pl, const A* src) {
+                 const int64_t* pu, const int64_t* pl, const A* src, int64_t us) {
   T* base = y.p + b * y.sB + c0 * y.sC;
-  const int64_t L = g.L, CL = cn * L, W = g.W, nrows = cn * g.R;
+  const int64_t L = g.L, CL = us, W = g.W, nrows = cn * g.R;
   for (int64_t it = 0; it < nrows; ++it) {
     const int64_t c = it / g.R, r = it % g.R;
     T* d = base + c * y.sC + band_row(g, t, r) * y.sH;
@@ -237,16 +239,17 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
   }
 }
 
-// Zero-initialised, 64-byte aligned per-thread scratch (zeros: the padding columns of the dP
-// rows must be finite, see the kernels header; the same alignment for every thread keeps the
-// BLAS results independent of which thread ran an item).
+// 64-byte aligned per-thread scratch whose first zero_bytes are zeroed (the L x L matrices: the
+// padding columns of the dP rows must be finite, see the kernels header; every other buffer is
+// written before it is read). The same alignment for every thread keeps the BLAS results
+// independent of which thread ran an item.
 class Scratch {
  public:
-  explicit Scratch(int64_t bytes) {
+  Scratch(int64_t bytes, int64_t zero_bytes) {
     const size_t n = (static_cast<size_t>(std::max<int64_t>(bytes, 1)) + 63) / 64 * 64;
     p_ = std::aligned_alloc(64, n);
     TORCH_CHECK(p_ != nullptr, ISA_OP ": could not allocate ", n, " bytes of scratch");
-    std::memset(p_, 0, n);
+    std::memset(p_, 0, std::min(n, static_cast<size_t>(std::max<int64_t>(zero_bytes, 0))));
   }
   ~Scratch() { std::free(p_); }
   Scratch(const Scratch&) = delete;
@@ -258,13 +261,14 @@ class Scratch {
 };
 
 // Runs item(i, scratch) for every i in [0, n) on up to get_num_threads() workers, each with its
-// own scratch of scratch_bytes; items are claimed one at a time from a shared counter.
+// own scratch of scratch_bytes (the first zero_bytes zeroed); items are claimed one at a time
+// from a shared counter.
 template <class Fn>
-void for_each_item(int64_t n, int64_t scratch_bytes, const Fn& fn) {
+void for_each_item(int64_t n, int64_t scratch_bytes, int64_t zero_bytes, const Fn& fn) {
   const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
-    Scratch s(scratch_bytes);
+    Scratch s(scratch_bytes, zero_bytes);
     for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
   });
 }
@@ -302,13 +306,16 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& v, cons
 }
 
 // Per-worker scratch (offsets in elements of the compute dtype): the band's L x L matrices, one
-// per group (S / P, and dP / dS in the backward), the band's lse, and four chunk buffers of
-// kChunk channels of the band [U][kChunk][L] (two packed inputs, two results).
-struct Layout {
-  int64_t s, dp, lse, x0, x1, y0, y1, total;
+// per group (S / P, and dP / dS in the backward), the band's lse, and the packed inputs and
+// results. Forward: chunk buffers of kChunk channels of the band [U][kChunk][L] (x0, x1: two
+// packed inputs, y0: a result). Backward: q, k and dout packed whole ([U][C][L] in x0, x1, xd),
+// so that each is read from the strided map once and the dQ / dK / dV passes reuse them; v in
+// chunks (xv); two result chunks (y0, y1).
+struct Layout {  // s and dp first: the zeroed prefix [0, lse)
+  int64_t s, dp, lse, x0, x1, xd, xv, y0, y1, total;
 };
 
-Layout layout(const Geom& g, bool backward) {
+Layout layout(const Geom& g, bool backward, int64_t Cqk, int64_t Cv) {
   const int64_t LL = g.U * g.L * g.Lp, X = kChunk * g.N;
   Layout y;
   int64_t n = 0;
@@ -320,8 +327,10 @@ Layout layout(const Geom& g, bool backward) {
   y.s = take(LL);
   y.dp = take(backward ? LL : 0);
   y.lse = take(g.N);
-  y.x0 = take(X);
-  y.x1 = take(X);
+  y.x0 = take(backward ? Cqk * g.N : X);
+  y.x1 = take(backward ? Cqk * g.N : X);
+  y.xd = take(backward ? Cv * g.N : 0);
+  y.xv = take(backward ? X : 0);
   y.y0 = take(X);
   y.y1 = take(backward ? X : 0);
   y.total = n;
@@ -345,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
     AT_DISPATCH_FLOATING_TYPES(ct, "isa_fwd_cpu_compute", [&] {
       using A = scalar_t;
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
-      const Layout y = layout(g, false);
+      const Layout y = layout(g, false, Cqk, Cv);
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in);
       const Map<T> mo = map_of<T>(out);
@@ -356,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
       const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
       auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
-      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
         A *S = base + y.s, *lg = base + y.lse, *xq = base + y.x0, *xk = base + y.x1, *yo = base + y.y0;
@@ -364,8 +373,8 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
         // S_u = Q_u^T K_u, summed over chunks of channels.
         for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cqk - c0);
-          pack_band(mq, b, t, c0, cn, g, pu, pl, xq);
-          pack_band(mk, b, t, c0, cn, g, pu, pl, xk);
+          pack_band(mq, b, t, c0, cn, g, pu, pl, xq, cn * L);
+          pack_band(mk, b, t, c0, cn, g, pu, pl, xk, cn * L);
           for (int64_t u = 0; u < g.U; ++u) {
             at::Tensor Su = Smat(u);
             const at::Tensor Qt = mat(xq + u * cn * L, cn).t(), Kc = mat(xk + u * cn * L, cn);
@@ -378,12 +387,12 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
         // O_u = V_u P_u^T, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
-          pack_band(mv, b, t, c0, cn, g, pu, pl, xq);
+          pack_band(mv, b, t, c0, cn, g, pu, pl, xq, cn * L);
           for (int64_t u = 0; u < g.U; ++u) {
             at::Tensor Ou = mat(yo + u * cn * L, cn);
             at::mm_out(Ou, mat(xq + u * cn * L, cn), Smat(u).t());
           }
-          unpack_band(mo, b, t, c0, cn, g, pu, pl, yo);
+          unpack_band(mo, b, t, c0, cn, g, pu, pl, yo, cn * L);
         }
         A* lb = lse_p + b * H * W;
         for (int64_t r = 0; r < g.R; ++r) {
@@ -427,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(ct, "isa_bwd_cpu_compute", [&] {
       using A = scalar_t;
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
-      const Layout y = layout(g, true);
+      const Layout y = layout(g, true, Cqk, Cv);
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in), mdo = map_of<const T>(dout_in);
       const Map<T> mdq = map_of<T>(dq), mdk = map_of<T>(dk), mdv = map_of<T>(dv);
@@ -438,31 +447,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
       auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
-      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
         A *S = base + y.s, *dP = base + y.dp, *lg = base + y.lse;
-        A *x0 = base + y.x0, *x1 = base + y.x1, *y0 = base + y.y0, *y1 = base + y.y1;
+        A *xq = base + y.x0, *xk = base + y.x1, *xd = base + y.xd, *xv = base + y.xv;
+        A *y0 = base + y.y0, *y1 = base + y.y1;
         auto Smat = [&](int64_t u) { return at::from_blob(S + u * LL, {L, L}, {Lp, 1}, opts); };
         auto dPmat = [&](int64_t u) { return at::from_blob(dP + u * LL, {L, L}, {Lp, 1}, opts); };
-        // S_u = Q_u^T K_u and dP_u = dO_u^T V_u, summed over chunks of channels.
-        auto energies = [&](const Map<const T>& ma, const Map<const T>& mb, int64_t C, A* M,
-                            bool is_s) {
-          for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-            const int64_t cn = std::min(kChunk, C - c0);
-            pack_band(ma, b, t, c0, cn, g, pu, pl, x0);
-            pack_band(mb, b, t, c0, cn, g, pu, pl, x1);
-            for (int64_t u = 0; u < g.U; ++u) {
-              at::Tensor Mu = is_s ? Smat(u) : dPmat(u);
-              const at::Tensor At = mat(x0 + u * cn * L, cn).t(), Bc = mat(x1 + u * cn * L, cn);
-              if (c0 == 0) at::mm_out(Mu, At, Bc);
-              else Mu.addmm_(At, Bc);
-            }
+        const int64_t uq = Cqk * L, ud = Cv * L;  // group strides of the whole packed inputs
+        // S_u = Q_u^T K_u (q and k packed whole, kept for dQ and dK).
+        pack_band(mq, b, t, 0, Cqk, g, pu, pl, xq, uq);
+        pack_band(mk, b, t, 0, Cqk, g, pu, pl, xk, uq);
+        if (Cqk == 0) std::fill(S, S + g.U * LL, A(0));
+        for (int64_t u = 0; u < g.U && Cqk > 0; ++u) {
+          at::Tensor Su = Smat(u);
+          at::mm_out(Su, mat(xq + u * uq, Cqk).t(), mat(xk + u * uq, Cqk));
+        }
+        // dP_u = dO_u^T V_u, summed over chunks of v (dout packed whole, kept for dV).
+        for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
+          const int64_t cn = std::min(kChunk, Cv - c0);
+          pack_band(mdo, b, t, c0, cn, g, pu, pl, xd + c0 * L, ud);
+          pack_band(mv, b, t, c0, cn, g, pu, pl, xv, cn * L);
+          for (int64_t u = 0; u < g.U; ++u) {
+            at::Tensor dPu = dPmat(u);
+            const at::Tensor dOt = mat(xd + u * ud + c0 * L, cn).t(), Vc = mat(xv + u * cn * L, cn);
+            if (c0 == 0) at::mm_out(dPu, dOt, Vc);
+            else dPu.addmm_(dOt, Vc);
           }
-          if (C == 0) std::fill(M, M + g.U * LL, A(0));
-        };
-        energies(mq, mk, Cqk, S, true);
-        energies(mdo, mv, Cv, dP, false);
+        }
+        if (Cv == 0) std::fill(dP, dP + g.U * LL, A(0));
         const A* lb = lse_p + b * H * W;
         for (int64_t r = 0; r < g.R; ++r) {
           const A* s = lb + band_row(g, t, r) * W;
@@ -473,26 +487,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         // dV_u = dO_u P_u, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
-          pack_band(mdo, b, t, c0, cn, g, pu, pl, x0);
           for (int64_t u = 0; u < g.U; ++u) {
             at::Tensor dVu = mat(y0 + u * cn * L, cn);
-            at::mm_out(dVu, mat(x0 + u * cn * L, cn), Smat(u));
+            at::mm_out(dVu, mat(xd + u * ud + c0 * L, cn), Smat(u));
           }
-          unpack_band(mdv, b, t, c0, cn, g, pu, pl, y0);
+          unpack_band(mdv, b, t, c0, cn, g, pu, pl, y0, cn * L);
         }
         // dQ_u = K_u dS_u^T and dK_u = Q_u dS_u, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cqk - c0);
-          pack_band(mq, b, t, c0, cn, g, pu, pl, x0);
-          pack_band(mk, b, t, c0, cn, g, pu, pl, x1);
           for (int64_t u = 0; u < g.U; ++u) {
             at::Tensor dQu = mat(y0 + u * cn * L, cn), dKu = mat(y1 + u * cn * L, cn);
             const at::Tensor dSu = dPmat(u);
-            at::mm_out(dQu, mat(x1 + u * cn * L, cn), dSu.t());
-            at::mm_out(dKu, mat(x0 + u * cn * L, cn), dSu);
+            at::mm_out(dQu, mat(xk + u * uq + c0 * L, cn), dSu.t());
+            at::mm_out(dKu, mat(xq + u * uq + c0 * L, cn), dSu);
           }
-          unpack_band(mdq, b, t, c0, cn, g, pu, pl, y0);
-          unpack_band(mdk, b, t, c0, cn, g, pu, pl, y1);
+          unpack_band(mdq, b, t, c0, cn, g, pu, pl, y0, cn * L);
+          unpack_band(mdk, b, t, c0, cn, g, pu, pl, y1, cn * L);
         }
       });
     });
