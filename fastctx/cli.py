@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None, model_factory: ModelFactory | None = Non
     p = argparse.ArgumentParser(prog="fastctx", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time every backend side by side, with parity checks; write JSON/CSV/Markdown")
-    b.add_argument("--quick", action="store_true", help="fewer repetitions (a few minutes on a 2-core CPU)")
+    b.add_argument("--quick", action="store_true", help="fewer repetitions, and the whole-module and model cases left out unless named in --ops")
     b.add_argument("--ops", help="comma-separated ops (default: all with benchmark cases)")
     b.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     b.add_argument("--dtypes", help="comma-separated of fp64,fp32,fp16,bf16 (default: fp32 on CPU, fp32,fp16 on CUDA)")

@@ -110,3 +110,18 @@ def test_models_fused_matches_reference():
         assert mismatch(out, truth, torch.float32, cand) is None
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert all(g.abs().max() > 0 for g in grads), cand  # every parameter reaches the logits
+
+
+def test_quick_leaves_out_the_whole_modules_unless_named(monkeypatch):
+    import fastctx.bench.runner as R
+
+    called = []
+    monkeypatch.setattr(R, "CASES", {op: (lambda quick, op=op: called.append(op) or []) for op in R.CASES})
+    R.run(quick=True, device="cpu", log=lambda s: None)
+    assert called == [op for op in R.CASES if op not in R.FULL_ONLY] and set(R.FULL_ONLY) <= set(R.CASES)
+    called.clear()
+    R.run(quick=False, device="cpu", log=lambda s: None)
+    assert called == list(R.CASES)
+    called.clear()
+    R.run(ops=["models"], quick=True, device="cpu", log=lambda s: None)
+    assert called == ["models"]

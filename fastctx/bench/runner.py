@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 import fastctx
-from fastctx.bench.cases import CASES, Case
+from fastctx.bench.cases import CASES, FULL_ONLY, Case
 from fastctx.bench.measure import Skip, peak_mib, time_ms
 from fastctx.testing import mismatch
 
@@ -235,7 +235,12 @@ def run(
         dtypes = (torch.float32, torch.float16) if dev.type == "cuda" else (torch.float32,)
     os.environ["FASTCTX_CHECK_NAN"] = "0"  # the baselines do not check either: time the kernels
     if cases is None:
-        ops = list(ops or CASES)
+        if ops:
+            ops = list(ops)
+        else:
+            ops = [op for op in CASES if not (quick and op in FULL_ONLY)]
+            if quick:
+                log(f"--quick leaves out {', '.join(FULL_ONLY)} (run without --quick, or name them in --ops)")
         unknown = [o for o in ops if o not in CASES]
         if unknown:
             raise ValueError(f"fastctx bench: unknown op(s) {unknown}; choose from {list(CASES)}")
