@@ -4,6 +4,8 @@ and the runner records a dense candidate that would not fit as skipped instead o
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -125,3 +127,15 @@ def test_quick_leaves_out_the_whole_modules_unless_named(monkeypatch):
     called.clear()
     R.run(ops=["models"], quick=True, device="cpu", log=lambda s: None)
     assert called == ["models"]
+
+
+def test_run_leaves_the_nan_check_as_it_was(monkeypatch):
+    import fastctx.bench.runner as R
+
+    monkeypatch.setattr(R, "CASES", {"none": lambda quick: []})
+    monkeypatch.delenv("FASTCTX_CHECK_NAN", raising=False)
+    R.run(device="cpu", log=lambda s: None)
+    assert "FASTCTX_CHECK_NAN" not in os.environ
+    monkeypatch.setenv("FASTCTX_CHECK_NAN", "1")
+    R.run(device="cpu", log=lambda s: None)
+    assert os.environ["FASTCTX_CHECK_NAN"] == "1"

@@ -233,7 +233,6 @@ def run(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
         dtypes = (torch.float32, torch.float16) if dev.type == "cuda" else (torch.float32,)
-    os.environ["FASTCTX_CHECK_NAN"] = "0"  # the baselines do not check either: time the kernels
     if cases is None:
         if ops:
             ops = list(ops)
@@ -245,6 +244,20 @@ def run(
         if unknown:
             raise ValueError(f"fastctx bench: unknown op(s) {unknown}; choose from {list(CASES)}")
         cases = [case for op in ops for case in CASES[op](quick)]
+    # the baselines do not check for NaN either: time the kernels (restored afterwards: run() is
+    # also called in-process, e.g. by bench/heads.py and the tests)
+    saved = os.environ.get("FASTCTX_CHECK_NAN")
+    os.environ["FASTCTX_CHECK_NAN"] = "0"
+    try:
+        return _run(cases, dev, dtypes, quick, log)
+    finally:
+        if saved is None:
+            del os.environ["FASTCTX_CHECK_NAN"]
+        else:
+            os.environ["FASTCTX_CHECK_NAN"] = saved
+
+
+def _run(cases, dev: torch.device, dtypes, quick: bool, log: Callable[[str], None]) -> dict:
     meta = metadata(dev)
     log(f"fastctx bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})")
     rows, all_cases = [], list(cases)
