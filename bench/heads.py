@@ -121,6 +121,7 @@ class Head:
     in_channels: Callable[[int], int]  # narrow -> channels of x (the stages it reads, concatenated)
     build: Callable[[int], Harness]  # narrow -> the head, not yet randomised
     speed_target: float = 1.0  # the swapped head is at least this many times faster (CPU, fp32)
+    tol_scale: float = 10.0  # the float32 row widened this much for the logits' parity (HeadCase)
     config: Callable[[int], dict] = field(default=lambda n: {})
 
 
@@ -231,7 +232,10 @@ HEADS: dict[str, Head] = {h.name: h for h in [
                                ocr=dict(in_channels=2048 // n, channels=512 // n, ocr_channels=256 // n))),
     Head("ssseg-CCNet", lambda n: 2048 // n, ssseg_ccnet,
          config=lambda n: dict(in_channels=2048 // n, feats_channels=512 // n, num_recurrence=2)),
-    Head("ssseg-ISNet", lambda n: 2048 // n, ssseg_isnet, speed_target=10.0,
+    # tol_scale 50: at full width (64x128, 2048 -> 512 channels) the ORIGINAL head's own float32
+    # logits are 9.2e-4 (relative) off its float64 run (the swapped head's: 9.1e-4), past 10x the
+    # float32 row for both (measured at e58afb6); the report's "rel. error" column shows both
+    Head("ssseg-ISNet", lambda n: 2048 // n, ssseg_isnet, speed_target=10.0, tol_scale=50.0,
          config=lambda n: dict(in_channels=2048 // n, feats_channels=512 // n, transform_channels=256 // n,
                                concat_input=True, shortcut=False)),
     Head("ssseg-OCRNet", lambda n: 3072 // n, ssseg_ocrnet,
@@ -375,6 +379,7 @@ def head_case(head: Head, size: tuple[int, int, int], narrow: int, backend: str 
         reference="original",
         strongest="original",
         targets=targets,
+        tol_scale=head.tol_scale,
     )
 
 
