@@ -14,6 +14,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace fastctx {
 namespace cpu {
 
@@ -30,6 +34,33 @@ inline at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
   at::Tensor r = at::empty(t.sizes(), t.options().dtype(ct));
   r.copy_(t);
   return r;
+}
+
+// A fresh big output (out, dq, dv, ...) is written once, by the kernels; on Linux its first touch
+// costs a page fault per 4 KiB page (the allocator hands such blocks back to the system when they
+// are freed, so every call faults them in again), which measured as much time as the arithmetic
+// at OCR's and CCNet's sizes (e.g. 8386 faults per criss-cross forward at 65x129, 34 MiB out).
+// Asking for transparent huge pages on the 2 MiB-aligned part of the block (what PyTorch's
+// THP_MEM_ALLOC_ENABLE does for every allocation) makes that one fault per 2 MiB. Only a hint:
+// it changes no values, is a no-op where THP is off, and a failure is ignored.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (a + kHuge - 1) & ~(kHuge - 1), hi = (a + bytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// at::empty for a big output the kernels write in full, with the huge-page hint above.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t);
+  return t;
 }
 
 // `name` of op `op_name` (stage `stage`, e.g. "ra_fwd") is a defined CPU tensor of rank `dim`

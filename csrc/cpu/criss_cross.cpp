@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
     k = prepare(k_in, ct);
   }
   const at::Tensor v = prepare(v_in, ct);
-  at::Tensor out = at::empty({B, Cv, H, W}, v_in.options().dtype(ct));
+  at::Tensor out = cpu::empty_output({B, Cv, H, W}, v_in.options().dtype(ct));
 
   AT_DISPATCH_FLOATING_TYPES(ct, "cc_fwd_cpu", [&] {
     using T = scalar_t;
@@ -203,9 +203,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
   TORCH_CHECK(lse_in.scalar_type() == ct, CC_OP " (cc_bwd): lse must have dtype ", ct, " for ",
               dt, " inputs, got ", lse_in.scalar_type());
 
-  auto dq = at::empty({B, Cqk, H, W}, q_in.options());
-  auto dk = at::empty({B, Cqk, H, W}, k_in.options());
-  auto dv = at::empty({B, Cv, H, W}, v_in.options());
+  auto dq = cpu::empty_output({B, Cqk, H, W}, q_in.options());
+  auto dk = cpu::empty_output({B, Cqk, H, W}, k_in.options());
+  auto dv = cpu::empty_output({B, Cv, H, W}, v_in.options());
   if (B == 0 || H == 0 || W == 0) return {dq, dk, dv};
 
   // Zero-width q/k or v/dout: run with one zero channel (energies 0, resp. dA = D = 0) into
@@ -229,9 +229,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
     out = prepare(out_in, ct);
   }
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor dq_c = (ct == dt && !no_qk) ? dq : at::empty({B, Cqk, H, W}, copts);
-  at::Tensor dk_c = (ct == dt && !no_qk) ? dk : at::empty({B, Cqk, H, W}, copts);
-  at::Tensor dv_c = (ct == dt && !no_v) ? dv : at::empty({B, Cv, H, W}, copts);
+  at::Tensor dq_c = (ct == dt && !no_qk) ? dq : cpu::empty_output({B, Cqk, H, W}, copts);
+  at::Tensor dk_c = (ct == dt && !no_qk) ? dk : cpu::empty_output({B, Cqk, H, W}, copts);
+  at::Tensor dv_c = (ct == dt && !no_v) ? dv : cpu::empty_output({B, Cv, H, W}, copts);
 
   AT_DISPATCH_FLOATING_TYPES(ct, "cc_bwd_cpu", [&] {
     using T = scalar_t;

@@ -345,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t Cv = v_in.size(1);
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
-  auto out = at::empty({B, Cv, H, W}, q_in.options());
+  auto out = cpu::empty_output({B, Cv, H, W}, q_in.options());
   auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
   if (B == 0 || H == 0 || W == 0) return {out, lse};
 
@@ -425,9 +425,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
   TORCH_CHECK(lse_in.scalar_type() == ct, ISA_OP " (isa_bwd): lse must have dtype ", ct, " for ",
               dt, " inputs, got ", lse_in.scalar_type());
 
-  auto dq = at::empty({B, Cqk, H, W}, q_in.options());
-  auto dk = at::empty({B, Cqk, H, W}, q_in.options());
-  auto dv = at::empty({B, Cv, H, W}, q_in.options());
+  auto dq = cpu::empty_output({B, Cqk, H, W}, q_in.options());
+  auto dk = cpu::empty_output({B, Cqk, H, W}, q_in.options());
+  auto dv = cpu::empty_output({B, Cv, H, W}, q_in.options());
   if (B == 0 || H == 0 || W == 0) return {dq, dk, dv};
   const at::Tensor lse = lse_in.contiguous();
 

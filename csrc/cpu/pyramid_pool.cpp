@@ -189,7 +189,7 @@ at::Tensor pp_bwd_cpu(const at::Tensor& dout_in, at::IntArrayRef scales, int64_t
   const Plan& p = pd.plan();
   TORCH_CHECK(dout_in.size(2) == p.S, PP_OP " (pp_bwd): dout must be [B, C, S] with S = ", p.S,
               " for scales ", scales, ", got ", dout_in.sizes());
-  auto dx = at::empty({B, C, H, W}, dout_in.options());
+  auto dx = cpu::empty_output({B, C, H, W}, dout_in.options());
   if (B * C == 0) return dx;
   const at::ScalarType dt = dout_in.scalar_type();
   const at::ScalarType ct = dt == at::kDouble ? at::kDouble : at::kFloat;

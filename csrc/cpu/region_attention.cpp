@@ -42,10 +42,6 @@
 #include <limits>
 #include <tuple>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 // 32-byte vector types in the baseline build: GCC notes the ABI of passing them without AVX.
 // (Not popped: GCC reports it at the end of the translation unit.)
 #if defined(__GNUC__) && !defined(__clang__)
@@ -113,25 +109,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "], got ", bias.sizes());
 }
 
-// A fresh big output (out, dq) is written once, by the kernels; on Linux its first touch costs a
-// page fault per 4 KiB page (the allocator hands such blocks back to the system when they are
-// freed, so every call faults them in again), which measured as much time as the forward's
-// arithmetic at OCR's sizes. Asking for transparent huge pages on the 2 MiB-aligned part of the
-// block (what PyTorch's THP_MEM_ALLOC_ENABLE does for every allocation) makes that one fault per
-// 2 MiB. Only a hint: it changes no values, is a no-op where THP is off, and a failure is ignored.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (a + kHuge - 1) & ~(kHuge - 1), hi = (a + bytes) & ~(kHuge - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 // [B, C, S] -> [B, S, C] contiguous (small: no pixel axis).
 at::Tensor transposed(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
 
@@ -144,14 +121,12 @@ std::tuple<at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in, const at::
   const int64_t S = k_in.size(2), Cv = v_in.size(1), N = H * W;
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
   auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
-  auto out = at::empty({B, Cv, H, W}, q_in.options());
+  auto out = cpu::empty_output({B, Cv, H, W}, q_in.options());
   if (B == 0 || N == 0) return {out, lse};
 
   const at::Tensor q = prepare(q_in, ct), v = prepare(v_in, ct), bias = prepare(bias_in, ct);
   const at::Tensor kT = transposed(prepare(k_in, ct));
-  at::Tensor out_c = ct == dt ? out : at::empty({B, Cv, H, W}, q_in.options().dtype(ct));
-  advise_huge_pages(out_c);
-  if (ct != dt) advise_huge_pages(out);
+  at::Tensor out_c = ct == dt ? out : cpu::empty_output({B, Cv, H, W}, q_in.options().dtype(ct));
 
   AT_DISPATCH_FLOATING_TYPES(ct, "ra_fwd_cpu", [&] {
     using T = scalar_t;
@@ -196,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
               dt, " inputs, got ", lse_in.scalar_type());
 
   const auto copts = q_in.options().dtype(ct);
-  auto dq = at::empty({B, Cqk, H, W}, q_in.options());
+  auto dq = cpu::empty_output({B, Cqk, H, W}, q_in.options());
   if (B == 0) {
     return {dq, at::empty({B, Cqk, S}, q_in.options()), at::empty({B, Cv, S}, q_in.options()),
             at::empty({B, S}, q_in.options())};
@@ -208,9 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
     const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), bias = prepare(bias_in, ct);
     const at::Tensor dout = prepare(dout_in, ct), lse = lse_in.contiguous();
     const at::Tensor kT = transposed(k), vT = transposed(prepare(v_in, ct));
-    at::Tensor dq_c = ct == dt ? dq : at::empty({B, Cqk, H, W}, copts);
-    advise_huge_pages(dq_c);
-    if (ct != dt) advise_huge_pages(dq);
+    at::Tensor dq_c = ct == dt ? dq : cpu::empty_output({B, Cqk, H, W}, copts);
 
     AT_DISPATCH_FLOATING_TYPES(ct, "ra_bwd_cpu", [&] {
       using T = scalar_t;

@@ -285,16 +285,16 @@ std::tuple<at::Tensor, at::Tensor> sp_bwd_cpu(const at::Tensor& dregions_in,
   check_labels(labels_in, B, H, W, "sp_bwd");
   const at::ScalarType dt = feats_in.scalar_type(), ct = compute_dtype(dt);
   const auto copts = feats_in.options().dtype(ct);
-  at::Tensor dfeats = at::empty({B, C, H, W}, feats_in.options());
-  at::Tensor dlogits = at::empty({B, K, H, W}, feats_in.options());
+  at::Tensor dfeats = cpu::empty_output({B, C, H, W}, feats_in.options());
+  at::Tensor dlogits = cpu::empty_output({B, K, H, W}, feats_in.options());
   if (B == 0 || N == 0) return {dfeats, dlogits};
 
   const at::Tensor f = prepare(feats_in, ct), dr = prepare(dregions_in, ct),
                    rg = prepare(regions_in, ct), wc = prepare(w_in, ct),
                    lab = labels_in.contiguous();
   check_label_range(lab.const_data_ptr<int64_t>(), B * N, K, "sp_bwd");
-  at::Tensor df_c = ct == dt ? dfeats : at::empty({B, C, H, W}, copts);
-  at::Tensor dl_c = ct == dt ? dlogits : at::empty({B, K, H, W}, copts);
+  at::Tensor df_c = ct == dt ? dfeats : cpu::empty_output({B, C, H, W}, copts);
+  at::Tensor dl_c = ct == dt ? dlogits : cpu::empty_output({B, K, H, W}, copts);
   at::Tensor drr_t = at::empty({B, K}, copts);
 
   AT_DISPATCH_FLOATING_TYPES(ct, "sp_bwd_cpu", [&] {
@@ -338,7 +338,7 @@ at::Tensor sp_gather_cpu(const at::Tensor& regions_in, const at::Tensor& labels_
   check_tensor(labels_in, "sp_gather", "labels", 3, "[B, H, W]");
   const int64_t H = labels_in.size(1), W = labels_in.size(2), N = H * W;
   check_labels(labels_in, B, H, W, "sp_gather");
-  at::Tensor out = at::empty({B, C, H, W}, regions_in.options().dtype(dtype));
+  at::Tensor out = cpu::empty_output({B, C, H, W}, regions_in.options().dtype(dtype));
   if (out.numel() == 0) return out;
   TORCH_CHECK(K > 0, SP_OP " (sp_gather): regions has no classes, got shape ", regions_in.sizes());
   const at::Tensor r = prepare(regions_in, dtype), lab = labels_in.contiguous();

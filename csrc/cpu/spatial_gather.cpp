@@ -194,14 +194,14 @@ std::tuple<at::Tensor, at::Tensor> sg_bwd_cpu(const at::Tensor& dout_in,
               dt, " inputs, got ", lse_in.scalar_type());
 
   const auto copts = feats_in.options().dtype(ct);
-  auto dfeats = at::empty(feats_in.sizes(), feats_in.options());
-  auto dlogits = at::empty(logits_in.sizes(), logits_in.options());
+  auto dfeats = cpu::empty_output(feats_in.sizes(), feats_in.options());
+  auto dlogits = cpu::empty_output(logits_in.sizes(), logits_in.options());
 
   const at::Tensor f = prepare(feats_in, ct), l = prepare(logits_in, ct);
   const at::Tensor dR = prepare(dout_in, ct), R = prepare(out_in, ct), lse = lse_in.contiguous();
   const at::Tensor dRT = dR.transpose(1, 2).contiguous();
-  at::Tensor df_c = ct == dt ? dfeats : at::empty(feats_in.sizes(), copts);
-  at::Tensor dl_c = ct == dt ? dlogits : at::empty(logits_in.sizes(), copts);
+  at::Tensor df_c = ct == dt ? dfeats : cpu::empty_output(feats_in.sizes(), copts);
+  at::Tensor dl_c = ct == dt ? dlogits : cpu::empty_output(logits_in.sizes(), copts);
   // (the outputs are allocated contiguous: at::empty with sizes only)
 
   AT_DISPATCH_FLOATING_TYPES(ct, "sg_bwd_cpu", [&] {
