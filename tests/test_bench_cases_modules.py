@@ -139,3 +139,21 @@ def test_run_leaves_the_nan_check_as_it_was(monkeypatch):
     monkeypatch.setenv("FASTCTX_CHECK_NAN", "1")
     R.run(device="cpu", log=lambda s: None)
     assert os.environ["FASTCTX_CHECK_NAN"] == "1"
+
+
+def test_cpu_peak_counts_what_a_call_touches():
+    """The CPU peak is the memory a call adds (pages touched), not what was resident before it;
+    every measured call counts (median of ``reps``)."""
+    from fastctx.bench.measure import cpu_peak_supported, peak_mib
+
+    if not cpu_peak_supported():
+        pytest.skip("no /proc/self/clear_refs here: the CPU peak is reported as not measured")
+    cpu = torch.device("cpu")
+    kept = torch.ones(16 * 2**20 // 4)  # resident before the call: not counted
+    touched = peak_mib(lambda: torch.ones(48 * 2**20 // 4), cpu)  # 48 MiB written
+    calls = []
+    nothing = peak_mib(lambda: calls.append(kept.sum()), cpu, reps=5)  # reads only what was there
+    assert 44 <= touched <= 56, touched
+    assert nothing < 4, nothing
+    assert len(calls) == 6  # the warm-up and five measured calls
+    del kept
