@@ -77,11 +77,11 @@ void fwd_task(const FwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scra
 }
 
 template <class T>
-void bwd_task(const BwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch) {
+void bwd_task(const BwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch, int pass) {
 #ifdef FASTCTX_CC_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::bwd_rows<T>(a, b, i0, nrows, scratch);
+  if (use_avx2()) return isa_avx2::bwd_rows<T>(a, b, i0, nrows, scratch, pass);
 #endif
-  isa_base::bwd_rows<T>(a, b, i0, nrows, scratch);
+  isa_base::bwd_rows<T>(a, b, i0, nrows, scratch, pass);
 }
 
 template <class T>
@@ -253,14 +253,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
         }
       });
     }
+    // The column weights and scores of every query (kernel header: pass 0 writes every row).
+    at::Tensor Pc = cpu::empty_output({B, H, H, Wp}, copts), dSc = cpu::empty_output({B, H, H, Wp}, copts);
     const BwdArgs<T> a{dout.const_data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
                        v.const_data_ptr<T>(),    Lp.const_data_ptr<T>(), D.const_data_ptr<T>(),
                        dq_c.mutable_data_ptr<T>(), dk_c.mutable_data_ptr<T>(),
-                       dv_c.mutable_data_ptr<T>(), Cqk, Cv, H, W, Wp, static_cast<T>(scale)};
+                       dv_c.mutable_data_ptr<T>(), Pc.mutable_data_ptr<T>(),
+                       dSc.mutable_data_ptr<T>(),  Cqk, Cv, H, W, Wp, static_cast<T>(scale)};
     const int64_t scratch = 2 * kTR * (H + W) * Wp + W * Wp;
-    for_each_row_block<T>(B, H, scratch, [&](int64_t b, int64_t i0, int64_t n, T* s) {
-      bwd_task<T>(a, b, i0, n, s);
-    });
+    for (int pass = 0; pass < 2; ++pass)
+      for_each_row_block<T>(B, H, scratch, [&](int64_t b, int64_t i0, int64_t n, T* s) {
+        bwd_task<T>(a, b, i0, n, s, pass);
+      });
   });
   if (!no_qk && ct != dt) {
     dq = dq_c.to(dt);

@@ -29,8 +29,14 @@
 //   col_dot (2 rows x 6 partner rows) and col_acc (4 rows x 3 channels) loop over the register
 //   blocks of a task's kTR rows inside each window, so every vector loaded from the big operand
 //   Y (v or dout, Cv = 512 channels in CCNet) feeds kTR FMAs from L1: Y is streamed from memory
-//   once per task of kTR rows. The backward reads dout's columns once per task for both dA and
-//   dv (fused, chunk by chunk).
+//   once per task of kTR rows.
+// - The backward runs in two passes over the row tasks. Pass 0 computes, for the queries of its
+//   rows, the column weights P and scores dE * scale (and everything of dq, and the row parts of
+//   dk and dv); it keeps those two column matrices of every query, [B][H][H][Wp] each (the
+//   column half of the attention: 1/(H + W) of the (B, H, W, H + W) one, 9 MiB each at 97 x 97
+//   for B = 2). Pass 1 reads them transposed (the queries of the column of each key row) for the
+//   column parts of dk and dv: nothing is recomputed (an earlier single pass recomputed the
+//   column dA over all Cv channels of dout and v for the key view, the most expensive part).
 // - Scratch is per thread: kTR * (H + W) * Wp values for the forward, twice that plus W * Wp for
 //   the backward; rows are padded to Wp (64 bytes) and the padding is kept at zero, so the
 //   element-wise passes run over whole vectors. Nothing of size (B, H, W, H + W) is ever
@@ -39,10 +45,9 @@
 // Where the time goes (AMD EPYC, AVX2, 1 thread, one 512-channel 97 x 97 image): row_gemm runs
 // at ~40 GFLOP/s (one operand is a broadcast scalar, so little cache traffic per FMA);
 // col_dot / col_acc at ~20 (every operand is a vector: one 32-byte load per 1.7 FMAs, fed from
-// L2 / memory). The backward also does the column work twice (dA and the column energies are
-// recomputed for the query view and for the key view of each task). What would make it faster:
-// computing the column parts as row parts of a transposed (B, C, W, H) copy (row_gemm
-// throughout, no recomputation, each element streamed once), at the price of input-sized copies.
+// L2 / memory). What would make it faster still: computing the column parts as row parts of a
+// transposed (B, C, W, H) copy (row_gemm throughout, each element streamed once), at the price
+// of input-sized copies.
 
 #ifndef FASTCTX_CC_ISA
 #error "criss_cross_kernels.h: define FASTCTX_CC_ISA (a namespace name) before including"
@@ -86,7 +91,6 @@ constexpr int kTR = 8;          // rows of a task: kTR / kRB register blocks sha
 constexpr int64_t kCB = 32;     // col_dot: channels per chunk (the X rows of a chunk stay in L2)
 constexpr int64_t kYRows = 32;  // col_acc: partner rows per block (a window's lines fit in L1)
 constexpr int64_t kKB = 128;    // row_gemm: k per chunk (the k x kNB panel of B stays in L1)
-constexpr int64_t kFuseC = 32;  // backward: dout channels per fused dA / dv chunk
 static_assert(kTR % kRB == 0 && kRB % kDotR == 0 && kRB % kAccR == 0,
               "task rows: whole register blocks");
 
@@ -102,7 +106,9 @@ struct FwdArgs {
   T scale;
 };
 
-// Backward task arguments. lse and D are [B, H, Wp] (rows padded with zeros).
+// Backward task arguments. lse and D are [B, H, Wp] (rows padded with zeros). Pc and dSc:
+// [B][H][H][Wp], the column weights and scores * scale of every query row i (index 1) against
+// every partner row y (index 2); written by pass 0, read by pass 1.
 template <class T>
 struct BwdArgs {
   const T* dout;
@@ -114,6 +120,8 @@ struct BwdArgs {
   T* dq;
   T* dk;
   T* dv;
+  T* Pc;
+  T* dSc;
   int64_t Cqk, Cv, H, W, Wp;
   T scale;
 };
@@ -496,9 +504,11 @@ struct Kern : cpu::FASTCTX_CC_ISA::Vec<T, VL> {
       row_gemm(Vt + roff[r], HW, 1, Er + r * W * Wp, Wp, Cv, W, W, O + roff[r], HW, true);
   }
 
-  // Backward task: rows [i0, i0 + nrows) of dq, dk, dv of image b, nrows <= kTR. Scratch:
-  // 2 * kTR * (H + W) * Wp + W * Wp values, zero-initialised once.
-  static void bwd_rows(const BwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch) {
+  // Backward task: rows [i0, i0 + nrows) of dq, dk, dv of image b, nrows <= kTR, in pass 0 or
+  // pass 1 (every task of pass 0 ends before pass 1 starts). Scratch: 2 * kTR * (H + W) * Wp +
+  // W * Wp values, zero-initialised once.
+  static void bwd_rows(const BwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch,
+                       int pass) {
     const int64_t H = a.H, W = a.W, Wp = a.Wp, HW = H * W, Cqk = a.Cqk, Cv = a.Cv;
     const T sc = a.scale;
     const T* dO = a.dout + b * Cv * HW;
@@ -523,6 +533,24 @@ struct Kern : cpu::FASTCTX_CC_ISA::Vec<T, VL> {
     auto zero_rows = [&](T* buf, int64_t stride) {
       for (int r = nr; r < kTR; ++r) std::fill(buf + r * stride, buf + (r + 1) * stride, T(0));
     };
+    T* Pc = a.Pc + b * H * hs;
+    T* dSc = a.dSc + b * H * hs;
+
+    if (pass == 1) {
+      // (3) Keys in rows i, seen by the queries (y, j) of their column, y != i (the weight of
+      // y == i is 0: that pixel is counted in its row): P and dE * scale of those queries are
+      // pass 0's, at [y][i]. dv and dk rows += their column parts.
+      for (int r = 0; r < nr; ++r)
+        for (int64_t y = 0; y < H; ++y) {
+          std::copy(Pc + y * hs + (i0 + r) * Wp, Pc + y * hs + (i0 + r + 1) * Wp, H1 + r * hs + y * Wp);
+          std::copy(dSc + y * hs + (i0 + r) * Wp, dSc + y * hs + (i0 + r + 1) * Wp, H2 + r * hs + y * Wp);
+        }
+      zero_rows(H1, hs);
+      zero_rows(H2, hs);
+      col_acc(H1, hs, Wp, dO, Cv, HW, H, W, dV, roff, nr, true);
+      col_acc(H2, hs, Wp, Q, Cqk, HW, H, W, dK, roff, nr, true);
+      return;
+    }
 
     // (1) Queries in rows i: P (column: H1, row: W1) from lse, dA (H2, W2), dE * scale in place.
     col_dot(Q, roff, Kt, Cqk, HW, H, W, H1, hs, Wp, nr, false);
@@ -539,34 +567,21 @@ struct Kern : cpu::FASTCTX_CC_ISA::Vec<T, VL> {
     }
     zero_rows(H1, hs);
     zero_rows(H2, hs);
+    std::copy(H1, H1 + nr * hs, Pc + i0 * hs);  // kept for pass 1 (whole rows: padding lanes 0)
+    std::copy(H2, H2 + nr * hs, dSc + i0 * hs);
     // dq rows: column part (stored) + row part (accumulated).
     col_acc(H2, hs, Wp, Kt, Cqk, HW, H, W, dQ, roff, nr, false);
     for (int r = 0; r < nr; ++r)
       row_gemm(Kt + roff[r], HW, 1, W2 + r * ws, Wp, Cqk, W, W, dQ + roff[r], HW, true);
 
-    // (2) Keys in rows i, seen by the queries of the same row: dk, dv rows (stored).
+    // (2) Keys in rows i, seen by the queries of the same row: dk, dv rows (stored; pass 1
+    // adds the column parts).
     for (int r = 0; r < nr; ++r) {
       transpose(W2 + r * ws, Wp, W, Tt, Wp);
       row_gemm(Q + roff[r], HW, 1, Tt, Wp, Cqk, W, W, dK + roff[r], HW, false);
       transpose(W1 + r * ws, Wp, W, Tt, Wp);
       row_gemm(dO + roff[r], HW, 1, Tt, Wp, Cv, W, W, dV + roff[r], HW, false);
     }
-
-    // (3) Keys in rows i, seen by the queries (i'', j) of their column, i'' != i: the roles of
-    // q and k swap; lse and D are those of the queries, i.e. per partner row i''. P first (from
-    // q, k alone); then one pass over dout, chunk by chunk, feeds both dA (col_dot) and dv
-    // (col_acc), so dout is streamed once; then dE and dk.
-    col_dot(Kt, roff, Q, Cqk, HW, H, W, H1, hs, Wp, nr, false);
-    for (int r = 0; r < nr; ++r) probs(H1 + r * hs, H, W, Wp, i0 + r, sc, L, Wp);
-    zero_rows(H1, hs);
-    for (int64_t c0 = 0; c0 == 0 || c0 < Cv; c0 += kFuseC) {  // once when Cv == 0: dA = 0
-      const int64_t cn = std::min(kFuseC, Cv - c0);
-      col_dot(Vt + c0 * HW, roff, dO + c0 * HW, cn, HW, H, W, H2, hs, Wp, nr, c0 > 0);
-      col_acc(H1, hs, Wp, dO + c0 * HW, cn, HW, H, W, dV + c0 * HW, roff, nr, true);
-    }
-    for (int r = 0; r < nr; ++r) dscores(H1 + r * hs, H2 + r * hs, H, W, Wp, sc, D, Wp);
-    zero_rows(H2, hs);
-    col_acc(H2, hs, Wp, Q, Cqk, HW, H, W, dK, roff, nr, true);
   }
 
   // D[i][j] = sum_c dout[c, i, j] * out[c, i, j]; padded copy of the lse row. Row i of image b.
@@ -599,11 +614,11 @@ void fwd_rows(const FwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scra
 }
 
 template <class T>
-void bwd_rows(const BwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch) {
+void bwd_rows(const BwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch, int pass) {
   if (a.W >= vec_lanes<T>())
-    Kern<T, vec_lanes<T>()>::bwd_rows(a, b, i0, nrows, scratch);
+    Kern<T, vec_lanes<T>()>::bwd_rows(a, b, i0, nrows, scratch, pass);
   else
-    Kern<T, 1>::bwd_rows(a, b, i0, nrows, scratch);
+    Kern<T, 1>::bwd_rows(a, b, i0, nrows, scratch, pass);
 }
 
 template <class T>
