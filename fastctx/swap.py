@@ -256,14 +256,23 @@ def expect_conv_modules(m: nn.Module, name: str, in_channels: int, out_channels:
     """Submodule ``name`` of ``m`` is mmseg ``SelfAttentionBlock.build_project``'s projection
     with ``use_conv_module=True``: one mmcv ConvModule (``count == 1``) or an ``nn.Sequential`` of
     exactly ``count`` of them, ``in_channels -> out_channels -> ... -> out_channels``; returns it."""
+    return _expect_stack(m, name, in_channels, out_channels, count, expect_conv_module, "ConvModules")
+
+
+def _expect_stack(m: nn.Module, name: str, in_channels: int, out_channels: int, count: int,
+                  expect_one: Callable[[nn.Module, str, int, int], nn.Module], what: str) -> nn.Module:
+    """Submodule ``name`` of ``m`` is one block (``count == 1``) or an ``nn.Sequential`` of
+    exactly ``count`` blocks, ``in_channels -> out_channels -> ... -> out_channels``, each checked
+    by ``expect_one(parent, child_name, in, out)``; ``what`` names the blocks in the reason.
+    Returns the block or the Sequential."""
     if count == 1:
-        return expect_conv_module(m, name, in_channels, out_channels)
+        return expect_one(m, name, in_channels, out_channels)
     seq = expect_class(m, name, class_path(nn.Sequential))
     if len(seq) != count:
-        raise NotSwappable(f"{name} holds {len(seq)} modules, expected {count} ConvModules")
+        raise NotSwappable(f"{name} holds {len(seq)} modules, expected {count} {what}")
     for i in range(count):
         try:
-            expect_conv_module(seq, str(i), in_channels if i == 0 else out_channels, out_channels)
+            expect_one(seq, str(i), in_channels if i == 0 else out_channels, out_channels)
         except NotSwappable as e:
             raise NotSwappable(f"{name}.{e}") from None
     return seq
@@ -929,17 +938,8 @@ def _expect_ssseg_project(m: nn.Module, name: str, in_channels: int, out_channel
                           num_convs: int) -> nn.Sequential:
     """``buildproject(..., num_convs, use_norm=True)``: one conv-norm-act ``nn.Sequential``, or
     an ``nn.Sequential`` of ``num_convs`` of them, ``in -> out -> ... -> out``."""
-    if num_convs == 1:
-        return _expect_ssseg_conv_norm_act(m, name, in_channels, out_channels)
-    seq = expect_class(m, name, class_path(nn.Sequential))
-    if len(seq) != num_convs:
-        raise NotSwappable(f"{name} holds {len(seq)} modules, expected {num_convs} conv-norm-act blocks")
-    for i in range(num_convs):
-        try:
-            _expect_ssseg_conv_norm_act(seq, str(i), in_channels if i == 0 else out_channels, out_channels)
-        except NotSwappable as e:
-            raise NotSwappable(f"{name}.{e}") from None
-    return seq
+    return _expect_stack(m, name, in_channels, out_channels, num_convs, _expect_ssseg_conv_norm_act,
+                         "conv-norm-act blocks")
 
 
 def _transform_channels(m: nn.Module) -> int:

@@ -250,13 +250,14 @@ def compare_runs32(got, want32, want64, what, flips: ReluFlips | None = None):
 
 def parity(orig: nn.Module, x: torch.Tensor, dout: torch.Tensor, seed: int,
            forward_of: Callable[[nn.Module], Callable], expected: list, what: str,
-           check_swapped: Callable[[nn.Module], None] | None = None, reshaped: tuple[str, ...] = ()):
-    """A copy of ``orig`` against a swapped copy (``swap(strict=True)``), in float64 then float32,
-    on input ``x`` and upstream gradient ``dout``, dropout from ``seed``; ``forward_of(model)``
+           check_swapped: Callable[[nn.Module], None] | None = None, reshaped: tuple[str, ...] = (),
+           backend: str | None = None):
+    """A copy of ``orig`` against a swapped copy (``swap(strict=True, backend=backend)``), in
+    float64 then float32, on input ``x`` and upstream gradient ``dout``, dropout from ``seed``; ``forward_of(model)``
     is the function of the input that runs ``model``. The swap must report ``expected``
     (:func:`paths`) and return the copy itself unless the root is swapped (path ""); then
-    ``check_swapped(swapped model)``; ``reshaped``: see :class:`ReluFlips`. Returns the float32
-    original and its run."""
+    ``check_swapped(swapped model)``; ``reshaped``: see :class:`ReluFlips`; ``backend``: swap's.
+    Returns the float32 original and its run."""
     pre64 = {}
     for dtype in (torch.float64, torch.float32):
         original = copy.deepcopy(orig).to(dtype)
@@ -264,7 +265,7 @@ def parity(orig: nn.Module, x: torch.Tensor, dout: torch.Tensor, seed: int,
             want = run(original, x.to(dtype), dout, seed, forward=forward_of(original))
         fast = copy.deepcopy(orig).to(dtype)
         with record_relus(fast, values=False) as fast_relus:
-            swapped, report = swap(fast, strict=True)
+            swapped, report = swap(fast, strict=True, backend=backend)
             assert paths(report) == expected
             assert (swapped is fast) == all(path for path, _, _ in expected)
             if check_swapped is not None:

@@ -8,9 +8,9 @@ the fused interlaced attention (no permuted copies); a relation alone (outside a
 becomes an ISASelfAttentionBlock attending over the map it is given. ANNNet: ``AFNBlock`` /
 ``APNBlock`` -> fastctx.nn.AFNB / APNB around the stages' own projections.
 
-Needs sssegmentation (tests/toolboxes.py; FAILS when missing). Comparisons as in
-tests/test_swap_isa.py (float64: relative error <= 1e-5 against the original; float32:
-compare_runs32; output, input and parameter gradients, BN running statistics after the step).
+Needs sssegmentation (tests/toolboxes.py; FAILS when missing). Comparisons by tests/swap_support.py's
+``parity`` (output, input and parameter gradients, BN running statistics after the step): float64,
+relative error <= 1e-5 against the original; float32, compare_runs32 with the ReLU flips recorded.
 
 Widths: sssegmentation's Cityscapes configs (tests/toolboxes.ssseg_isanet_cfg / ssseg_annnet_cfg)
 narrowed from 2048 / 512 / 256 to a few dozen channels, some not powers of two: the 3x3 convs
@@ -31,8 +31,7 @@ from fastctx.nn.interlaced import ISASelfAttentionBlock
 from fastctx.swap import SwapError, recognisers, swap
 from tests import toolboxes
 from tests._utils import assert_close
-from tests.test_swap import compare_runs, run
-from tests.swap_support import compare_runs32
+from tests.swap_support import compare_runs, parity, run
 from tests.toolboxes import randomize
 
 SEG = "ssseg.modules.models.segmentors"
@@ -78,17 +77,6 @@ def relation_inputs(segmentor) -> list:
     return shapes
 
 
-def compare(got, want, want64, dtype, what):
-    if dtype == torch.float64:
-        compare_runs(got, want, dtype, what)
-    else:
-        compare_runs32(got, want, want64, what)
-
-
-def paths(report):
-    return [(e.path, e.original, e.replacement) for e in report.swapped]
-
-
 def test_registry_lists_isanet_and_annnet():
     assert {ISANET, ISA_BLOCK, AFN, APN} <= set(recognisers())
 
@@ -109,18 +97,19 @@ def test_isanet_swapped_matches(ssseg, size, feats, isa, mode):
     x = torch.randn(2, IN, *size, dtype=torch.float64)
     dout = torch.randn(2, 19, *size, dtype=torch.float64)
     padded = tuple(-(-s // 8) * 8 for s in size)
-    for dtype in (torch.float64, torch.float32):
-        original = copy.deepcopy(orig).to(dtype)
-        want = run(original, x.to(dtype), dout, seed=1, forward=toolboxes.ssseg_logits(original))
-        want64 = want if dtype == torch.float64 else want64
-        fast, report = swap(copy.deepcopy(orig).to(dtype), strict=True)
-        assert paths(report) == [("", ISANET, FAST_ISANET)]
+    seen = []
+
+    def check_swapped(fast):
         assert isinstance(fast, ISANet) and fast.training == (mode == "train") and fast.mode == orig.mode
         assert type(fast.global_relation) is ISASelfAttentionBlock is type(fast.local_relation)
-        seen = relation_inputs(fast)
-        got = run(fast, x.to(dtype), dout, seed=1, forward=toolboxes.ssseg_logits(fast))
-        assert seen == [(2, feats, *padded)]  # the whole padded map, not 64 permuted groups
-        compare(got, want, want64, dtype, f"ISANet {size} {mode} {dtype}")
+        seen.append(relation_inputs(fast))
+
+    # the relations' ReLUs run on the whole padded map in the swapped segmentor, on the permuted
+    # groups in the original: not paired by ReluFlips
+    original, want = parity(orig, x, dout, 1, toolboxes.ssseg_logits, [("", ISANET, FAST_ISANET)],
+                            f"ISANet {size} {mode}", check_swapped, reshaped=("global_relation", "local_relation"))
+    # each run (float64, float32) gave the relation the whole padded map, not 64 permuted groups
+    assert seen == [[(2, feats, *padded)]] * 2
     # the attention matters to these logits (so the comparison above could fail)
     with torch.no_grad():
         for rel in (original.global_relation, original.local_relation):
@@ -143,15 +132,13 @@ def test_isa_relation_alone_matches(ssseg, mode):
     orig.train(mode == "train")
     x = torch.randn(2, 40, 17, 23, dtype=torch.float64)
     dout = torch.randn(2, 40, 17, 23, dtype=torch.float64)
-    for dtype in (torch.float64, torch.float32):
-        want = run(copy.deepcopy(orig).to(dtype), x.to(dtype), dout, seed=1)
-        want64 = want if dtype == torch.float64 else want64
-        fast, report = swap(copy.deepcopy(orig).to(dtype), strict=True, backend="cpu")
-        assert paths(report) == [("", ISA_BLOCK, "fastctx.nn.interlaced.ISASelfAttentionBlock")]
+
+    def check_swapped(fast):
         assert fast.backend == "cpu" and fast.training == (mode == "train")
-        got = run(fast, x.to(dtype), dout, seed=1)
-        assert fastctx.last_backend("interlaced_attention") == "cpu"
-        compare(got, want, want64, dtype, f"ISA relation {mode} {dtype}")
+
+    parity(orig, x, dout, 1, lambda m: m, [("", ISA_BLOCK, "fastctx.nn.interlaced.ISASelfAttentionBlock")],
+           f"ISA relation {mode}", check_swapped, backend="cpu")
+    assert fastctx.last_backend("interlaced_attention") == "cpu"  # the swapped float32 run, parity's last
 
 
 def test_isa_relations_swapped_inside_an_unrecognised_isanet(ssseg):
@@ -302,18 +289,15 @@ def test_annnet_swapped_matches(ssseg, size, mode):
     orig.train(mode == "train")
     x = torch.randn(2, LOW + HIGH, *size, dtype=torch.float64)
     dout = torch.randn(2, 19, *size, dtype=torch.float64)
-    for dtype in (torch.float64, torch.float32):
-        original = copy.deepcopy(orig).to(dtype)
-        want = run(original, x.to(dtype), dout, seed=1, forward=toolboxes.ssseg_logits(original))
-        want64 = want if dtype == torch.float64 else want64
-        fast = copy.deepcopy(orig).to(dtype)
-        same, report = swap(fast, strict=True)
-        assert same is fast
-        assert paths(report) == [("afn_block", AFN, "fastctx.nn.ann.AFNB"), ("apn_block", APN, "fastctx.nn.ann.APNB")]
+
+    def check_swapped(fast):  # parity: the swapped model is the copy itself (no root swap)
         assert fast.apn_block.stages[0].query_project is fast.apn_block.stages[0].key_project
         assert fast.afn_block.stages[0].key_pool_scales == (1, 3, 6, 8)
-        got = run(fast, x.to(dtype), dout, seed=1, forward=toolboxes.ssseg_logits(fast))
-        compare(got, want, want64, dtype, f"ANNNet {size} {mode} {dtype}")
+
+    original, want = parity(
+        orig, x, dout, 1, toolboxes.ssseg_logits,
+        [("afn_block", AFN, "fastctx.nn.ann.AFNB"), ("apn_block", APN, "fastctx.nn.ann.APNB")],
+        f"ANNNet {size} {mode}", check_swapped)
     # each attention matters to these logits (so the comparison above could fail)
     for block in ("afn_block", "apn_block"):
         probe = copy.deepcopy(original)
@@ -338,19 +322,15 @@ def test_afnblock_and_apnblock_alone_match(ssseg, mode):
     low = torch.randn(2, 20, 17, 23, dtype=torch.float64)
     high = torch.randn(2, 28, 33, 65, dtype=torch.float64)
     dout = torch.randn(2, 28, 33, 65, dtype=torch.float64)
-    for name, orig, forward, x in (
-        ("AFNBlock", afn, lambda m: lambda t: m(t, high.to(t.dtype)), low),
-        ("APNBlock", apn, lambda m: m, high),
+
+    def check_swapped(fast):
+        assert len(fast.stages) == 2 and fast.stages[1].key_pool_scales == (1, 2, 5)
+
+    for name, orig, forward, x, swapped in (
+        ("AFNBlock", afn, lambda m: lambda t: m(t, high.to(t.dtype)), low, ("", AFN, "fastctx.nn.ann.AFNB")),
+        ("APNBlock", apn, lambda m: m, high, ("", APN, "fastctx.nn.ann.APNB")),
     ):
-        for dtype in (torch.float64, torch.float32):
-            original = copy.deepcopy(orig).to(dtype)
-            want = run(original, x.to(dtype), dout, seed=1, forward=forward(original))
-            want64 = want if dtype == torch.float64 else want64
-            fast, report = swap(copy.deepcopy(orig).to(dtype), strict=True)
-            assert len(report.swapped) == 1 and len(fast.stages) == 2
-            assert fast.stages[1].key_pool_scales == (1, 2, 5)
-            got = run(fast, x.to(dtype), dout, seed=1, forward=forward(fast))
-            compare(got, want, want64, dtype, f"{name} {mode} {dtype}")
+        parity(orig, x, dout, 1, forward, [swapped], f"{name} {mode}", check_swapped)
 
 
 def test_swapped_annnet_keeps_parameters_and_loads_checkpoints(ssseg):

@@ -488,7 +488,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     text = cap.out
     assert "loss" in cap.err and "img/s" in cap.err  # the progress (plain text without tqdm) on stderr
     assert f"checkpoint: {out / 'latest.pth'}" in text and f"metrics: {out / 'metrics.json'}" in text
-    assert "demo target" in text
+    assert "demo target" not in text  # synthetic data, but not the demo
     m = json.loads((out / "metrics.json").read_text())
     assert m["images"] == 2 and 0 <= m["mIoU"] <= 1 and set(m["IoU"]) == set(syn().class_names)
     assert len(_read_log(out / "log.jsonl")) == 2
@@ -518,6 +518,46 @@ def test_cli_defaults_are_the_demo():
     with pytest.raises(RuntimeError, match="stop"):
         cli.main(["train"], model_factory=spy)
     assert p_args == [("ccnet_r18_d8", 8)]
+
+
+@pytest.mark.parametrize(("argv", "demo"), [
+    ([], True),  # the defaults: the demo
+    (["--model", cli.DEMO["model"], "--iters", str(cli.DEMO["iters"]), "--crop", str(cli.DEMO["crop"])], True),
+    (["--model", "tiny"], False),
+    (["--iters", str(cli.DEMO["iters"] - 1)], False),
+    (["--batch-size", str(cli.DEMO["batch_size"] // 2)], False),
+    (["--crop", str(cli.DEMO["crop"] + 8)], False),
+    (["--val-images", "4"], False),
+], ids=["defaults", "defaults-spelled-out", "other-model", "other-iters", "other-batch", "other-crop",
+        "other-val-images"])
+def test_cli_prints_the_demo_target_only_for_the_demo(tmp_path, monkeypatch, capsys, argv, demo):
+    """``fastctx train`` on synthetic data prints the demo target line only when the run is the
+    demo (every demo setting at the parser's default); the training and evaluation are faked
+    (the line depends only on the arguments, the mIoU and the wall time)."""
+    import fastctx.train as fastctx_train
+
+    def fake_train(model, tr, cfg, resume=None):
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        return {"checkpoint": os.path.join(cfg.out_dir, "latest.pth"), "log": os.path.join(cfg.out_dir, "log.jsonl"),
+                "model": model}
+
+    def fake_evaluate(model, va, **kw):
+        return {"mIoU": 0.9, "mAcc": 0.95, "aAcc": 0.97, "images": len(va), "IoU": {"ground": 0.9}}
+
+    monkeypatch.setattr(fastctx_train, "train", fake_train)
+    monkeypatch.setattr(fastctx_train, "evaluate", fake_evaluate)
+    out = tmp_path / "run"
+    rc = cli.main(["train", *argv, "--out", str(out), "--device", "cpu"],
+                  model_factory=lambda name, num_classes, **kw: TinySeg(num_classes))
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"metrics: {out / 'metrics.json'}" in text and "mIoU 0.9000" in text
+    lines = [line for line in text.splitlines() if "target" in line]
+    if demo:
+        assert len(lines) == 1 and lines[0].startswith("demo target (mIoU >= 0.8 in 15 min): mIoU 0.9000 in ")
+        assert lines[0].endswith(" min -> met")
+    else:
+        assert lines == []
 
 
 @pytest.mark.parametrize("has_tqdm", [False, True], ids=["plain", "tqdm"])

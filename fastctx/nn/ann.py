@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastctx.nn._common import bare
 from fastctx.nn._conv import BN, RELU, ConvModule
 from fastctx.ops.pyramid import pyramid_attention
 
@@ -111,8 +112,7 @@ class PyramidSelfAttentionBlock(nn.Module):
         builds one from each stage of an mmseg ``AFNB`` / ``APNB``. ``query_project is
         key_project`` means ``share_key_query``. The projections must be pointwise and map to
         ``channels`` (the caller verifies it)."""
-        block = cls.__new__(cls)
-        nn.Module.__init__(block)
+        block = bare(cls)
         block.channels = channels
         block.share_key_query = query_project is key_project
         block.query_scale = 1
@@ -213,8 +213,7 @@ class AFNB(nn.Module):
     ) -> AFNB:
         """An AFNB around existing stages and ``bottleneck`` (the SAME modules): used by
         :func:`fastctx.swap` for an mmseg ``AFNB``."""
-        block = cls.__new__(cls)
-        nn.Module.__init__(block)
+        block = bare(cls)
         block.low_in_channels, block.high_in_channels = low_in_channels, high_in_channels
         block.stages = nn.ModuleList(stages)
         block.bottleneck = bottleneck
@@ -296,8 +295,7 @@ class APNB(nn.Module):
     ) -> APNB:
         """An APNB around existing stages and ``bottleneck`` (the SAME modules): used by
         :func:`fastctx.swap` for an mmseg ``APNB``."""
-        block = cls.__new__(cls)
-        nn.Module.__init__(block)
+        block = bare(cls)
         block.in_channels = in_channels
         block.stages = nn.ModuleList(stages)
         block.bottleneck = bottleneck

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastctx.nn._common import bare
 from fastctx.ops.criss_cross import criss_cross_attention
 
 
@@ -80,8 +81,7 @@ class CrissCrossAttention(nn.Module):
         in_channels = value_conv.in_channels
         if in_channels < 8:
             raise ValueError(f"fastctx.nn.CrissCrossAttention: in_channels must be >= 8, got {in_channels}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
+        self = bare(cls)
         self.in_channels = in_channels
         self.backend = backend
         self.query_conv = query_conv

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastctx.nn._common import bare
 from fastctx.nn._conv import BN, RELU, ConvModule
 from fastctx.ops.interlaced import interlaced_attention
 
@@ -126,8 +127,7 @@ class ISASelfAttentionBlock(nn.Module):
         one from each relation of an mmseg ``ISAHead`` or an sssegmentation ``ISANet``. The
         projections must be pointwise, with ``query_project`` / ``key_project`` mapping to
         ``channels`` (the caller verifies it)."""
-        block = cls.__new__(cls)
-        nn.Module.__init__(block)
+        block = bare(cls)
         block.channels = channels
         block.backend = backend
         block.key_project = key_project

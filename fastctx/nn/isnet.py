@@ -12,16 +12,21 @@ through ``torch.nn.functional.scaled_dot_product_attention``.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastctx.nn._common import bare
 from fastctx.nn._conv import build_act
 from fastctx.ops.ocr import region_attention
 from fastctx.ops.semantic import semantic_pool_regions
 
 __all__ = ["ImageLevelContext", "SemanticLevelContext"]
+
+_Ctx = TypeVar("_Ctx", bound=nn.Module)
 
 # sssegmentation's NormalizationBuilder names (the subset that acts on [B, C, H, W] maps).
 _NORMS = {"BatchNorm2d": nn.BatchNorm2d, "SyncBatchNorm": nn.SyncBatchNorm, "GroupNorm": nn.GroupNorm}
@@ -78,8 +83,7 @@ class _SelfAttentionBlock(nn.Module):
                      out_project: nn.Module, transform: int) -> _SelfAttentionBlock:
         """The block around existing projections (the SAME modules: same ``Parameter`` and buffer
         objects); the caller verifies their structure."""
-        net = cls.__new__(cls)
-        nn.Module.__init__(net)
+        net = bare(cls)
         net.key_project = key_project
         net.query_project = query_project
         net.value_project = value_project
@@ -89,6 +93,18 @@ class _SelfAttentionBlock(nn.Module):
         net.matmul_norm = True
         net.transform_channels = transform
         return net
+
+
+def _hold_correlate_net(m: _Ctx, key_project: nn.Module, query_project: nn.Module, value_project: nn.Module,
+                        out_project: nn.Module, bottleneck: nn.Module | None, transform_channels: int) -> _Ctx:
+    """The shared tail of the context modules' ``from_modules``: ``m.correlate_net`` around the
+    projections (the SAME modules), then ``m.bottleneck`` unless it is None; returns ``m``."""
+    m.correlate_net = _SelfAttentionBlock.from_modules(
+        key_project, query_project, value_project, out_project, transform_channels
+    )
+    if bottleneck is not None:
+        m.bottleneck = bottleneck
+    return m
 
 
 def _check_map(who: str, name: str, t: object, channels: int | None, like: Tensor | None = None) -> None:
@@ -252,16 +268,11 @@ class SemanticLevelContext(nn.Module):
         act)`` (key/query: a Sequential of two) as sssegmentation builds them, with ``key_project``
         / ``value_project`` ``C -> transform_channels``, pixelwise activations and a norm that is
         Identity, BatchNorm2d, SyncBatchNorm or GroupNorm (the caller verifies it)."""
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
+        m = bare(cls)
         m.feats_channels = feats_channels
         m.backend = backend
-        m.correlate_net = _SelfAttentionBlock.from_modules(
-            key_project, query_project, value_project, out_project, transform_channels
-        )
-        if bottleneck is not None:
-            m.bottleneck = bottleneck
-        return m
+        return _hold_correlate_net(m, key_project, query_project, value_project, out_project, bottleneck,
+                                   transform_channels)
 
     def forward(self, x: Tensor, preds: Tensor, feats_il: Tensor | None = None) -> Tensor:
         who = "fastctx.nn.SemanticLevelContext"
@@ -360,17 +371,12 @@ class ImageLevelContext(nn.Module):
         ``AdaptiveAvgPool2d((1, 1))``, its ``correlate_net`` projections, ``key_project`` /
         ``value_project`` taking ``2 * feats_channels``, and ``bottleneck``, None without
         ``concat_input``; the caller verifies them)."""
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
+        m = bare(cls)
         m.feats_channels = feats_channels
         m.align_corners = align_corners
         m.global_avgpool = global_avgpool
-        m.correlate_net = _SelfAttentionBlock.from_modules(
-            key_project, query_project, value_project, out_project, transform_channels
-        )
-        if bottleneck is not None:
-            m.bottleneck = bottleneck
-        return m
+        return _hold_correlate_net(m, key_project, query_project, value_project, out_project, bottleneck,
+                                   transform_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_map("fastctx.nn.ImageLevelContext", "x", x, self.feats_channels)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastctx.nn._common import bare
 from fastctx.nn._conv import ConvModule
 from fastctx.ops.ocr import region_attention, spatial_gather
 
@@ -159,8 +160,7 @@ class ObjectAttention(nn.Module):
         ``value_project`` must map ``in_channels -> channels`` pointwise, ``out_project``
         ``channels -> in_channels`` and ``bottleneck`` ``2 * in_channels -> in_channels`` keeping
         the spatial size (the caller verifies it). The cfg dicts are only recorded."""
-        block = cls.__new__(cls)
-        nn.Module.__init__(block)
+        block = bare(cls)
         block.key_in_channels = block.query_in_channels = block.out_channels = in_channels
         block.in_channels = in_channels
         block.channels = channels
