@@ -157,3 +157,29 @@ def test_cpu_peak_counts_what_a_call_touches():
     assert nothing < 4, nothing
     assert len(calls) == 6  # the warm-up and five measured calls
     del kept
+
+
+def test_cpu_candidates_are_timed_in_turns():
+    """On CPU the report's candidates take turns (a drift of the machine hits all alike): every
+    candidate's calls are spread over the whole timing, each gets at least min_reps samples, and a
+    fast candidate gets several calls per turn of a slow one."""
+    import time
+
+    from fastctx.bench.measure import MAX_CALLS_PER_ROUND, time_ms_side_by_side
+
+    order = []
+
+    def candidate(name, seconds):
+        def call():
+            order.append(name)
+            time.sleep(seconds)
+        return call
+
+    res = time_ms_side_by_side({"slow": candidate("slow", 0.02), "fast": candidate("fast", 0.002)},
+                               torch.device("cpu"), min_time=0.05, min_reps=3)
+    assert set(res) == {"slow", "fast"} and all(len(v) == 3 for v in res.values())
+    slow_at = [i for i, n in enumerate(order) if n == "slow"]
+    assert len(slow_at) >= 1 + 3  # the warm-up and min_reps timed calls
+    runs = [b - a - 1 for a, b in zip(slow_at, slow_at[1:])]  # fast calls between two slow ones
+    assert all(1 <= r <= MAX_CALLS_PER_ROUND for r in runs), runs
+    assert order[-1] == "fast" and max(runs[1:]) > 1  # turns end with the fast one's share

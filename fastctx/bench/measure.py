@@ -3,7 +3,8 @@
 * CUDA times: ``triton.testing.do_bench`` (CUDA events, warm-up, median and the 20th/80th
   percentiles); without triton, CUDA events in a loop.
 * CPU times: ``time.perf_counter`` around single calls after a warm-up call, repeated until
-  ``min_time`` seconds have passed (at least ``min_reps`` calls); median and percentiles.
+  ``min_time`` seconds have passed (at least ``min_reps`` calls); median and percentiles. The
+  report times a case's candidates in turns (:func:`time_ms_side_by_side`).
 * CUDA peak memory: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
 * CPU peak memory: growth of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs``) above its resident set before the call, after the allocator's free
@@ -54,9 +55,48 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_time: float = 1.
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
+    return _summary(samples)
+
+
+def _summary(samples: list[float]) -> tuple[float, float, float]:
+    samples = sorted(samples)
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
     return statistics.median(samples), q[1], q[7]
+
+
+#: at most this many calls of one candidate per round of :func:`time_ms_side_by_side`
+MAX_CALLS_PER_ROUND = 20
+
+
+def time_ms_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device, min_time: float = 1.0,
+                         min_reps: int = 5) -> dict[str, tuple[float, float, float]]:
+    """(median, 20th, 80th percentile) of one call of each of ``fns``, in milliseconds.
+
+    On CPU the candidates take turns: rounds in which each runs for about as long as the slowest
+    one's single call (1 to ``MAX_CALLS_PER_ROUND`` calls, from the warm-up times), until every
+    candidate has ``min_reps`` calls and the rounds have taken ``min_time`` per candidate. A slow
+    drift of the machine (memory state, other load) then moves every candidate alike; timed one
+    after the other, a 14-minute run of two toolbox heads put a ~5% drift into their ratio
+    (bench/results/cpu-epyc-2threads-session4/README.md). On CUDA: :func:`time_ms` per candidate.
+    """
+    if device.type == "cuda" or len(fns) < 2:
+        return {k: time_ms(f, device, min_time, min_reps) for k, f in fns.items()}
+    once = {}
+    for k, f in fns.items():  # warm-up, and how long one call takes
+        t0 = time.perf_counter()
+        f()
+        once[k] = max(time.perf_counter() - t0, 1e-6)
+    slowest = max(once.values())
+    calls = {k: max(1, min(MAX_CALLS_PER_ROUND, round(slowest / t))) for k, t in once.items()}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    t_end = time.perf_counter() + min_time * len(fns)
+    while min(len(v) for v in samples.values()) < min_reps or time.perf_counter() < t_end:
+        for k, f in fns.items():
+            for _ in range(calls[k]):
+                t0 = time.perf_counter()
+                f()
+                samples[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: _summary(v) for k, v in samples.items()}
 
 
 def release_free_memory() -> None:

@@ -2,9 +2,9 @@
 
 For each case and dtype: a float64 ground truth (python_ref on upcast inputs, output and input
 gradients for one random upstream gradient); each candidate is first checked against it (a
-candidate that fails parity is reported as failed and not timed), then timed forward (no grad),
-backward (``torch.autograd.grad`` on a retained graph) and forward+backward, with its peak memory
-for forward and for forward+backward. Ratios are against the reference and the strongest
+candidate that fails parity is reported as failed and not timed), then the candidates are timed
+side by side (in turns on CPU), forward (no grad), backward (``torch.autograd.grad`` on a retained
+graph) and forward+backward, and each one's peak memory for forward and for forward+backward. Ratios are against the reference and the strongest
 plain-PyTorch formulation of the same run. A case's ``timing_only`` candidates (e.g. a bandwidth
 floor that only reads the inputs) are timed without the parity check. A candidate that raises
 :class:`fastctx.bench.measure.Skip` (too large for this machine) is recorded as ``skipped: ...``.
@@ -25,7 +25,7 @@ import torch
 
 import fastctx
 from fastctx.bench.cases import CASES, FULL_ONLY, Case
-from fastctx.bench.measure import Skip, peak_mib, time_ms
+from fastctx.bench.measure import Skip, peak_mib, time_ms_side_by_side
 from fastctx.testing import mismatch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -102,7 +102,7 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
     base = case.make_inputs(dtype, device)
     inputs = tuple(t.detach().requires_grad_(True) for t in base)
     truth_out, truth_grads, dout = _truth(case, inputs, dtype)
-    rows = []
+    rows, timed = [], {}  # timed: the candidates that passed parity -> (fn, out_rel_err, timing_only)
     for cand, fn in case.candidates.items():
         if cand in case.backends:
             why = fastctx.explain(case.op, inputs[0])[cand]
@@ -127,39 +127,46 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
         problems = [p for p in problems if p]
         # the output's distance to the truth, relative to the truth's largest element (reported)
         err = None if timing_only else _rel_err(out, truth_out)
+        del out, grads
         if problems:
             rows.append(_row(case, dtype, device, cand, "-", out_rel_err=err, status="FAILED parity: " + problems[0].splitlines()[0]))
             log(f"  {cand:10s} FAILED parity: {problems[0].splitlines()[0]}")
             continue
-        del out, grads
+        timed[cand] = (fn, err, timing_only)
 
-        def fwd():
+    # Every mode times the candidates side by side (in turns on CPU: measure.time_ms_side_by_side).
+    def fwd(fn):
+        def call():
             with torch.no_grad():
                 return fn(*inputs)
+        return call
 
-        def full():
-            return _fwd_bwd(fn, inputs, dout)
+    def full(fn):
+        return lambda: _fwd_bwd(fn, inputs, dout)
 
-        out = fn(*inputs)
+    def bwd(out):
+        return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
 
-        def bwd():
-            return torch.autograd.grad(out, inputs, dout, retain_graph=True)
-
-        timings = {
-            "fwd": time_ms(fwd, device, min_time, min_reps),
-            "bwd": time_ms(bwd, device, min_time, min_reps),
-            "fwd+bwd": time_ms(full, device, min_time, min_reps),
-        }
-        del out
-        peaks = {"fwd": peak_mib(fwd, device), "bwd": None, "fwd+bwd": peak_mib(full, device)}
+    timings = {cand: {} for cand in timed}
+    for mode in MODES:
+        outs = {cand: fn(*inputs) for cand, (fn, _, _) in timed.items()} if mode == "bwd" else {}
+        calls = {cand: (bwd(outs[cand]) if mode == "bwd" else (fwd if mode == "fwd" else full)(fn)) for cand, (fn, _, _) in timed.items()}
+        for cand, t in time_ms_side_by_side(calls, device, min_time, min_reps).items():
+            timings[cand][mode] = t
+        del outs, calls
+    for cand, (fn, err, timing_only) in timed.items():
+        peaks = {"fwd": peak_mib(fwd(fn), device), "bwd": None, "fwd+bwd": peak_mib(full(fn), device)}
         for mode in MODES:
-            med, p20, p80 = timings[mode]
+            med, p20, p80 = timings[cand][mode]
             rows.append(_row(case, dtype, device, cand, mode, median_ms=med, p20_ms=p20, p80_ms=p80, peak_mib=peaks[mode], out_rel_err=err,
                              status="ok (timing only, no parity check)" if timing_only else "ok"))
+        t = timings[cand]
         log(
-            f"  {cand:10s} fwd {timings['fwd'][0]:9.3f} ms  bwd {timings['bwd'][0]:9.3f} ms  "
-            f"fwd+bwd {timings['fwd+bwd'][0]:9.3f} ms  peak {peaks['fwd+bwd'] if peaks['fwd+bwd'] is None else round(peaks['fwd+bwd'], 1)} MiB"
+            f"  {cand:10s} fwd {t['fwd'][0]:9.3f} ms  bwd {t['bwd'][0]:9.3f} ms  "
+            f"fwd+bwd {t['fwd+bwd'][0]:9.3f} ms  peak {peaks['fwd+bwd'] if peaks['fwd+bwd'] is None else round(peaks['fwd+bwd'], 1)} MiB"
         )
+    order = list(case.candidates)
+    rows.sort(key=lambda r: order.index(r["candidate"]))  # the case's order (stable: modes stay in order)
     _ratios(rows, case)
     return rows
 
