@@ -436,36 +436,33 @@ struct Kern : cpu::FASTCTX_CC_ISA::Vec<T, VL> {
     }
   }
 
-  // S [n][Wp] raw dot products -> P = exp(scale * S - lse[y]) (0 on row skip), in place.
-  // lse is either one row (lse_ys == 0: the queries of a row view) or per y (lse_ys == Wp:
-  // the queries of a column view).
+  // S [n][Wp] raw dot products -> P = exp(scale * S - lse) (0 on row skip), in place; lse is
+  // the one row of the queries (every S row is a partner of the same W queries).
   static void probs(T* __restrict S, int64_t n, int64_t W, int64_t Wp, int64_t skip, T scale,
-                    const T* __restrict lse, int64_t lse_ys) {
+                    const T* __restrict lse) {
     const int64_t Wv = vec_width(W);
     const V sc = bcast(scale);
     for (int64_t y = 0; y < n; ++y) {
       T* row = S + y * Wp;
-      const T* l = lse + y * lse_ys;
       if (y == skip) {
         for (int64_t j = 0; j < Wv; j += VL) store(row + j, zero());
         continue;
       }
-      for (int64_t j = 0; j < Wv; j += VL) store(row + j, vexp(sc * load(row + j) - load(l + j)));
+      for (int64_t j = 0; j < Wv; j += VL) store(row + j, vexp(sc * load(row + j) - load(lse + j)));
       zero_tail(row, W, Wv);
     }
   }
 
-  // dA [n][Wp] -> dE * scale = scale * P * (dA - D[y]), in place. D as lse in probs(). (Padding
-  // lanes: 0 * (0 - 0).)
+  // dA [n][Wp] -> dE * scale = scale * P * (dA - D), in place. D: one row, as lse in probs().
+  // (Padding lanes: 0 * (0 - 0).)
   static void dscores(const T* __restrict P, T* __restrict dA, int64_t n, int64_t W, int64_t Wp,
-                      T scale, const T* __restrict D, int64_t d_ys) {
+                      T scale, const T* __restrict D) {
     const int64_t Wv = vec_width(W);
     const V sc = bcast(scale);
     for (int64_t y = 0; y < n; ++y) {
       const T* p = P + y * Wp;
       T* a = dA + y * Wp;
-      const T* d = D + y * d_ys;
-      for (int64_t j = 0; j < Wv; j += VL) store(a + j, sc * load(p + j) * (load(a + j) - load(d + j)));
+      for (int64_t j = 0; j < Wv; j += VL) store(a + j, sc * load(p + j) * (load(a + j) - load(D + j)));
     }
   }
 
@@ -560,10 +557,10 @@ struct Kern : cpu::FASTCTX_CC_ISA::Vec<T, VL> {
       row_gemm(Vt + roff[r], 1, HW, dO + roff[r], HW, W, Cv, W, W2 + r * ws, Wp, false);
       const T* Lr = L + (i0 + r) * Wp;
       const T* Dr = D + (i0 + r) * Wp;
-      probs(H1 + r * hs, H, W, Wp, i0 + r, sc, Lr, 0);
-      probs(W1 + r * ws, W, W, Wp, -1, sc, Lr, 0);
-      dscores(H1 + r * hs, H2 + r * hs, H, W, Wp, sc, Dr, 0);
-      dscores(W1 + r * ws, W2 + r * ws, W, W, Wp, sc, Dr, 0);
+      probs(H1 + r * hs, H, W, Wp, i0 + r, sc, Lr);
+      probs(W1 + r * ws, W, W, Wp, -1, sc, Lr);
+      dscores(H1 + r * hs, H2 + r * hs, H, W, Wp, sc, Dr);
+      dscores(W1 + r * ws, W2 + r * ws, W, W, Wp, sc, Dr);
     }
     zero_rows(H1, hs);
     zero_rows(H2, hs);
