@@ -4,8 +4,8 @@ For each case and dtype: a float64 ground truth (python_ref on upcast inputs, ou
 gradients for one random upstream gradient); each candidate is first checked against it (a
 candidate that fails parity is reported as failed and not timed), then the candidates are timed
 side by side (in turns on CPU), forward (no grad), backward (``torch.autograd.grad`` on a retained
-graph) and forward+backward, and each one's peak memory for forward and for forward+backward. Ratios are against the reference and the strongest
-plain-PyTorch formulation of the same run. A case's ``timing_only`` candidates (e.g. a bandwidth
+graph) and forward+backward, and each one's peak memory for forward and for forward+backward.
+Ratios are against the reference and the strongest plain-PyTorch formulation of the same run. A case's ``timing_only`` candidates (e.g. a bandwidth
 floor that only reads the inputs) are timed without the parity check. A candidate that raises
 :class:`fastctx.bench.measure.Skip` (too large for this machine) is recorded as ``skipped: ...``.
 A case whose ``check_grads`` attribute is False (a ``Case`` subclass: whole models, where float32
@@ -148,12 +148,11 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
         return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
 
     timings = {cand: {} for cand in timed}
-    for mode in MODES:
-        outs = {cand: fn(*inputs) for cand, (fn, _, _) in timed.items()} if mode == "bwd" else {}
-        calls = {cand: (bwd(outs[cand]) if mode == "bwd" else (fwd if mode == "fwd" else full)(fn)) for cand, (fn, _, _) in timed.items()}
+    for mode, make in (("fwd", fwd), ("bwd", lambda fn: bwd(fn(*inputs))), ("fwd+bwd", full)):
+        calls = {cand: make(fn) for cand, (fn, _, _) in timed.items()}  # bwd: each holds its graph
         for cand, t in time_ms_side_by_side(calls, device, min_time, min_reps).items():
             timings[cand][mode] = t
-        del outs, calls
+        del calls
     for cand, (fn, err, timing_only) in timed.items():
         peaks = {"fwd": peak_mib(fwd(fn), device), "bwd": None, "fwd+bwd": peak_mib(full(fn), device)}
         for mode in MODES:
