@@ -567,18 +567,11 @@ def _ssseg_block(parent: nn.Module, name: str, cin: int, cout: int, kernel: int,
 def _ssseg_project(m: nn.Module, name: str, cin: int, cout: int, count: int, pixelwise: bool = False) -> nn.Module:
     """``SelfAttentionBlock.buildproject(use_norm=True)``: one block (``count == 1``) or an
     nn.Sequential of ``count`` blocks ``cin -> cout -> ... -> cout``; returns it."""
-    if count == 1:
-        _ssseg_block(m, name, cin, cout, 1, pixelwise)
-        return m._modules[name]
-    seq = expect_class(m, name, class_path(nn.Sequential))
-    if list(seq._modules) != [str(i) for i in range(count)]:
-        raise NotSwappable(f"{name} holds {len(seq._modules)} modules, expected {count} blocks")
-    for i in range(count):
-        try:
-            _ssseg_block(seq, str(i), cin if i == 0 else cout, cout, 1, pixelwise)
-        except NotSwappable as e:
-            raise NotSwappable(f"{name}.{e}") from None
-    return seq
+    def one(parent: nn.Module, child: str, i: int, o: int) -> nn.Module:
+        _ssseg_block(parent, child, i, o, 1, pixelwise)
+        return parent._modules[child]
+
+    return _expect_stack(m, name, cin, cout, count, one, "blocks")
 
 
 def _ssseg_in_channels(m: nn.Module, name: str) -> int:
