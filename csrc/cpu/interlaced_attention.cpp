@@ -3,7 +3,8 @@
 // shared/docs/OPERATORS.md section 2.
 //
 // Work item: one band of one image, the map rows that hold a set of whole groups (long mode: the
-// rows of one phase i % bh, its bw groups; short mode: one row of blocks, its W / bw groups).
+// rows of two adjacent phases i % bh (one when bh is odd), their 2 bw groups; short mode: one row
+// of blocks, its W / bw groups).
 // Groups are independent in both directions, so there are no cross-item reductions: results are
 // bit-identical run to run and for any thread count. Items are claimed one at a time from a
 // shared counter.
@@ -92,12 +93,17 @@ void softmax_bwd(T* S, T* dP, int64_t L, int64_t Lp, T scale, const T* lse) {
 }
 
 // The grouping of one call. A band is the set of map rows whose groups it holds completely:
-// long mode, band t = the rows of equal phase i % bh = t (its bw groups are the columns' phases);
-// short mode, band t = the rows of block row t (its gw groups are the blocks of that row).
+// long mode, band t = the rows of the m adjacent phases i % bh in [t m, t m + m) (its m bw groups
+// are those phases times the columns' phases); short mode, band t = the rows of block row t (its
+// gw groups are the blocks of that row). Long mode takes m = 2 phases per band when bh is even:
+// the band's rows then come in pairs of adjacent map rows, read as one contiguous stretch (one
+// phase per band read rows of W values each in its own 4 KiB page, which measured latency bound).
+// m depends only on bh, so which groups an item holds never depends on the thread count.
 struct Geom {
   int64_t H, W, bh, bw, gh, gw;
   int64_t L;       // members per group
   int64_t Lp;      // L rounded up to the vector width (row stride of the L x L matrices)
+  int64_t m;       // long mode: phases per band (1 in short mode)
   int64_t nbands;  // bands per image
   int64_t R;       // map rows per band
   int64_t U;       // groups per band
@@ -111,27 +117,28 @@ Geom make_geom(int64_t H, int64_t W, int64_t bh, int64_t bw, bool long_mode, int
   g.long_mode = long_mode;
   g.L = long_mode ? g.gh * g.gw : bh * bw;
   g.Lp = (g.L + vl - 1) / vl * vl;
-  g.nbands = long_mode ? bh : g.gh;
-  g.R = long_mode ? g.gh : bh;
-  g.U = long_mode ? bw : g.gw;
+  g.m = long_mode && bh % 2 == 0 ? 2 : 1;
+  g.nbands = long_mode ? bh / g.m : g.gh;
+  g.R = long_mode ? g.m * g.gh : bh;
+  g.U = long_mode ? g.m * bw : g.gw;
   g.N = g.R * W;
   return g;
 }
 
-// Map row of row r of band t.
+// Map row of row r of band t. Long mode: row r = I m + p is row I of phase t m + p.
 inline int64_t band_row(const Geom& g, int64_t t, int64_t r) {
-  return g.long_mode ? r * g.bh + t : t * g.bh + r;
+  return g.long_mode ? (r / g.m) * g.bh + t * g.m + r % g.m : t * g.bh + r;
 }
 
 // Group pu[n] (within the band) and member pl[n] of position n = r * W + j of any band. Long
-// mode: (I, J) = (r, j / bw) is member I * gw + J of group j % bw. Short mode: (a, b) =
-// (r, j % bw) is member a * bw + b of group j / bw.
+// mode: row r = I m + p, (I, J) = (r / m, j / bw) is member I * gw + J of group p bw + j % bw.
+// Short mode: (a, b) = (r, j % bw) is member a * bw + b of group j / bw.
 void band_members(const Geom& g, int64_t* pu, int64_t* pl) {
   for (int64_t r = 0; r < g.R; ++r)
     for (int64_t j = 0; j < g.W; ++j) {
       const int64_t n = r * g.W + j;
-      pu[n] = g.long_mode ? j % g.bw : j / g.bw;
-      pl[n] = g.long_mode ? r * g.gw + j / g.bw : r * g.bw + j % g.bw;
+      pu[n] = g.long_mode ? (r % g.m) * g.bw + j % g.bw : j / g.bw;
+      pl[n] = g.long_mode ? (r / g.m) * g.gw + j / g.bw : r * g.bw + j % g.bw;
     }
 }
 
@@ -190,9 +197,10 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
       }
       const T* s = base + c * x.sC + band_row(g, t, r) * x.sH;
       A* d = dst + c * L;
-      if (x.sW == 1 && g.long_mode) {  // (I, J) = (r, j / bw): member r * gw + J of group j % bw
+      if (x.sW == 1 && g.long_mode) {  // (I, J): member I * gw + J of group p bw + j % bw
+        A* dr = d + (r % g.m) * g.bw * CL + (r / g.m) * g.gw;
         for (int64_t b2 = 0; b2 < g.bw; ++b2) {
-          A* db = d + b2 * CL + r * g.gw;
+          A* db = dr + b2 * CL;
           const T* sb = s + b2;
           for (int64_t J = 0; J < g.gw; ++J) db[J] = static_cast<A>(sb[J * g.bw]);
         }
@@ -222,8 +230,9 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
     T* d = base + c * y.sC + band_row(g, t, r) * y.sH;
     const A* s = src + c * L;
     if (y.sW == 1 && g.long_mode) {  // the inverse of pack_band's cases
+      const A* sr = s + (r % g.m) * g.bw * CL + (r / g.m) * g.gw;
       for (int64_t b2 = 0; b2 < g.bw; ++b2) {
-        const A* sb = s + b2 * CL + r * g.gw;
+        const A* sb = sr + b2 * CL;
         for (int64_t J = 0; J < g.gw; ++J) d[J * g.bw + b2] = static_cast<T>(sb[J]);
       }
     } else if (y.sW == 1) {
