@@ -441,12 +441,18 @@ def main(argv: list[str] | None = None) -> int:
     narrow = args.narrow or (QUICK_NARROW if args.quick else 1)
     import_toolboxes(heads)
     cases = [head_case(HEADS[h], size, narrow, args.backend) for h in heads]
-    report = run(device=args.device, dtypes=(torch.float32,), quick=args.quick, cases=cases)
-    paths = write(report, args.out)
-    md = markdown(report).replace("# fastctx benchmark:", "# fastctx toolbox heads before and after fastctx.swap:", 1)
-    md += "\n" + parity_markdown(report, cases)
-    with open(paths["md"], "w") as f:
-        f.write(md)
+
+    def write_all(report: dict) -> tuple[dict, str]:
+        paths = write(report, args.out)
+        md = markdown(report).replace("# fastctx benchmark:", "# fastctx toolbox heads before and after fastctx.swap:", 1)
+        md += "\n" + parity_markdown(report, cases)
+        with open(paths["md"], "w") as f:
+            f.write(md)
+        return paths, md
+
+    # written after each head too: a full run takes hours here, and one cut short keeps its heads
+    report = run(device=args.device, dtypes=(torch.float32,), quick=args.quick, cases=cases, progress=write_all)
+    paths, md = write_all(report)
     print()
     print(md)
     print(f"written: {', '.join(paths.values())}")

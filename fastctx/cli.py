@@ -19,7 +19,8 @@ def _bench(args: argparse.Namespace) -> int:
     from fastctx import bench
 
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")] if args.dtypes else None
-    report = bench.run(ops=args.ops.split(",") if args.ops else None, device=args.device, dtypes=dtypes, quick=args.quick)
+    report = bench.run(ops=args.ops.split(",") if args.ops else None, device=args.device, dtypes=dtypes, quick=args.quick,
+                       progress=lambda partial: bench.write(partial, args.out))  # kept if the run is cut short
     paths = bench.write(report, args.out)
     print()
     print(bench.markdown(report))

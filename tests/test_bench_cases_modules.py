@@ -183,3 +183,40 @@ def test_cpu_candidates_are_timed_in_turns():
     runs = [b - a - 1 for a, b in zip(slow_at, slow_at[1:])]  # fast calls between two slow ones
     assert all(1 <= r <= MAX_CALLS_PER_ROUND for r in runs), runs
     assert order[-1] == "fast" and max(runs[1:]) > 1  # turns end with the fast one's share
+
+
+def test_a_run_cut_short_leaves_a_partial_report(monkeypatch, tmp_path):
+    """`fastctx bench` writes the report after each case: a run stopped part way (a lent GPU's time
+    limit) leaves the cases it measured on disk, marked partial, the rest "not run"."""
+    import json
+    from types import SimpleNamespace
+
+    import fastctx.bench.runner as R
+    from fastctx import cli
+
+    from fastctx.bench.cases import Target
+
+    target = Target("fast", "cpu", "reference", "fwd", "speed", 1.0, "cpu", (torch.float32,))
+    cases = [SimpleNamespace(op="toy", name=n, config={}, targets=[target], reference="reference",
+                             strongest="reference") for n in ("first", "second")]
+
+    def run_case(case, dtype, device, quick, log):
+        if case.name == "second":
+            raise KeyboardInterrupt  # what a time limit's signal does part way through
+        rows = [R._row(case, dtype, device, cand, mode, median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mib=1.0)
+                for cand, ms in (("reference", 2.0), ("cpu", 1.0)) for mode in ("fwd", "bwd", "fwd+bwd")]
+        R._ratios(rows, case)
+        return rows
+
+    monkeypatch.setattr(R, "CASES", {"toy": lambda quick: cases})
+    monkeypatch.setattr(R, "FULL_ONLY", ())
+    monkeypatch.setattr(R, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["bench", "--device", "cpu", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["meta"]["cases_run"], report["meta"]["cases_total"]) == (1, 2)
+    assert {r["case"] for r in report["rows"]} == {"first"}
+    assert [(t["case"], t["result"]) for t in report["targets"]] == [("first", "pass"), ("second", "not measured")]
+    assert report["targets"][1]["detail"] == "not run"
+    md = (tmp_path / "report.md").read_text()
+    assert "Partial report: 1 of 2 cases" in md and "## toy first fp32" in md and "## toy second" not in md

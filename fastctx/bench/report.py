@@ -39,6 +39,10 @@ def markdown(report: dict) -> str:
         "failed and not timed.",
         "",
     ]
+    run, total = meta.get("cases_run"), meta.get("cases_total")
+    if run is not None and run < total:
+        lines += [f"**Partial report: {run} of {total} cases (case x dtype) run so far; the run was cut "
+                  "short or is still going.**", ""]
     keys = []
     for r in report["rows"]:
         if (r["op"], r["case"], r["dtype"]) not in keys:

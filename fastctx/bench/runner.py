@@ -232,10 +232,14 @@ def run(
     quick: bool = False,
     log: Callable[[str], None] = print,
     cases: Iterable[Case] | None = None,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the report; returns ``{"meta": ..., "rows": [...], "targets": [...]}``. ``cases``, when
     given, are run instead of the registered ones (``ops`` is then ignored): cases built outside
-    :data:`CASES`, e.g. bench/heads.py's toolbox heads."""
+    :data:`CASES`, e.g. bench/heads.py's toolbox heads. ``progress``, when given, is called with
+    the report so far after each case and dtype (``meta["cases_run"]`` of ``meta["cases_total"]``;
+    targets of the cases not run yet say "not run"), so a run cut short (a time limit on a lent
+    GPU) still leaves a report of what it measured."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
         dtypes = (torch.float32, torch.float16) if dev.type == "cuda" else (torch.float32,)
@@ -255,7 +259,7 @@ def run(
     saved = os.environ.get("FASTCTX_CHECK_NAN")
     os.environ["FASTCTX_CHECK_NAN"] = "0"
     try:
-        return _run(cases, dev, dtypes, quick, log)
+        return _run(cases, dev, dtypes, quick, log, progress)
     finally:
         if saved is None:
             del os.environ["FASTCTX_CHECK_NAN"]
@@ -263,12 +267,17 @@ def run(
             os.environ["FASTCTX_CHECK_NAN"] = saved
 
 
-def _run(cases, dev: torch.device, dtypes, quick: bool, log: Callable[[str], None]) -> dict:
+def _run(cases, dev: torch.device, dtypes, quick: bool, log: Callable[[str], None],
+         progress: Callable[[dict], None] | None) -> dict:
     meta = metadata(dev)
     log(f"fastctx bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})")
-    rows, all_cases = [], list(cases)
+    rows, all_cases, dtypes = [], list(cases), list(dtypes)
+    meta.update(cases_total=len(all_cases) * len(dtypes), cases_run=0)
     for case in all_cases:
         for dtype in dtypes:
             log(f"{case.op} {case.name} {DTYPE_NAMES[dtype]}")
             rows += run_case(case, dtype, dev, quick, log)
+            meta["cases_run"] += 1
+            if progress is not None:
+                progress({"meta": dict(meta), "rows": list(rows), "targets": check_targets(all_cases, rows, dev)})
     return {"meta": meta, "rows": rows, "targets": check_targets(all_cases, rows, dev)}
