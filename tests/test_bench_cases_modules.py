@@ -156,7 +156,6 @@ def test_cpu_peak_counts_what_a_call_touches():
     assert 44 <= touched <= 56, touched
     assert nothing < 4, nothing
     assert len(calls) == 6  # the warm-up and five measured calls
-    del kept
 
 
 def test_cpu_candidates_are_timed_in_turns():
