@@ -122,7 +122,7 @@ def test_opcheck(backend, device):
     k = torch.randn(2, 3, 5, device=device, requires_grad=True)
     v = torch.randn(2, 4, 5, device=device, requires_grad=True)
     bias = torch.zeros(2, 5, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastctx.region_attention_fwd.default, (q, k, v, bias, 1.0, backend))
+    torch.library.opcheck(torch.ops.fastctx.region_attention_fwd.default, (q, k, v, bias, 1.0, backend, True))
 
 
 def test_compile_fullgraph_cpu():
@@ -138,3 +138,27 @@ def test_compile_fullgraph_cpu():
     assert_close(got, want.double(), torch.float32, "out")
     for name, a, b in zip(("dq", "dk", "dv"), g, w):
         assert_close(a, b.double(), torch.float32, name)
+
+
+def test_cpu_forward_keeps_weights_only_for_a_backward():
+    from fastctx.ops.ocr import _ra_fwd, _ra_keep_p
+
+    q = torch.randn(2, 3, 4, 5, requires_grad=True)
+    k, v, bias = torch.randn(2, 3, 6), torch.randn(2, 4, 6), torch.zeros(2, 6)
+    assert _ra_keep_p("cpu", q, k, v, bias)
+    assert not _ra_keep_p("triton", q, k, v, bias)
+    assert not _ra_keep_p("cpu", q.detach(), k, v, bias)
+    with torch.no_grad():
+        assert not _ra_keep_p("cpu", q, k, v, bias)
+    out, lse, p = _ra_fwd(q, k, v, bias, 0.5, "cpu", True)
+    ref = torch.softmax(0.5 * torch.einsum("bcn,bcs->bsn", q.detach().flatten(2), k), dim=1)
+    assert p.shape == (2, 6, 20)
+    assert_close(p, ref.double(), torch.float32, "p")
+    assert _ra_fwd(q.detach(), k, v, bias, 0.5, "cpu", False)[2].numel() == 0
+
+
+def test_cpu_backward_needs_the_kept_weights():
+    q, k, v, bias = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 6), torch.randn(2, 4, 6), torch.zeros(2, 6)
+    out, lse, p = torch.ops.fastctx.ra_fwd(q, k, v, bias, 0.5, False)
+    with pytest.raises(RuntimeError, match=r"p must be the weights that ra_fwd kept \(keep_p=True\)"):
+        torch.ops.fastctx.ra_bwd(torch.ones_like(out), q, k, v, bias, out, lse, p, 0.5)

@@ -7,12 +7,15 @@
 // big operands (q, dout), and a no-op for NCHW float32 / float64 input (channels_last or other
 // strided inputs, and float16 / bfloat16 inputs, which are upcast to float32, are copied once).
 // k and v ([B, C, S], small) are also packed transposed once. Outputs are contiguous in the
-// input dtype; lse is float32 (float64 for float64 inputs). Accumulation is float32 for
-// float16 / bfloat16 / float32 and float64 for float64. No tensor of size B x N x S exists:
-// per-thread scratch holds one block of pixels x S.
+// input dtype; lse and p are float32 (float64 for float64 inputs). Accumulation is float32 for
+// float16 / bfloat16 / float32 and float64 for float64. The only tensor of size B x S x N is
+// p, the weights, which the forward writes when keep_p is set (fastctx sets it when the
+// backward will run) and the backward reads instead of recomputing them; per-thread scratch
+// holds one block of pixels x S.
 //
 // The backward takes D = <dout, out> as sum_s P dA (the same in exact arithmetic, and it needs
-// no pass over out), so out is only checked. Its reductions over pixels (dk, dv, dbias) are
+// no pass over out), so out is only checked, and lse (which the Triton backward uses) is not
+// read. Its reductions over pixels (dk, dv, dbias) are
 // summed per task (a fixed range of pixel blocks of one image, the same for any number of
 // threads) into partial buffers, then added in task order: deterministic, bit-identical run to
 // run and for any thread count. Tasks run in waves of a few per thread, so only that many
@@ -113,16 +116,20 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 at::Tensor transposed(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
 
 // ---------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                              const at::Tensor& v_in, const at::Tensor& bias_in,
-                                              double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in,
+                                                          const at::Tensor& k_in,
+                                                          const at::Tensor& v_in,
+                                                          const at::Tensor& bias_in, double scale,
+                                                          bool keep_p) {
   check_inputs(q_in, k_in, v_in, bias_in, "ra_fwd");
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t S = k_in.size(2), Cv = v_in.size(1), N = H * W;
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
   auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
   auto out = cpu::empty_output({B, Cv, H, W}, q_in.options());
-  if (B == 0 || N == 0) return {out, lse};
+  auto p = keep_p ? cpu::empty_output({B, S, N}, q_in.options().dtype(ct))
+                  : at::empty({0}, q_in.options().dtype(ct));
+  if (B == 0 || N == 0) return {out, lse, p};
 
   const at::Tensor q = prepare(q_in, ct), v = prepare(v_in, ct), bias = prepare(bias_in, ct);
   const at::Tensor kT = transposed(prepare(k_in, ct));
@@ -134,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in, const at::
     const FwdArgs<T> a{q.const_data_ptr<T>(),    kT.const_data_ptr<T>(),
                        v.const_data_ptr<T>(),    bias.const_data_ptr<T>(),
                        out_c.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
+                       keep_p ? p.mutable_data_ptr<T>() : nullptr,
                        Cqk, Cv, S, N, static_cast<T>(scale)};
     const int64_t scratch = fwd_scratch(g, Cqk, S);
     cpu::for_each_item<T>(B * g.nblocks, scratch, RA_OP, [&](int64_t u, T* s) {
@@ -141,14 +149,14 @@ std::tuple<at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in, const at::
     });
   });
   if (ct != dt) out.copy_(out_c);
-  return {out, lse};
+  return {out, lse, p};
 }
 
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& bias_in, const at::Tensor& out_in,
-    const at::Tensor& lse_in, double scale) {
+    const at::Tensor& lse_in, const at::Tensor& p_in, double scale) {
   check_inputs(q_in, k_in, v_in, bias_in, "ra_bwd");
   cpu::check_tensor(RA_OP, "ra_bwd", dout_in, "dout", 4, "[B, Cv, H, W]", q_in);
   cpu::check_tensor(RA_OP, "ra_bwd", out_in, "out", 4, "[B, Cv, H, W]", q_in);
@@ -161,14 +169,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
   TORCH_CHECK(out_in.sizes() == osizes,
               RA_OP " (ra_bwd): out must be [B, Cv, H, W] = ", osizes, ", got ", out_in.sizes());
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
-  TORCH_CHECK(lse_in.defined() && lse_in.device() == q_in.device(),
-              RA_OP " (ra_bwd): lse must be a tensor on ", q_in.device());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
-                  lse_in.size(2) == W,
-              RA_OP " (ra_bwd): lse must have shape [B, H, W] = [", B, ", ", H, ", ", W,
-              "], got ", lse_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == ct, RA_OP " (ra_bwd): lse must have dtype ", ct, " for ",
-              dt, " inputs, got ", lse_in.scalar_type());
+  (void)lse_in;
+  TORCH_CHECK(p_in.defined() && p_in.device() == q_in.device(),
+              RA_OP " (ra_bwd): p must be a tensor on ", q_in.device());
+  TORCH_CHECK(p_in.dim() == 3 && p_in.size(0) == B && p_in.size(1) == S && p_in.size(2) == N,
+              RA_OP " (ra_bwd): p must be the weights that ra_fwd kept (keep_p=True), of shape "
+              "[B, S, H*W] = [", B, ", ", S, ", ", N, "]; got ", p_in.sizes(),
+              " (the CPU backward does not recompute them)");
+  TORCH_CHECK(p_in.scalar_type() == ct, RA_OP " (ra_bwd): p must have dtype ", ct, " for ", dt,
+              " inputs, got ", p_in.scalar_type());
 
   const auto copts = q_in.options().dtype(ct);
   auto dq = cpu::empty_output({B, Cqk, H, W}, q_in.options());
@@ -180,17 +189,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
   at::Tensor dk_c = at::zeros({B, Cqk, S}, copts), dv_c = at::zeros({B, Cv, S}, copts),
              db_c = at::zeros({B, S}, copts);
   if (N > 0) {
-    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), bias = prepare(bias_in, ct);
-    const at::Tensor dout = prepare(dout_in, ct), lse = lse_in.contiguous();
-    const at::Tensor kT = transposed(k), vT = transposed(prepare(v_in, ct));
+    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), p = p_in.contiguous();
+    const at::Tensor dout = prepare(dout_in, ct), vT = transposed(prepare(v_in, ct));
     at::Tensor dq_c = ct == dt ? dq : cpu::empty_output({B, Cqk, H, W}, copts);
 
     AT_DISPATCH_FLOATING_TYPES(ct, "ra_bwd_cpu", [&] {
       using T = scalar_t;
       const Geom g = make_geom<T>(N, S);
-      const BwdArgs<T> a{dout.const_data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-                         kT.const_data_ptr<T>(),   vT.const_data_ptr<T>(), bias.const_data_ptr<T>(),
-                         lse.const_data_ptr<T>(),  dq_c.mutable_data_ptr<T>(),
+      const BwdArgs<T> a{dout.const_data_ptr<T>(), q.const_data_ptr<T>(),
+                         k.const_data_ptr<T>(),    vT.const_data_ptr<T>(),
+                         p.const_data_ptr<T>(),    dq_c.mutable_data_ptr<T>(),
                          Cqk, Cv, S, N, static_cast<T>(scale)};
       // Tasks: tpi per image, each a fixed range of about kTaskBlocks blocks (independent of the
       // thread count). Waves of G tasks, up to four per thread (claimed dynamically, so a wave

@@ -32,12 +32,16 @@
 //   qb / dob: the block's q / dout columns packed contiguously ([C][NBcap]; N is often a power of
 //   two, and 512 rows at a 32 KiB stride would all fall into the same cache sets).
 // - Softmax: vectorised over the pixels of a block (one lane per pixel), three passes over s.
-//   The backward recomputes P = exp(scale * E + bias - lse) and takes D = sum_s P * dA, which
-//   equals <dout, out> in exact arithmetic (out = sum_s P v) and needs no pass over out.
+//   When the backward will run, the forward also stores the weights P ([B, S, N], S rows of nb
+//   values per block) and the backward reads them back instead of recomputing them: that saves
+//   the energy GEMM (one of five) and the exponentials, for N x S values of memory (the
+//   reference's autograd keeps P too, and the energies besides). The backward takes
+//   D = sum_s P * dA, which equals <dout, out> in exact arithmetic (out = sum_s P v) and needs
+//   no pass over out.
 // - Scratch columns of a block past its nb pixels (up to the next multiple of VL) hold stale
 //   finite values from earlier blocks (or the initial zeros); the element-wise passes run over
-//   them harmlessly (lane-wise), the backward pads their lse with +inf so they get P = dE = 0,
-//   and nothing past nb is ever stored or reduced.
+//   them harmlessly (lane-wise), the backward zeroes their P so they get dE = 0, and nothing
+//   past nb is ever stored or reduced.
 // - The backward's reductions over pixels (dk, dv, dbias) go into per-task partial buffers; a
 //   task is a fixed range of blocks of one image that does not depend on the number of threads,
 //   and the launcher adds the partials in task order: bit-identical results run to run and for
@@ -110,7 +114,7 @@ inline int64_t fwd_scratch(const Geom& g, int64_t Cqk, int64_t S) {
   return Cqk * g.NBcap + S * g.NBcap;
 }
 inline int64_t bwd_scratch(const Geom& g, int64_t Cqk, int64_t Cv, int64_t S) {
-  return (Cqk + Cv + 2 * S + 1) * g.NBcap + 2 * g.NBcap * g.Sp + S * g.VL;
+  return (Cqk + Cv + 2 * S) * g.NBcap + 2 * g.NBcap * g.Sp + S * g.VL;
 }
 // Per-task partial sums: dk [Cqk][Sp], dv [Cv][Sp], dbias [Sp].
 inline int64_t partial_size(const Geom& g, int64_t Cqk, int64_t Cv) {
@@ -126,6 +130,7 @@ struct FwdArgs {
   const T* bias;  // [B, S]
   T* out;         // [B, Cv, N]
   T* lse;         // [B, N]
+  T* p;           // [B, S, N], or null: the weights, kept for the backward
   int64_t Cqk, Cv, S, N;
   T scale;
 };
@@ -136,10 +141,8 @@ struct BwdArgs {
   const T* dout;  // [B, Cv, N]
   const T* q;     // [B, Cqk, N]
   const T* k;     // [B, Cqk, S]
-  const T* kT;    // [B, S, Cqk]
   const T* vT;    // [B, S, Cv]
-  const T* bias;  // [B, S]
-  const T* lse;   // [B, N]
+  const T* p;     // [B, S, N]: the weights the forward kept
   T* dq;          // [B, Cqk, N]
   int64_t Cqk, Cv, S, N;
   T scale;
@@ -281,6 +284,11 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
         lse[c + l] = sl > T(0) ? lane(m, l) + std::log(sl) : -std::numeric_limits<T>::infinity();
       }
     }
+    if (a.p) {
+      T* P = a.p + b * S * N + n0;
+      for (int64_t s = 0; s < S; ++s)
+        std::memcpy(P + s * N, E + s * NBcap, static_cast<size_t>(nb) * sizeof(T));
+    }
     // out[:, block] = v P.
     gemm(a.v + b * Cv * S, S, E, NBcap, Cv, S, col, nw, a.out + b * Cv * N + n0, N, false, kKS,
          true);
@@ -295,10 +303,9 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
     const int64_t Cqk = a.Cqk, Cv = a.Cv, S = a.S, N = a.N, NBcap = g.NBcap, Sp = g.Sp;
     T* qb = scratch;             // [Cqk][NBcap]: the block's q columns
     T* dob = qb + Cqk * NBcap;   // [Cv][NBcap]: the block's dout columns
-    T* E = dob + Cv * NBcap;     // [S][NBcap]: energies -> P
+    T* E = dob + Cv * NBcap;     // [S][NBcap]: P (zero past the block's pixels)
     T* dA = E + S * NBcap;       // [S][NBcap]: dA -> scale * dE
-    T* L = dA + S * NBcap;       // [NBcap]: lse, +inf for masked pixels and unused columns
-    T* Pt = L + NBcap;           // [NBcap][Sp]: P transposed (columns >= S stay 0)
+    T* Pt = dA + S * NBcap;      // [NBcap][Sp]: P transposed (columns >= S stay 0)
     T* dEt = Pt + NBcap * Sp;    // [NBcap][Sp]: scale * dE transposed (columns >= S stay 0)
     T* dbv = dEt + NBcap * Sp;   // [S][VL]: dbias, lane-wise partial sums
     T* dK = part;
@@ -307,13 +314,10 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
 
     const T* Q = a.q + b * Cqk * N;
     const T* dO = a.dout + b * Cv * N;
-    const T* kT = a.kT + b * S * Cqk;
     const T* vT = a.vT + b * S * Cv;
     const T* Kc = a.k + b * Cqk * S;
-    const T* bias = a.bias + b * S;
-    const T* lse = a.lse + b * N;
+    const T* Pg = a.p + b * S * N;
     T* dQ = a.dq + b * Cqk * N;
-    const T inf = std::numeric_limits<T>::infinity();
     const V sc = bcast(a.scale);
     int64_t scol[64];  // columns of the s vectors of dEt / Pt, 64 at a time
     std::fill(dbv, dbv + S * VL, T(0));
@@ -327,22 +331,15 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
 
       pack(Q + n0, Cqk, N, nb, qb, NBcap);
       pack(dO + n0, Cv, N, nb, dob, NBcap);
-      gemm(kT, Cqk, qb, NBcap, S, Cqk, col, nw, E, NBcap, false, kKC, false);
+      pack(Pg + n0, S, N, nb, E, NBcap);
+      if (ncol > nb)
+        for (int64_t s = 0; s < S; ++s) std::fill(E + s * NBcap + nb, E + s * NBcap + ncol, T(0));
       gemm(vT, Cv, dob, NBcap, S, Cv, col, nw, dA, NBcap, false, kKC, false);
-      for (int64_t j = 0; j < ncol; ++j) {
-        const T l = j < nb ? lse[n0 + j] : inf;
-        L[j] = l == -inf ? inf : l;
-      }
 
-      // P = exp(scale * E + bias - lse), D = sum_s P dA, dE = P (dA - D).
+      // D = sum_s P dA, dE = P (dA - D).
       for (int64_t c = 0; c < ncol; c += VL) {
-        const V l = load(L + c);
         V D = zero();
-        for (int64_t s = 0; s < S; ++s) {
-          const V p = vexp(sc * load(E + s * NBcap + c) + bcast(bias[s]) - l);
-          store(E + s * NBcap + c, p);
-          D += p * load(dA + s * NBcap + c);
-        }
+        for (int64_t s = 0; s < S; ++s) D += load(E + s * NBcap + c) * load(dA + s * NBcap + c);
         for (int64_t s = 0; s < S; ++s) {
           const V de = load(E + s * NBcap + c) * (load(dA + s * NBcap + c) - D);
           store(dbv + s * VL, load(dbv + s * VL) + de);

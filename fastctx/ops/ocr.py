@@ -1,7 +1,8 @@
 """OCR: spatial gather (soft region pooling) and pixel-region attention.
 
 Both have compiled CPU and Triton kernels: custom ops with a fake implementation and registered
-autograd (the forward returns a log-sum-exp that the backward uses).
+autograd (the forward returns a log-sum-exp that the backward uses; region_attention's compiled
+forward also keeps the softmax weights for its backward when one can follow).
 """
 
 from __future__ import annotations
@@ -147,50 +148,71 @@ def region_attention(
         return python_ref.region_attention(q, k, v, scale, bias)
     if bias is None:
         bias = q.new_zeros((k.shape[0], k.shape[2]))
-    out, _ = _ra_fwd(q, k, v, bias, scale, name)
+    out, _, _ = _ra_fwd(q, k, v, bias, scale, name, _ra_keep_p(name, q, k, v, bias))
     return out
+
+
+def _ra_keep_p(backend: str, *inputs: Tensor) -> bool:
+    """Whether the forward keeps the softmax weights for the backward: the compiled kernels do
+    (their backward reads them instead of recomputing them; N x S values, which the reference
+    keeps too), when a backward can follow. Triton's backward recomputes them from lse."""
+    return backend != "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def _ra_kernels(backend: str):
     return kernels("region_attention", backend, ("ra_fwd", "ra_bwd"), ("fastctx.triton.region_attention", "ra_fwd", "ra_bwd"))
 
 
+# Outputs (out, lse, p): p [B, S, H*W] holds the weights when keep_p is set for a compiled
+# backend (the compiled ops' schema, csrc/ops/region_attention.cpp), else it is empty.
 @torch.library.custom_op("fastctx::region_attention_fwd", mutates_args=())
-def _ra_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _ra_kernels(backend)[0](q, k, v, bias, scale)
+def _ra_fwd(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, backend: str, keep_p: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    fwd = _ra_kernels(backend)[0]
+    if backend != "triton":
+        return fwd(q, k, v, bias, scale, keep_p)
+    out, lse = fwd(q, k, v, bias, scale)
+    return out, lse, lse.new_empty((0,))
 
 
 @_ra_fwd.register_fake
-def _(q, k, v, bias, scale, backend):
+def _(q, k, v, bias, scale, backend, keep_p):
     B, _, H, W = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=lse_dtype)
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    p_shape = (B, k.shape[2], H * W) if keep_p and backend != "triton" else (0,)
+    return (v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=stat_dtype),
+            q.new_empty(p_shape, dtype=stat_dtype))
 
 
 @torch.library.custom_op("fastctx::region_attention_bwd", mutates_args=())
 def _ra_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, p: Tensor, scale: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _ra_kernels(backend)[1](dout, q, k, v, bias, out, lse, scale)
+    bwd = _ra_kernels(backend)[1]
+    if backend != "triton":
+        return bwd(dout, q, k, v, bias, out, lse, p, scale)
+    return bwd(dout, q, k, v, bias, out, lse, scale)
 
 
 @_ra_bwd.register_fake
-def _(dout, q, k, v, bias, out, lse, scale, backend):
+def _(dout, q, k, v, bias, out, lse, p, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias)
 
 
 def _ra_setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse)
+    q, k, v, bias, scale, backend, _keep_p = inputs
+    out, lse, p = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, p)
     ctx.scale, ctx.backend = scale, backend
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, p)
 
 
-def _ra_backward(ctx, dout, _dlse):
-    q, k, v, bias, out, lse = ctx.saved_tensors
-    dq, dk, dv, dbias = _ra_bwd(dout.contiguous(), q, k, v, bias, out, lse, ctx.scale, ctx.backend)
-    return dq, dk, dv, dbias, None, None
+def _ra_backward(ctx, dout, _dlse, _dp):
+    q, k, v, bias, out, lse, p = ctx.saved_tensors
+    dq, dk, dv, dbias = _ra_bwd(dout.contiguous(), q, k, v, bias, out, lse, p, ctx.scale, ctx.backend)
+    return dq, dk, dv, dbias, None, None, None
 
 
 _ra_fwd.register_autograd(_ra_backward, setup_context=_ra_setup_context)
