@@ -90,11 +90,20 @@ def check_nan_enabled() -> bool:
 
 
 def no_nan(op: str, allow_inf: bool = False, **tensors: Tensor) -> None:
-    """No NaN in ``tensors`` (and no infinity unless ``allow_inf``); see the module docstring."""
+    """No NaN in ``tensors`` (and no infinity unless ``allow_inf``); see the module docstring.
+
+    One ``aminmax`` pass per tensor: a NaN anywhere makes both extremes NaN, an infinity is an
+    extreme. (``~isfinite(t).any()`` gives the same answer, but on CPU it ran 30x slower: 43 ms
+    against 1.5 ms on a 2 x 512 x 64 x 128 float32 tensor, two threads, most of a
+    region_attention call at that size.)
+    """
     if not check_nan_enabled():
         return
     for n, t in tensors.items():
-        bad = torch.isnan(t) if allow_inf else ~torch.isfinite(t)
+        if t.numel() == 0:
+            continue
+        extremes = torch.stack(torch.aminmax(t))
+        bad = torch.isnan(extremes) if allow_inf else ~torch.isfinite(extremes)
         if bool(bad.any()):
             what = "NaN" if allow_inf else "NaN or infinite values"
             raise ValueError(f"fastctx.{op}: {n} (shape {_shape(t)}) contains {what}")

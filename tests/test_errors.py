@@ -68,3 +68,31 @@ def test_minus_inf_logits_are_allowed():
     logits[0, 1] = float("-inf")
     out = fastctx.spatial_gather(r(1, 4, 5, 6), logits)
     assert torch.isfinite(out).all() and (out[0, :, 1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_nan_check_finds_one_bad_value_anywhere(dtype, layout):
+    from fastctx import _validate
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 24, 45, 61, generator=g).to(dtype)  # 131760 values: a parallel reduction
+    if layout == "channels_last":
+        base = base.to(memory_format=torch.channels_last)
+    t = base[:, 1:22:2] if layout == "sliced" else base
+    _validate.no_nan("op", x=t)
+    for flat in torch.randint(0, t.numel(), (6,), generator=g).tolist() + [0, t.numel() - 1]:
+        idx = torch.unravel_index(torch.tensor(flat), t.shape)
+        for bad, allowed in ((float("nan"), False), (float("inf"), True), (float("-inf"), True)):
+            u = t.clone(memory_format=torch.preserve_format)
+            u[idx] = bad
+            with pytest.raises(ValueError, match=r"op: x \(shape .*\) contains NaN"):
+                _validate.no_nan("op", x=u)
+            if allowed:
+                u[0, 0, 0, 0], u[-1, -1, -1, -1] = float("inf"), float("-inf")
+                _validate.no_nan("op", allow_inf=True, x=u)  # both infinities, no NaN: fine
+            else:  # a NaN among infinities is still found
+                other = torch.unravel_index(torch.tensor((flat + t.numel() // 2) % t.numel()), t.shape)
+                u[other] = float("-inf") if flat % 2 else float("inf")
+                with pytest.raises(ValueError, match=r"op: x \(shape .*\) contains NaN"):
+                    _validate.no_nan("op", allow_inf=True, x=u)
