@@ -123,16 +123,38 @@ def test_gradcheck_cpu_float64(mode):
 
 def test_lse_is_the_log_sum_exp_of_each_group():
     q, k, v = _inputs(1, 4, 3, 4, 6, torch.float64, "cpu")
-    out, lse = torch.ops.fastctx.isa_fwd(q, k, v, 2, 3, True, 0.5)
+    out, lse, p = torch.ops.fastctx.isa_fwd(q, k, v, 2, 3, True, 0.5, False)
     assert lse.dtype == torch.float64 and lse.shape == (1, 4, 6)
+    assert p.numel() == 0  # not kept
     # position (i, j) attends to the 4 positions of equal (i % 2, j % 3)
     for i in range(4):
         for j in range(6):
             keys = k[0, :, i % 2 :: 2, j % 3 :: 3].reshape(4, -1)
             want = torch.logsumexp(0.5 * q[0, :, i, j] @ keys, 0)
             assert torch.allclose(lse[0, i, j], want, atol=1e-12)
-    _, lse32 = torch.ops.fastctx.isa_fwd(q.half(), k.half(), v.half(), 2, 3, True, 0.5)
+    _, lse32, _ = torch.ops.fastctx.isa_fwd(q.half(), k.half(), v.half(), 2, 3, True, 0.5, False)
     assert lse32.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kept_weights_are_each_groups_softmax(mode):
+    q, k, v = _inputs(2, 4, 3, 4, 6, torch.float64, "cpu")
+    long_mode = mode == "long"
+    _, _, p = torch.ops.fastctx.isa_fwd(q, k, v, 2, 3, long_mode, 0.5, True)
+    if long_mode:  # the 4 positions of equal (i % 2, j % 3), in row-major order
+        groups = [[(i, j) for i in range(pi, 4, 2) for j in range(pj, 6, 3)] for pi in range(2) for pj in range(3)]
+    else:  # the 2 x 3 blocks
+        groups = [[(a0 + a, b0 + c) for a in range(2) for c in range(3)] for a0 in (0, 2) for b0 in (0, 3)]
+    L = len(groups[0])
+    assert p.shape == (2, len(groups), L, L) and p.dtype == torch.float64
+    got = list(p.reshape(-1, L, L))
+    for b in range(2):
+        for idx in groups:
+            qs = torch.stack([q[b, :, i, j] for i, j in idx], 1)
+            ks = torch.stack([k[b, :, i, j] for i, j in idx], 1)
+            want = torch.softmax(0.5 * qs.T @ ks, -1)
+            # groups are stored in the kernel's own order: each must be there exactly once
+            assert sum(torch.allclose(g, want, atol=1e-12) for g in got) == 1
 
 
 def test_cpu_is_deterministic_across_thread_counts():
@@ -157,10 +179,10 @@ def test_opcheck(backend, mode):
     dev = DEVICES[backend]
     q, k, v = (t.requires_grad_(True) for t in _inputs(2, 3, 5, 6, 4, torch.float32, dev))
     long_mode = mode == "long"
-    torch.library.opcheck(torch.ops.fastctx.interlaced_attention_fwd.default, (q, k, v, 2, 2, long_mode, 0.8, backend))
-    out, lse = torch.ops.fastctx.interlaced_attention_fwd(q, k, v, 2, 2, long_mode, 0.8, backend)
+    torch.library.opcheck(torch.ops.fastctx.interlaced_attention_fwd.default, (q, k, v, 2, 2, long_mode, 0.8, backend, True))
+    out, lse, p = torch.ops.fastctx.interlaced_attention_fwd(q, k, v, 2, 2, long_mode, 0.8, backend, True)
     dout = torch.randn_like(out)
-    args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, 2, 2, long_mode, 0.8, backend)
+    args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, p, 2, 2, long_mode, 0.8, backend)
     torch.library.opcheck(torch.ops.fastctx.interlaced_attention_bwd.default, args)
 
 
@@ -211,15 +233,16 @@ def test_bad_input(case):
 
 # The compiled ops check their arguments too (they can be called directly through torch.ops).
 BAD_COMPILED = {
-    "divide": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 9, 8), r(1, 4, 9, 8), r(1, 8, 9, 8), 4, 4, True, 1.0), r"isa_fwd\): the map 9x8 is not divisible by block 4x4"),
-    "block": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), 0, 4, True, 1.0), r"block must be positive, got 0x4"),
-    "qk": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 8, 8), r(1, 3, 8, 8), r(1, 8, 8, 8), 4, 4, True, 1.0), r"q and k must have the same shape"),
-    "v": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 4), 4, 4, True, 1.0), r"v must match q in batch and spatial size"),
-    "dtype": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 8, 8), r(1, 4, 8, 8).double(), r(1, 8, 8, 8), 4, 4, True, 1.0), r"k has dtype Double but q has dtype Float"),
-    "int": (lambda: torch.ops.fastctx.isa_fwd(*(torch.ones(1, 4, 8, 8, dtype=torch.int32),) * 3, 4, 4, True, 1.0), r"q must be float16, bfloat16, float32 or float64"),
-    "dout": (lambda: torch.ops.fastctx.isa_bwd(r(1, 8, 8, 4), r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), r(1, 8, 8, 8), r(1, 8, 8), 4, 4, True, 1.0), r"dout must have the shape of v"),
-    "lse-shape": (lambda: torch.ops.fastctx.isa_bwd(r(1, 8, 8, 8), r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), r(1, 8, 8, 8), r(1, 8, 4), 4, 4, True, 1.0), r"lse must have shape \[B, H, W\] = \[1, 8, 8\]"),
-    "lse-dtype": (lambda: torch.ops.fastctx.isa_bwd(r(1, 8, 8, 8), r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), r(1, 8, 8, 8), r(1, 8, 8).double(), 4, 4, True, 1.0), r"lse must have dtype Float"),
+    "divide": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 9, 8), r(1, 4, 9, 8), r(1, 8, 9, 8), 4, 4, True, 1.0, True), r"isa_fwd\): the map 9x8 is not divisible by block 4x4"),
+    "block": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), 0, 4, True, 1.0, True), r"block must be positive, got 0x4"),
+    "qk": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 8, 8), r(1, 3, 8, 8), r(1, 8, 8, 8), 4, 4, True, 1.0, True), r"q and k must have the same shape"),
+    "v": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 4), 4, 4, True, 1.0, True), r"v must match q in batch and spatial size"),
+    "dtype": (lambda: torch.ops.fastctx.isa_fwd(r(1, 4, 8, 8), r(1, 4, 8, 8).double(), r(1, 8, 8, 8), 4, 4, True, 1.0, True), r"k has dtype Double but q has dtype Float"),
+    "int": (lambda: torch.ops.fastctx.isa_fwd(*(torch.ones(1, 4, 8, 8, dtype=torch.int32),) * 3, 4, 4, True, 1.0, True), r"q must be float16, bfloat16, float32 or float64"),
+    "dout": (lambda: torch.ops.fastctx.isa_bwd(r(1, 8, 8, 4), r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), r(1, 8, 8, 8), r(1, 8, 8), r(1, 16, 4, 4), 4, 4, True, 1.0), r"dout must have the shape of v"),
+    "p-missing": (lambda: torch.ops.fastctx.isa_bwd(r(1, 8, 8, 8), r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), r(1, 8, 8, 8), r(1, 8, 8), r(0), 4, 4, True, 1.0), r"p must be the weights that isa_fwd kept \(keep_p=True\), of shape \[B, groups, L, L\] = \[1, 16, 4, 4\]; got \[0\]"),
+    "p-shape": (lambda: torch.ops.fastctx.isa_bwd(r(1, 8, 8, 8), r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), r(1, 8, 8, 8), r(1, 8, 8), r(1, 4, 16, 16), 4, 4, True, 1.0), r"= \[1, 16, 4, 4\]; got \[1, 4, 16, 16\]"),
+    "p-dtype": (lambda: torch.ops.fastctx.isa_bwd(r(1, 8, 8, 8), r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), r(1, 8, 8, 8), r(1, 8, 8), r(1, 16, 4, 4).double(), 4, 4, True, 1.0), r"p must have dtype Float"),
 }
 
 

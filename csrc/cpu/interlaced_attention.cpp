@@ -19,16 +19,19 @@
 // - GEMMs with at::mm_out / addmm_ on the scratch (BLAS; ATen runs it single-threaded inside
 //   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
 //   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
-//   Backward (P recomputed from the saved lse): q, k and dout are packed whole (each read from
-//   its map once and kept for the second pass), S = Q^T K in one GEMM per group, dP = dO^T V
-//   summed over chunks of v, dS = scale P (dP - rowsum(P dP)), then per chunk dV = dO P,
-//   dQ = K dS^T, dK = Q dS from the packed copies.
+//   When a backward will follow (keep_p), the forward also stores every group's P in p
+//   ([B, groups, L, L], groups in band order: an opaque layout that only isa_bwd reads).
+//   Backward (from that P: no recomputation, which saves the S GEMM, one of five, and the
+//   exponentials, for N x L values of memory; the reference's autograd keeps P, and S besides):
+//   q, k and dout are packed whole (each read from its map once and kept for the second pass),
+//   dP = dO^T V summed over chunks of v, dS = scale P (dP - rowsum(P dP)), then per chunk
+//   dV = dO P, dQ = K dS^T, dK = Q dS from the packed copies.
 // - the row passes (softmax, its backward) are in interlaced_attention_kernels.h, compiled for
 //   the baseline target and for AVX2 + FMA, picked at run time.
 // - unpack: a chunk's results are written row by row to the NCHW outputs.
 //
-// Outputs are contiguous NCHW in the input dtype; lse [B, H, W] is float32 (float64 for float64
-// inputs). Compute (and accumulation) dtype: float64 for float64 inputs, float32 otherwise.
+// Outputs are contiguous NCHW in the input dtype; lse [B, H, W] and p are float32 (float64 for
+// float64 inputs); lse is for a backward that recomputes P (Triton's) and is not read here. Compute (and accumulation) dtype: float64 for float64 inputs, float32 otherwise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -85,11 +88,11 @@ void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
 }
 
 template <class T>
-void softmax_bwd(T* S, T* dP, int64_t L, int64_t Lp, T scale, const T* lse) {
+void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::softmax_bwd<T>(S, dP, L, Lp, scale, lse);
+  if (use_avx2()) return isa_avx2::softmax_bwd<T>(P, dP, L, Lp, scale);
 #endif
-  isa_base::softmax_bwd<T>(S, dP, L, Lp, scale, lse);
+  isa_base::softmax_bwd<T>(P, dP, L, Lp, scale);
 }
 
 // The grouping of one call. A band is the set of map rows whose groups it holds completely:
@@ -315,7 +318,7 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& v, cons
 }
 
 // Per-worker scratch (offsets in elements of the compute dtype): the band's L x L matrices, one
-// per group (S / P, and dP / dS in the backward), the band's lse, and the packed inputs and
+// per group (S / P, and dP / dS in the backward), the band's lse (forward), and the packed inputs and
 // results. Forward: chunk buffers of kChunk channels of the band [U][kChunk][L] (x0, x1: two
 // packed inputs, y0: a result). Backward: q, k and dout packed whole ([U][C][L] in x0, x1, xd),
 // so that each is read from the strided map once and the dQ / dK / dV passes reuse them; v in
@@ -335,7 +338,7 @@ Layout layout(const Geom& g, bool backward, int64_t Cqk, int64_t Cv) {
   };
   y.s = take(LL);
   y.dp = take(backward ? LL : 0);
-  y.lse = take(g.N);
+  y.lse = take(backward ? 0 : g.N);
   y.x0 = take(backward ? Cqk * g.N : X);
   y.x1 = take(backward ? Cqk * g.N : X);
   y.xd = take(backward ? Cv * g.N : 0);
@@ -347,16 +350,21 @@ Layout layout(const Geom& g, bool backward, int64_t Cqk, int64_t Cv) {
 }
 
 // ---------------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                               const at::Tensor& v_in, int64_t bh, int64_t bw,
-                                               bool long_mode, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in,
+                                                           const at::Tensor& k_in,
+                                                           const at::Tensor& v_in, int64_t bh,
+                                                           int64_t bw, bool long_mode,
+                                                           double scale, bool keep_p) {
   check_inputs(q_in, k_in, v_in, bh, bw, "isa_fwd");
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t Cv = v_in.size(1);
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
   auto out = cpu::empty_output({B, Cv, H, W}, q_in.options());
   auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
-  if (B == 0 || H == 0 || W == 0) return {out, lse};
+  const int64_t L = long_mode ? (H / bh) * (W / bw) : bh * bw;
+  auto p = keep_p ? cpu::empty_output({B, L > 0 ? H * W / L : 0, L, L}, q_in.options().dtype(ct))
+                  : at::empty({0}, q_in.options().dtype(ct));
+  if (B == 0 || H == 0 || W == 0) return {out, lse, p};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "isa_fwd_cpu", [&] {
     using T = scalar_t;
@@ -371,7 +379,8 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
       int64_t *pu = members.data(), *pl = pu + g.N;
       band_members(g, pu, pl);
       A* lse_p = lse.mutable_data_ptr<A>();
-      const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
+      A* p_p = keep_p ? p.mutable_data_ptr<A>() : nullptr;
+      const int64_t Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
       auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
       for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
@@ -393,6 +402,12 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
         }
         if (Cqk == 0) std::fill(S, S + g.U * LL, A(0));
         for (int64_t u = 0; u < g.U; ++u) softmax_fwd<A>(S + u * LL, L, Lp, static_cast<A>(scale), lg + u * L);
+        if (p_p) {
+          A* pb = p_p + (b * g.nbands + t) * g.U * L * L;
+          for (int64_t u = 0; u < g.U; ++u)
+            for (int64_t l = 0; l < L; ++l)
+              std::memcpy(pb + (u * L + l) * L, S + u * LL + l * Lp, size_t(L) * sizeof(A));
+        }
         // O_u = V_u P_u^T, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
@@ -411,34 +426,37 @@ std::tuple<at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_in, const at:
       });
     });
   });
-  return {out, lse};
+  return {out, lse, p};
 }
 
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, int64_t bh,
-    int64_t bw, bool long_mode, double scale) {
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const at::Tensor& p_in, int64_t bh, int64_t bw, bool long_mode, double scale) {
   check_inputs(q_in, k_in, v_in, bh, bw, "isa_bwd");
   check_like(dout_in, "dout", v_in, q_in);
   check_like(out_in, "out", v_in, q_in);
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t Cv = v_in.size(1);
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
-  TORCH_CHECK(lse_in.defined() && lse_in.device().is_cpu(),
-              ISA_OP " (isa_bwd): lse must be a CPU tensor");
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
-                  lse_in.size(2) == W,
-              ISA_OP " (isa_bwd): lse must have shape [B, H, W] = [", B, ", ", H, ", ", W,
-              "], got ", lse_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == ct, ISA_OP " (isa_bwd): lse must have dtype ", ct, " for ",
-              dt, " inputs, got ", lse_in.scalar_type());
+  (void)lse_in;
+  const int64_t L = long_mode ? (H / bh) * (W / bw) : bh * bw, G = L > 0 ? H * W / L : 0;
+  TORCH_CHECK(p_in.defined() && p_in.device().is_cpu(),
+              ISA_OP " (isa_bwd): p must be a CPU tensor");
+  TORCH_CHECK(p_in.dim() == 4 && p_in.size(0) == B && p_in.size(1) == G && p_in.size(2) == L &&
+                  p_in.size(3) == L,
+              ISA_OP " (isa_bwd): p must be the weights that isa_fwd kept (keep_p=True), of shape "
+              "[B, groups, L, L] = [", B, ", ", G, ", ", L, ", ", L, "]; got ", p_in.sizes(),
+              " (the CPU backward does not recompute them)");
+  TORCH_CHECK(p_in.scalar_type() == ct, ISA_OP " (isa_bwd): p must have dtype ", ct, " for ", dt,
+              " inputs, got ", p_in.scalar_type());
 
   auto dq = cpu::empty_output({B, Cqk, H, W}, q_in.options());
   auto dk = cpu::empty_output({B, Cqk, H, W}, q_in.options());
   auto dv = cpu::empty_output({B, Cv, H, W}, q_in.options());
   if (B == 0 || H == 0 || W == 0) return {dq, dk, dv};
-  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor p = p_in.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "isa_bwd_cpu", [&] {
     using T = scalar_t;
@@ -452,27 +470,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       std::vector<int64_t> members(2 * g.N);
       int64_t *pu = members.data(), *pl = pu + g.N;
       band_members(g, pu, pl);
-      const A* lse_p = lse.const_data_ptr<A>();
-      const int64_t L = g.L, Lp = g.Lp, LL = L * Lp;
+      const A* p_p = p.const_data_ptr<A>();
+      const int64_t Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
       auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
       for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
-        A *S = base + y.s, *dP = base + y.dp, *lg = base + y.lse;
+        A *S = base + y.s, *dP = base + y.dp;
         A *xq = base + y.x0, *xk = base + y.x1, *xd = base + y.xd, *xv = base + y.xv;
         A *y0 = base + y.y0, *y1 = base + y.y1;
         auto Smat = [&](int64_t u) { return at::from_blob(S + u * LL, {L, L}, {Lp, 1}, opts); };
         auto dPmat = [&](int64_t u) { return at::from_blob(dP + u * LL, {L, L}, {Lp, 1}, opts); };
         const int64_t uq = Cqk * L, ud = Cv * L;  // group strides of the whole packed inputs
-        // S_u = Q_u^T K_u (q and k packed whole, kept for dQ and dK).
+        // P_u from the forward, into rows of Lp with zero padding; q and k packed whole (for dQ
+        // and dK).
+        const A* pb = p_p + (b * g.nbands + t) * g.U * L * L;
+        for (int64_t u = 0; u < g.U; ++u)
+          for (int64_t l = 0; l < L; ++l) {
+            A* row = S + u * LL + l * Lp;
+            std::memcpy(row, pb + (u * L + l) * L, size_t(L) * sizeof(A));
+            std::fill(row + L, row + Lp, A(0));
+          }
         pack_band(mq, b, t, 0, Cqk, g, pu, pl, xq, uq);
         pack_band(mk, b, t, 0, Cqk, g, pu, pl, xk, uq);
-        if (Cqk == 0) std::fill(S, S + g.U * LL, A(0));
-        for (int64_t u = 0; u < g.U && Cqk > 0; ++u) {
-          at::Tensor Su = Smat(u);
-          at::mm_out(Su, mat(xq + u * uq, Cqk).t(), mat(xk + u * uq, Cqk));
-        }
         // dP_u = dO_u^T V_u, summed over chunks of v (dout packed whole, kept for dV).
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
@@ -486,13 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
           }
         }
         if (Cv == 0) std::fill(dP, dP + g.U * LL, A(0));
-        const A* lb = lse_p + b * H * W;
-        for (int64_t r = 0; r < g.R; ++r) {
-          const A* s = lb + band_row(g, t, r) * W;
-          for (int64_t j = 0; j < W; ++j) lg[pu[r * W + j] * L + pl[r * W + j]] = s[j];
-        }
         for (int64_t u = 0; u < g.U; ++u)
-          softmax_bwd<A>(S + u * LL, dP + u * LL, L, Lp, static_cast<A>(scale), lg + u * L);
+          softmax_bwd<A>(S + u * LL, dP + u * LL, L, Lp, static_cast<A>(scale));
         // dV_u = dO_u P_u, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);

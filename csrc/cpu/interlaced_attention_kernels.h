@@ -1,5 +1,5 @@
 // Interlaced sparse self-attention (ISANet), CPU: the element-wise row passes of one group's
-// L x L attention matrix (softmax forward, softmax backward). The launcher, the packing of a
+// L x L attention matrix (softmax forward, softmax backward from the kept weights P). The launcher, the packing of a
 // group and the GEMMs are in interlaced_attention.cpp.
 //
 // NO INCLUDE GUARD, on purpose: interlaced_attention.cpp includes this file once per instruction
@@ -10,7 +10,8 @@
 //
 // Layout: a row l of the matrix holds the L energies of query l against the group's keys, then
 // Lp - L padding columns (Lp: L rounded up to the vector width), so every pass runs over whole
-// vectors. The passes give the padding P = 0 and dS = 0; the padding of the dP rows must hold
+// vectors. The forward gives the padding P = 0; the backward needs it 0 (the launcher copies the
+// kept P in with zero padding) and gives dS = 0 there; the padding of the dP rows must hold
 // finite values (the launcher's scratch starts zeroed and the GEMMs never write it).
 
 #ifndef FASTCTX_ISA_NS
@@ -78,23 +79,15 @@ struct Rows : cpu::FASTCTX_ISA_NS::Vec<T, 32 / static_cast<int>(sizeof(T))> {
     }
   }
 
-  // Backward: S (energies) -> P = exp(scale * S - lse); dP -> scale * P * (dP - D) with
-  // D = sum_m P dP (= <dout, out> of the row's query).
-  static void softmax_bwd(T* S, T* dP, int64_t L, int64_t Lp, T scale, const T* lse) {
-    const T ninf = -std::numeric_limits<T>::infinity();
+  // Backward: dP -> scale * P * (dP - D) with D = sum_m P dP (= <dout, out> of the row's
+  // query), P the forward's weights (padding columns 0).
+  static void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
     const V sc = bcast(scale);
     for (int64_t l = 0; l < L; ++l) {
-      T* row = S + l * Lp;
+      const T* row = P + l * Lp;
       T* drow = dP + l * Lp;
-      const V lv = bcast(lse[l]);
-      for (int64_t m = 0; m < Lp; m += VL) store(row + m, sc * load(row + m));
-      for (int64_t m = L; m < Lp; ++m) row[m] = ninf;
       V d = bcast(T(0));
-      for (int64_t m = 0; m < Lp; m += VL) {
-        const V p = vexp(load(row + m) - lv);
-        store(row + m, p);
-        d += p * load(drow + m);
-      }
+      for (int64_t m = 0; m < Lp; m += VL) d += load(row + m) * load(drow + m);
       const V dv = bcast(hsum(d));
       for (int64_t m = 0; m < Lp; m += VL)
         store(drow + m, sc * load(row + m) * (load(drow + m) - dv));
@@ -108,8 +101,8 @@ void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
   Rows<T>::softmax_fwd(S, L, Lp, scale, lse);
 }
 template <class T>
-void softmax_bwd(T* S, T* dP, int64_t L, int64_t Lp, T scale, const T* lse) {
-  Rows<T>::softmax_bwd(S, dP, L, Lp, scale, lse);
+void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
+  Rows<T>::softmax_bwd(P, dP, L, Lp, scale);
 }
 
 }  // namespace FASTCTX_ISA_NS

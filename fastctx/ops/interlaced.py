@@ -68,7 +68,8 @@ def interlaced_attention(
     name = choose_backend(OP, q, backend)
     if name == "reference":
         return python_ref.interlaced_attention(q, k, v, (bh, bw), mode, scale)
-    out, _ = _isa_fwd(q, k, v, bh, bw, mode == "long", scale, name)
+    keep_p = name != "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out, _, _ = _isa_fwd(q, k, v, bh, bw, mode == "long", scale, name, keep_p)
     return out
 
 
@@ -76,18 +77,29 @@ def _isa_kernels(backend: str):
     return kernels(OP, backend, ("isa_fwd", "isa_bwd"), ("fastctx.triton.interlaced", "isa_fwd", "isa_bwd"))
 
 
+# Outputs (out, lse, p). keep_p (set when a backward can follow): the compiled forward also keeps
+# every group's softmax weights, p [B, groups, L, L], which the compiled backward reads instead of
+# recomputing them (the compiled ops' schema: csrc/ops/interlaced_attention.cpp). Triton's
+# backward recomputes them from lse; its p is empty.
 @torch.library.custom_op("fastctx::interlaced_attention_fwd", mutates_args=())
 def _isa_fwd(
-    q: Tensor, k: Tensor, v: Tensor, bh: int, bw: int, long_mode: bool, scale: float, backend: str
-) -> tuple[Tensor, Tensor]:
-    return _isa_kernels(backend)[0](q, k, v, bh, bw, long_mode, scale)
+    q: Tensor, k: Tensor, v: Tensor, bh: int, bw: int, long_mode: bool, scale: float, backend: str, keep_p: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    fwd = _isa_kernels(backend)[0]
+    if backend != "triton":
+        return fwd(q, k, v, bh, bw, long_mode, scale, keep_p)
+    out, lse = fwd(q, k, v, bh, bw, long_mode, scale)
+    return out, lse, lse.new_empty((0,))
 
 
 @_isa_fwd.register_fake
-def _(q, k, v, bh, bw, long_mode, scale, backend):
+def _(q, k, v, bh, bw, long_mode, scale, backend, keep_p):
     B, _, H, W = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=lse_dtype)
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    L = (H // bh) * (W // bw) if long_mode else bh * bw
+    p_shape = (B, H * W // L, L, L) if keep_p and backend != "triton" else (0,)
+    return (v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=stat_dtype),
+            q.new_empty(p_shape, dtype=stat_dtype))
 
 
 @torch.library.custom_op("fastctx::interlaced_attention_bwd", mutates_args=())
@@ -98,34 +110,38 @@ def _isa_bwd(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
+    p: Tensor,
     bh: int,
     bw: int,
     long_mode: bool,
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _isa_kernels(backend)[1](dout, q, k, v, out, lse, bh, bw, long_mode, scale)
+    bwd = _isa_kernels(backend)[1]
+    if backend != "triton":
+        return bwd(dout, q, k, v, out, lse, p, bh, bw, long_mode, scale)
+    return bwd(dout, q, k, v, out, lse, bh, bw, long_mode, scale)
 
 
 @_isa_bwd.register_fake
-def _(dout, q, k, v, out, lse, bh, bw, long_mode, scale, backend):
+def _(dout, q, k, v, out, lse, p, bh, bw, long_mode, scale, backend):
     # The kernels return contiguous gradients whatever the strides of the inputs.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _isa_setup_context(ctx, inputs, output):
-    q, k, v, bh, bw, long_mode, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    q, k, v, bh, bw, long_mode, scale, backend, _keep_p = inputs
+    out, lse, p = output
+    ctx.save_for_backward(q, k, v, out, lse, p)
     ctx.args = (bh, bw, long_mode, scale)
     ctx.backend = backend
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, p)
 
 
-def _isa_backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _isa_bwd(dout, q, k, v, out, lse, *ctx.args, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+def _isa_backward(ctx, dout, _dlse, _dp):
+    q, k, v, out, lse, p = ctx.saved_tensors
+    dq, dk, dv = _isa_bwd(dout, q, k, v, out, lse, p, *ctx.args, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _isa_fwd.register_autograd(_isa_backward, setup_context=_isa_setup_context)
