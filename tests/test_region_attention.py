@@ -141,15 +141,16 @@ def test_compile_fullgraph_cpu():
 
 
 def test_cpu_forward_keeps_weights_only_for_a_backward():
-    from fastctx.ops.ocr import _ra_fwd, _ra_keep_p
+    from fastctx.ops._kernels import keep_weights
+    from fastctx.ops.ocr import _ra_fwd
 
     q = torch.randn(2, 3, 4, 5, requires_grad=True)
     k, v, bias = torch.randn(2, 3, 6), torch.randn(2, 4, 6), torch.zeros(2, 6)
-    assert _ra_keep_p("cpu", q, k, v, bias)
-    assert not _ra_keep_p("triton", q, k, v, bias)
-    assert not _ra_keep_p("cpu", q.detach(), k, v, bias)
+    assert keep_weights("cpu", q, k, v, bias)
+    assert not keep_weights("triton", q, k, v, bias)
+    assert not keep_weights("cpu", q.detach(), k, v, bias)
     with torch.no_grad():
-        assert not _ra_keep_p("cpu", q, k, v, bias)
+        assert not keep_weights("cpu", q, k, v, bias)
     out, lse, p = _ra_fwd(q, k, v, bias, 0.5, "cpu", True)
     ref = torch.softmax(0.5 * torch.einsum("bcn,bcs->bsn", q.detach().flatten(2), k), dim=1)
     assert p.shape == (2, 6, 20)

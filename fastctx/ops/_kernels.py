@@ -25,3 +25,11 @@ def kernels(op: str, backend: str, compiled: tuple[str, str], triton: tuple[str,
         return getattr(mod, fwd), getattr(mod, bwd)
     _ext.require(compiled[0], "CPU" if backend == "cpu" else "CUDA", f"fastctx.{op}")
     return getattr(torch.ops.fastctx, compiled[0]), getattr(torch.ops.fastctx, compiled[1])
+
+
+def keep_weights(backend: str, *inputs: torch.Tensor) -> bool:
+    """Whether an attention forward keeps its softmax weights for the backward (region_attention,
+    interlaced_attention): the compiled kernels do, when a backward can follow, and their backward
+    reads them instead of recomputing them (the reference's autograd keeps them too); Triton's
+    backward recomputes them from the log-sum-exp."""
+    return backend != "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)

@@ -9,7 +9,7 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
-from fastctx.ops._kernels import kernels
+from fastctx.ops._kernels import keep_weights, kernels
 
 OP = "interlaced_attention"
 register_op(OP, OpSupport(compiled="isa_fwd", triton=True))
@@ -68,8 +68,7 @@ def interlaced_attention(
     name = choose_backend(OP, q, backend)
     if name == "reference":
         return python_ref.interlaced_attention(q, k, v, (bh, bw), mode, scale)
-    keep_p = name != "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    out, _, _ = _isa_fwd(q, k, v, bh, bw, mode == "long", scale, name, keep_p)
+    out, _, _ = _isa_fwd(q, k, v, bh, bw, mode == "long", scale, name, keep_weights(name, q, k, v))
     return out
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
-from fastctx.ops._kernels import kernels
+from fastctx.ops._kernels import keep_weights, kernels
 
 register_op("spatial_gather", OpSupport(compiled="sg_fwd", triton=True))
 register_op("region_attention", OpSupport(compiled="ra_fwd", triton=True))
@@ -148,15 +148,8 @@ def region_attention(
         return python_ref.region_attention(q, k, v, scale, bias)
     if bias is None:
         bias = q.new_zeros((k.shape[0], k.shape[2]))
-    out, _, _ = _ra_fwd(q, k, v, bias, scale, name, _ra_keep_p(name, q, k, v, bias))
+    out, _, _ = _ra_fwd(q, k, v, bias, scale, name, keep_weights(name, q, k, v, bias))
     return out
-
-
-def _ra_keep_p(backend: str, *inputs: Tensor) -> bool:
-    """Whether the forward keeps the softmax weights for the backward: the compiled kernels do
-    (their backward reads them instead of recomputing them; N x S values, which the reference
-    keeps too), when a backward can follow. Triton's backward recomputes them from lse."""
-    return backend != "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def _ra_kernels(backend: str):
