@@ -96,10 +96,11 @@ def criss_cross_cases(quick: bool) -> list[Case]:
 
 
 def _sdpa_region_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """The strongest plain-PyTorch formulation: scaled_dot_product_attention on permuted copies."""
+    """The strongest plain-PyTorch formulation: scaled_dot_product_attention on permuted copies
+    (contiguous: with a channel stride other than 1, SDPA falls back to its math path)."""
     B, _, H, W = q.shape
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.flatten(2).transpose(1, 2)[:, None], k.transpose(1, 2)[:, None], v.transpose(1, 2)[:, None], scale=scale
+        *(t.transpose(1, 2).contiguous()[:, None] for t in (q.flatten(2), k, v)), scale=scale
     )  # [B, 1, N, Cv]
     return o[:, 0].transpose(1, 2).reshape(B, v.shape[1], H, W)
 

@@ -26,8 +26,8 @@ def _torch_pyramid_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> T
     B, _, H, W = q.shape
     kp = torch.cat([F.adaptive_avg_pool2d(k, s).flatten(2) for s in SCALES], 2)  # [B, Cqk, S]
     vp = torch.cat([F.adaptive_avg_pool2d(v, s).flatten(2) for s in SCALES], 2)  # [B, Cv, S]
-    o = F.scaled_dot_product_attention(
-        q.flatten(2).transpose(1, 2)[:, None], kp.transpose(1, 2)[:, None], vp.transpose(1, 2)[:, None], scale=scale
+    o = F.scaled_dot_product_attention(  # contiguous copies: SDPA's fused kernels need channel stride 1
+        *(t.transpose(1, 2).contiguous()[:, None] for t in (q.flatten(2), kp, vp)), scale=scale
     )  # [B, 1, N, Cv]
     return o[:, 0].transpose(1, 2).reshape(B, v.shape[1], H, W)
 
