@@ -11,7 +11,7 @@ import torch
 
 import fastctx.bench.cases_isnet as ci
 import fastctx.bench.cases_models as cm
-from fastctx.bench.cases import CASES
+from fastctx.bench.cases import CASES, Target
 from fastctx.bench.measure import Skip
 from fastctx.bench.runner import check_targets, run_case
 from fastctx.testing import mismatch
@@ -192,8 +192,6 @@ def test_a_run_cut_short_leaves_a_partial_report(monkeypatch, tmp_path):
 
     import fastctx.bench.runner as R
     from fastctx import cli
-
-    from fastctx.bench.cases import Target
 
     target = Target("fast", "cpu", "reference", "fwd", "speed", 1.0, "cpu", (torch.float32,))
     cases = [SimpleNamespace(op="toy", name=n, config={}, targets=[target], reference="reference",

@@ -5,8 +5,9 @@ gradients for one random upstream gradient); each candidate is first checked aga
 candidate that fails parity is reported as failed and not timed), then the candidates are timed
 side by side (in turns on CPU), forward (no grad), backward (``torch.autograd.grad`` on a retained
 graph) and forward+backward, and each one's peak memory for forward and for forward+backward.
-Ratios are against the reference and the strongest plain-PyTorch formulation of the same run. A case's ``timing_only`` candidates (e.g. a bandwidth
-floor that only reads the inputs) are timed without the parity check. A candidate that raises
+Ratios are against the reference and the strongest plain-PyTorch formulation of the same run. A
+case's ``timing_only`` candidates (e.g. a bandwidth floor that only reads the inputs) are timed
+without the parity check. A candidate that raises
 :class:`fastctx.bench.measure.Skip` (too large for this machine) is recorded as ``skipped: ...``.
 A case whose ``check_grads`` attribute is False (a ``Case`` subclass: whole models, where float32
 rounding of parameter gradients through a deep network exceeds the per-op tolerance) has its
