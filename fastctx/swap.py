@@ -29,10 +29,10 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from fastctx.backends import _check_name
-from fastctx.nn._conv import conv_of_cat
 from fastctx.nn.ann import AFNB, APNB, PyramidSelfAttentionBlock
 from fastctx.nn.criss_cross import CrissCrossAttention, Scale
 from fastctx.nn.interlaced import ISASelfAttentionBlock, interlaced_sparse_context
@@ -745,7 +745,7 @@ class FastISAForward:
         x = self.in_conv(self._transform_inputs(inputs))
         context = interlaced_sparse_context(x, self.global_relation, self.local_relation,
                                             tuple(self.down_factor), False, self.fastctx_backend)
-        return self.cls_seg(conv_of_cat(self.out_conv, (context, x)))
+        return self.cls_seg(self.out_conv(torch.cat([context, x], dim=1)))
 
 
 _FAST_HEADS: dict[type, type] = {}
@@ -996,7 +996,7 @@ class FastISANetForward:
         feats = self.in_conv(backbone_outputs[-1])
         context = interlaced_sparse_context(feats, self.global_relation, self.local_relation,
                                             tuple(self.down_factor))
-        seg_logits = self.decoder(conv_of_cat(self.out_conv, (context, feats)))
+        seg_logits = self.decoder(self.out_conv(torch.cat([context, feats], dim=1)))
         if self.mode in ("TRAIN", "TRAIN_DEVELOP"):
             loss, losses_log_dict = self.customizepredsandlosses(
                 seg_logits=seg_logits, annotations=data_meta.getannotations(),

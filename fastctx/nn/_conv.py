@@ -5,13 +5,11 @@ imports mmcv."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BN", "RELU", "ConvModule", "build_act", "build_norm", "conv_of_cat"]
+__all__ = ["BN", "RELU", "ConvModule", "build_act", "build_norm"]
 
 #: mmseg's configs use ``SyncBN``; ``BN`` gives the same state-dict keys.
 BN: Mapping = {"type": "BN"}
@@ -139,56 +137,3 @@ class ConvModule(nn.Module):
         if self.activate is not None:
             x = self.activate(x)
         return x
-
-
-def _plain_conv(m: object) -> bool:
-    """An ``nn.Conv2d`` that computes ``F.conv2d(x, weight, bias, ...)`` and nothing else."""
-    return (type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str) and not m._forward_pre_hooks and not m._forward_hooks)
-
-
-def _leading_conv(block: nn.Module) -> tuple[nn.Conv2d, Callable[[Tensor], Tensor]] | None:
-    """(conv, rest) with ``block(x) == rest(conv(x))``, for an ``nn.Sequential`` that starts with a
-    plain conv and for a ConvModule (ours or mmcv's) in conv -> norm -> act order; else None."""
-    if type(block) is nn.Sequential and len(block) > 0 and _plain_conv(block[0]):
-        return block[0], block[1:]
-    if type(block).__name__ != "ConvModule" or not _plain_conv(getattr(block, "conv", None)):
-        return None
-    if (tuple(getattr(block, "order", ("conv", "norm", "act"))) != ("conv", "norm", "act")
-            or getattr(block, "with_explicit_padding", False) or getattr(block, "with_spectral_norm", False)
-            or getattr(block, "efficient_conv_bn_eval_forward", None) is not None):
-        return None
-
-    def rest(x: Tensor) -> Tensor:
-        if block.with_norm:
-            x = block.norm(x)
-        if block.with_activation:
-            x = block.activate(x)
-        return x
-
-    return block.conv, rest
-
-
-def conv_of_cat(block: nn.Module, parts: Sequence[Tensor]) -> Tensor:
-    """``block(torch.cat(parts, 1))`` without the concatenated tensor.
-
-    For a block that starts with a plain 2-D convolution (an ``nn.Sequential`` whose first layer is
-    one, or a ConvModule, ours or mmcv's, in conv -> norm -> act order): the convolution is linear
-    in its input channels, so each part is convolved with its slice of the weight and the results
-    are summed. The concatenated input is what the convolution keeps for its backward, B x sum(C)
-    x H x W values (at OCR's bottleneck, B=2, 64x128: 64 MiB) that are not made now; the parts are
-    kept alive by their own producers anyway. The same numbers up to float rounding (the sum over
-    channels is split). Any other block runs on the concatenation.
-    """
-    split = _leading_conv(block)
-    if split is None or sum(p.shape[1] for p in parts) != split[0].in_channels:
-        return block(torch.cat(list(parts), 1))
-    conv, rest = split
-    out, c0 = None, 0
-    for p in parts:  # the bias goes with the first part (so autocast treats it as nn.Conv2d does)
-        c1 = c0 + p.shape[1]
-        y = F.conv2d(p, conv.weight[:, c0:c1], conv.bias if out is None else None, conv.stride, conv.padding,
-                     conv.dilation)
-        out = y if out is None else out.add_(y)
-        c0 = c1
-    return rest(out)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastctx.nn._common import bare
-from fastctx.nn._conv import BN, RELU, ConvModule, conv_of_cat
+from fastctx.nn._conv import BN, RELU, ConvModule
 from fastctx.ops.pyramid import pyramid_attention
 
 __all__ = ["AFNB", "APNB", "PyramidSelfAttentionBlock"]
@@ -229,7 +229,7 @@ class AFNB(nn.Module):
             )
         priors = [stage(high_feats, low_feats) for stage in self.stages]
         context = torch.stack(priors, dim=0).sum(dim=0)
-        return conv_of_cat(self.bottleneck, (context, high_feats))
+        return self.bottleneck(torch.cat([context, high_feats], 1))
 
 
 class APNB(nn.Module):
@@ -305,4 +305,4 @@ class APNB(nn.Module):
         _check_input("fastctx.nn.APNB", "feats", feats, self.in_channels)
         priors = [stage(feats, feats) for stage in self.stages]
         context = torch.stack(priors, dim=0).sum(dim=0)
-        return conv_of_cat(self.bottleneck, (context, feats))
+        return self.bottleneck(torch.cat([context, feats], 1))

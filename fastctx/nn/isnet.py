@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastctx.nn._common import bare
-from fastctx.nn._conv import build_act, conv_of_cat
+from fastctx.nn._conv import build_act
 from fastctx.ops.ocr import region_attention
 from fastctx.ops.semantic import semantic_pool_regions
 
@@ -305,7 +305,7 @@ class SemanticLevelContext(nn.Module):
         )
         context = net.out_project(context)
         if hasattr(self, "bottleneck"):
-            context = conv_of_cat(self.bottleneck, (feats_il, context))
+            context = self.bottleneck(torch.cat([feats_il, context], dim=1))
         return context
 
     def extra_repr(self) -> str:
@@ -398,7 +398,7 @@ class ImageLevelContext(nn.Module):
         context = context.squeeze(1).transpose(1, 2).reshape(B, -1, H, W)
         context = net.out_project(context)
         if hasattr(self, "bottleneck"):
-            context = conv_of_cat(self.bottleneck, (x, context))
+            context = self.bottleneck(torch.cat([x, context], dim=1))
         return context
 
     def extra_repr(self) -> str:

@@ -10,10 +10,11 @@ and the soft region pooling as :func:`fastctx.spatial_gather`.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fastctx.nn._common import bare
-from fastctx.nn._conv import ConvModule, conv_of_cat
+from fastctx.nn._conv import ConvModule
 from fastctx.ops.ocr import region_attention, spatial_gather
 
 __all__ = ["ObjectAttention", "SpatialGather"]
@@ -201,7 +202,7 @@ class ObjectAttention(nn.Module):
         value = self.value_project(key_feats).flatten(2)  # [B, Cc, K]
         context = region_attention(query, key, value, scale=self.channels**-0.5, backend=self.backend)
         context = self.out_project(context)
-        return conv_of_cat(self.bottleneck, (context, query_feats))
+        return self.bottleneck(torch.cat([context, query_feats], dim=1))
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, channels={self.channels}, backend={self.backend!r}"
