@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import fastctx
 import fastctx.bench.cases_isnet as ci
 import fastctx.bench.cases_models as cm
 from fastctx.bench.cases import CASES, Target
@@ -141,21 +142,53 @@ def test_run_leaves_the_nan_check_as_it_was(monkeypatch):
     assert os.environ["FASTCTX_CHECK_NAN"] == "1"
 
 
-def test_cpu_peak_counts_what_a_call_touches():
-    """The CPU peak is the memory a call adds (pages touched), not what was resident before it;
-    every measured call counts (median of ``reps``)."""
-    from fastctx.bench.measure import cpu_peak_supported, peak_mib
+def test_cpu_peak_counts_what_a_call_allocates():
+    """The CPU peak is the most memory a call holds at once above what was held before it: what
+    was allocated before the call is not counted, what the call frees before allocating more is
+    not counted twice."""
+    from fastctx.bench.measure import peak_mib
 
-    if not cpu_peak_supported():
-        pytest.skip("no /proc/self/clear_refs here: the CPU peak is reported as not measured")
     cpu = torch.device("cpu")
-    kept = torch.ones(16 * 2**20 // 4)  # resident before the call: not counted
-    touched = peak_mib(lambda: torch.ones(48 * 2**20 // 4), cpu)  # 48 MiB written
+    kept = torch.ones(16 * 2**20 // 4)  # held before the call: not counted
     calls = []
-    nothing = peak_mib(lambda: calls.append(kept.sum()), cpu, reps=5)  # reads only what was there
-    assert 44 <= touched <= 56, touched
-    assert nothing < 4, nothing
-    assert len(calls) == 6  # the warm-up and five measured calls
+
+    def churn():  # 8 MiB, freed, then 4 + 12 MiB held together: 16 MiB at most
+        calls.append(1)
+        a = torch.ones(2 * 2**20)
+        del a
+        b = torch.ones(2**20)
+        c = torch.ones(3 * 2**20)
+        return b, c
+
+    assert peak_mib(lambda: torch.ones(48 * 2**20 // 4), cpu) == 48.0
+    assert peak_mib(churn, cpu) == 16.0
+    assert len(calls) == 2  # a warm-up and the measured call
+    assert peak_mib(lambda: kept.sum(), cpu) < 0.01  # reads only what was there
+
+
+def test_cpu_peak_counts_every_threads_scratch():
+    """The CPU kernels' per-thread scratch is allocated where the CPU peak sees it: with two
+    threads the same call holds one more thread's scratch (a criss-cross forward: one slot of
+    8 * (H + W) * Wp + 2 * Wp floats, Wp = W rounded up to 16)."""
+    from fastctx.bench.measure import peak_mib
+
+    cpu = torch.device("cpu")
+    q, v = torch.randn(1, 8, 16, 24), torch.randn(1, 8, 16, 24)
+
+    def call():
+        with torch.no_grad():
+            return fastctx.criss_cross_attention(q, q, v, backend="cpu")
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = peak_mib(call, cpu)
+        torch.set_num_threads(2)
+        two = peak_mib(call, cpu)
+    finally:
+        torch.set_num_threads(threads)
+    slot = (8 * (16 + 24) * 32 + 2 * 32) * 4
+    assert (two - one) * 2**20 == slot, (one, two)
 
 
 def test_cpu_candidates_are_timed_in_turns():

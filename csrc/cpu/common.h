@@ -109,38 +109,49 @@ inline bool use_avx2() {
 #endif
 }
 
-// Zero-initialised, 64-byte aligned per-thread scratch (the zeros matter to kernels that run
-// element-wise passes over padding lanes: see their headers).
-template <class T>
-class Scratch {
+// Per-thread scratch for at::parallel_for(0, nslots, 1, ...): the call that starts at `begin`
+// owns slot `begin` (the calls get disjoint ranges of [0, nslots)). One block of nslots slots
+// of `bytes` each (rounded up to 64: every slot 64-byte aligned), allocated by torch's CPU
+// allocator on the calling thread: so the profiler's memory events count it (fastctx bench's
+// CPU peak memory reads them), which they would not from the OpenMP workers, which do not carry
+// the profiler's thread-local state. The block is not touched here: a slot's pages are first
+// touched by the thread that uses it (slot() zeroes its first zero_bytes).
+class ScratchSlots {
  public:
-  Scratch(int64_t n, const char* op_name) {
-    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
-    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p_ != nullptr, op_name, ": could not allocate ", bytes, " bytes of scratch");
-    std::memset(p_, 0, bytes);
+  ScratchSlots(int64_t nslots, int64_t bytes)
+      : stride_((std::max<int64_t>(bytes, 1) + 63) / 64 * 64),
+        block_(at::empty({std::max<int64_t>(nslots, 1) * stride_}, at::TensorOptions(at::kByte))) {}
+  char* slot(int64_t i, int64_t zero_bytes) const {
+    char* p = static_cast<char*>(block_.data_ptr()) + i * stride_;
+    std::memset(p, 0, static_cast<size_t>(std::clamp<int64_t>(zero_bytes, 0, stride_)));
+    return p;
   }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* data() const { return p_; }
 
  private:
-  T* p_;
+  int64_t stride_;
+  at::Tensor block_;
 };
 
 // Runs fn(i, scratch) for every i in [0, n) on up to get_num_threads() threads, each with its
-// own zero-initialised scratch of scratch_elems values. Items are claimed one at a time from a
-// shared counter, so a thread that is descheduled (a loaded machine) holds up no one. Which
-// thread runs an item must never change its result.
-template <class T, class Fn>
-void for_each_item(int64_t n, int64_t scratch_elems, const char* op_name, const Fn& fn) {
+// own scratch of `bytes` (char*, 64-byte aligned; the first zero_bytes zeroed). Items are claimed
+// one at a time from a shared counter, so a thread that is descheduled (a loaded machine) holds
+// up no one. Which thread runs an item must never change its result.
+template <class Fn>
+void for_each_item_bytes(int64_t n, int64_t bytes, int64_t zero_bytes, const Fn& fn) {
   const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
+  const ScratchSlots slots(nthr, bytes);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
-    Scratch<T> s(scratch_elems, op_name);
-    for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
+  at::parallel_for(0, nthr, 1, [&](int64_t begin, int64_t) {
+    char* s = slots.slot(begin, zero_bytes);
+    for (int64_t i = next++; i < n; i = next++) fn(i, s);
   });
+}
+
+// The same with a zero-initialised scratch of scratch_elems values of T: fn(i, T*).
+template <class T, class Fn>
+void for_each_item(int64_t n, int64_t scratch_elems, const Fn& fn) {
+  const int64_t bytes = scratch_elems * static_cast<int64_t>(sizeof(T));
+  for_each_item_bytes(n, bytes, bytes, [&](int64_t i, char* s) { fn(i, reinterpret_cast<T*>(s)); });
 }
 
 }  // namespace cpu

@@ -114,8 +114,10 @@ void for_each_row_block(int64_t B, int64_t H, int64_t scratch_elems, const Fn& f
     const int64_t g = std::min(group, B - b0);
     const int64_t units = g * nrb;
     const int64_t shares = std::min(units, nthr);
+    const int64_t bytes = scratch_elems * static_cast<int64_t>(sizeof(T));
+    const cpu::ScratchSlots slots(shares, bytes);
     at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
-      cpu::Scratch<T> s(scratch_elems, CC_OP);
+      T* s = reinterpret_cast<T*>(slots.slot(begin, bytes));
       for (int64_t p = begin; p < end; ++p) {
         // Share p: register blocks [u0, u1) of the group, image by image, kTR rows at a time.
         const int64_t u0 = units * p / shares, u1 = units * (p + 1) / shares;
@@ -123,7 +125,7 @@ void for_each_row_block(int64_t B, int64_t H, int64_t scratch_elems, const Fn& f
           const int64_t b = u / nrb, ub = u % nrb;
           const int64_t ue = std::min(u1 - u, std::min<int64_t>(kTR / kRB, nrb - ub));
           const int64_t i0 = ub * kRB;
-          fn(b0 + b, i0, std::min<int64_t>(ue * kRB, H - i0), s.data());
+          fn(b0 + b, i0, std::min<int64_t>(ue * kRB, H - i0), s);
           u += ue;
         }
       }

@@ -31,7 +31,8 @@
 // - unpack: a chunk's results are written row by row to the NCHW outputs.
 //
 // Outputs are contiguous NCHW in the input dtype; lse [B, H, W] and p are float32 (float64 for
-// float64 inputs); lse is for a backward that recomputes P (Triton's) and is not read here. Compute (and accumulation) dtype: float64 for float64 inputs, float32 otherwise.
+// float64 inputs); lse is for a backward that recomputes P (Triton's) and is not read here.
+// Compute (and accumulation) dtype: float64 for float64 inputs, float32 otherwise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -43,13 +44,13 @@
 #include "common.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -114,11 +115,18 @@ struct Geom {
   bool long_mode;
 };
 
+// The members of a group, L: (H / bh) * (W / bw) in long mode, bh * bw in short mode; and the
+// groups of an image, H * W / L (0 for an empty map). The kept weights are [B, groups, L, L].
+std::pair<int64_t, int64_t> groups_of(int64_t H, int64_t W, int64_t bh, int64_t bw, bool long_mode) {
+  const int64_t L = long_mode ? (H / bh) * (W / bw) : bh * bw;
+  return {L, L > 0 ? H * W / L : 0};
+}
+
 Geom make_geom(int64_t H, int64_t W, int64_t bh, int64_t bw, bool long_mode, int64_t vl) {
   Geom g;
   g.H = H, g.W = W, g.bh = bh, g.bw = bw, g.gh = H / bh, g.gw = W / bw;
   g.long_mode = long_mode;
-  g.L = long_mode ? g.gh * g.gw : bh * bw;
+  g.L = groups_of(H, W, bh, bw, long_mode).first;
   g.Lp = (g.L + vl - 1) / vl * vl;
   g.m = long_mode && bh % 2 == 0 ? 2 : 1;
   g.nbands = long_mode ? bh / g.m : g.gh;
@@ -251,40 +259,6 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
   }
 }
 
-// 64-byte aligned per-thread scratch whose first zero_bytes are zeroed (the L x L matrices: the
-// padding columns of the dP rows must be finite, see the kernels header; every other buffer is
-// written before it is read). The same alignment for every thread keeps the BLAS results
-// independent of which thread ran an item.
-class Scratch {
- public:
-  Scratch(int64_t bytes, int64_t zero_bytes) {
-    const size_t n = (static_cast<size_t>(std::max<int64_t>(bytes, 1)) + 63) / 64 * 64;
-    p_ = std::aligned_alloc(64, n);
-    TORCH_CHECK(p_ != nullptr, ISA_OP ": could not allocate ", n, " bytes of scratch");
-    std::memset(p_, 0, std::min(n, static_cast<size_t>(std::max<int64_t>(zero_bytes, 0))));
-  }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  char* data() const { return static_cast<char*>(p_); }
-
- private:
-  void* p_;
-};
-
-// Runs item(i, scratch) for every i in [0, n) on up to get_num_threads() workers, each with its
-// own scratch of scratch_bytes (the first zero_bytes zeroed); items are claimed one at a time
-// from a shared counter.
-template <class Fn>
-void for_each_item(int64_t n, int64_t scratch_bytes, int64_t zero_bytes, const Fn& fn) {
-  const int64_t nthr = std::min<int64_t>(n, std::max<int64_t>(1, at::get_num_threads()));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nthr, 1, [&](int64_t, int64_t) {
-    Scratch s(scratch_bytes, zero_bytes);
-    for (int64_t i = next++; i < n; i = next++) fn(i, s.data());
-  });
-}
-
 void check_tensor(const at::Tensor& t, const char* op, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.defined(), ISA_OP " (", op, "): ", name, " is undefined");
   TORCH_CHECK(t.device().is_cpu(), ISA_OP " (", op, "): ", name,
@@ -361,8 +335,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
   auto out = cpu::empty_output({B, Cv, H, W}, q_in.options());
   auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
-  const int64_t L = long_mode ? (H / bh) * (W / bw) : bh * bw;
-  auto p = keep_p ? cpu::empty_output({B, L > 0 ? H * W / L : 0, L, L}, q_in.options().dtype(ct))
+  const std::pair<int64_t, int64_t> lg = groups_of(H, W, bh, bw, long_mode);
+  const int64_t L = lg.first, G = lg.second;
+  auto p = keep_p ? cpu::empty_output({B, G, L, L}, q_in.options().dtype(ct))
                   : at::empty({0}, q_in.options().dtype(ct));
   if (B == 0 || H == 0 || W == 0) return {out, lse, p};
 
@@ -383,7 +358,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
       const int64_t Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
       auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
-      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+      // Scratch: the layout y; its L x L matrices (before y.lse) zeroed: the padding columns of
+      // the dP rows must be finite (kernels header). Every slot is 64-byte aligned, so the
+      // BLAS results do not depend on which thread ran an item.
+      cpu::for_each_item_bytes(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)),
+                               [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
         A *S = base + y.s, *lg = base + y.lse, *xq = base + y.x0, *xk = base + y.x1, *yo = base + y.y0;
@@ -441,7 +420,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
   const int64_t Cv = v_in.size(1);
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
   (void)lse_in;
-  const int64_t L = long_mode ? (H / bh) * (W / bw) : bh * bw, G = L > 0 ? H * W / L : 0;
+  const std::pair<int64_t, int64_t> lg = groups_of(H, W, bh, bw, long_mode);
+  const int64_t L = lg.first, G = lg.second;
   TORCH_CHECK(p_in.defined() && p_in.device().is_cpu(),
               ISA_OP " (isa_bwd): p must be a CPU tensor");
   TORCH_CHECK(p_in.dim() == 4 && p_in.size(0) == B && p_in.size(1) == G && p_in.size(2) == L &&
@@ -474,7 +454,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       const int64_t Lp = g.Lp, LL = L * Lp;
       const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
       auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
-      for_each_item(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)), [&](int64_t item, char* scratch) {
+      // Scratch: as in the forward.
+      cpu::for_each_item_bytes(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)),
+                               [&](int64_t item, char* scratch) {
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
         A *S = base + y.s, *dP = base + y.dp;

@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in
                        keep_p ? p.mutable_data_ptr<T>() : nullptr,
                        Cqk, Cv, S, N, static_cast<T>(scale)};
     const int64_t scratch = fwd_scratch(g, Cqk, S);
-    cpu::for_each_item<T>(B * g.nblocks, scratch, RA_OP, [&](int64_t u, T* s) {
+    cpu::for_each_item<T>(B * g.nblocks, scratch, [&](int64_t u, T* s) {
       fwd_block<T>(a, g, u / g.nblocks, u % g.nblocks, s);
     });
   });
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
       const int64_t rows = Cqk + Cv + 1, Sp = g.Sp;
       for (int64_t w0 = 0; w0 < ntask; w0 += G) {
         const int64_t nt = std::min(G, ntask - w0);
-        cpu::for_each_item<T>(nt, scratch, RA_OP, [&](int64_t i, T* s) {
+        cpu::for_each_item<T>(nt, scratch, [&](int64_t i, T* s) {
           const int64_t t = w0 + i, b = t / tpi, c = t % tpi;
           bwd_task<T>(a, g, b, g.nblocks * c / tpi, g.nblocks * (c + 1) / tpi, s, part + i * psize);
         });

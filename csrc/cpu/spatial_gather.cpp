@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> sg_fwd_cpu(const at::Tensor& feats_in,
     const int64_t ntask = B * g.nchunk, psize = fwd_partial(g, C), Kp = g.Kp;
     at::Tensor part_t = at::empty({ntask, psize}, copts);
     T* part = part_t.mutable_data_ptr<T>();
-    cpu::for_each_item<T>(ntask, fwd_scratch(g), SG_OP, [&](int64_t i, T* s) {
+    cpu::for_each_item<T>(ntask, fwd_scratch(g), [&](int64_t i, T* s) {
       fwd_task<T>(a, g, i / g.nchunk, i % g.nchunk, s, part + i * psize);
     });
 
@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> sg_bwd_cpu(const at::Tensor& dout_in,
                        dRT.const_data_ptr<T>(), lse.const_data_ptr<T>(), Dp,
                        df_c.mutable_data_ptr<T>(), dl_c.mutable_data_ptr<T>(),
                        C, K, N, static_cast<T>(scale)};
-    cpu::for_each_item<T>(B * g.nblocks, bwd_scratch(g, C, K), SG_OP, [&](int64_t u, T* s) {
+    cpu::for_each_item<T>(B * g.nblocks, bwd_scratch(g, C, K), [&](int64_t u, T* s) {
       bwd_block<T>(a, g, u / g.nblocks, u % g.nblocks, s);
     });
   });

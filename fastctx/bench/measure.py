@@ -6,15 +6,17 @@
   ``min_time`` seconds have passed (at least ``min_reps`` calls); median and percentiles. The
   report times a case's candidates in turns (:func:`time_ms_side_by_side`).
 * CUDA peak memory: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
-* CPU peak memory: growth of the process's peak resident set (``VmHWM``, reset through
-  ``/proc/self/clear_refs``) above its resident set before the call, after the allocator's free
-  pages were handed back (``malloc_trim``); the figure counts every byte the call touched
-  (scratch included), to the page; the median of three calls.
+* CPU peak memory: the most bytes torch's CPU allocator held at once during the call, above what
+  it held before it, from the profiler's memory events (what ``torch.cuda.max_memory_allocated``
+  gives on CUDA): every tensor, and the per-thread scratch of fastctx's CPU kernels (allocated
+  through torch for this, csrc/cpu/common.h), counted to the byte; buffers that BLAS or oneDNN
+  allocate for themselves are not. One call after a warm-up: the figure does not depend on the
+  machine's state. (The process's peak resident set, measured before, moved by a fifth between
+  calls of the same head, with what the allocator kept resident from earlier calls.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import statistics
 import time
@@ -99,38 +101,25 @@ def time_ms_side_by_side(fns: dict[str, Callable[[], object]], device: torch.dev
     return {k: _summary(v) for k, v in samples.items()}
 
 
-def release_free_memory() -> None:
-    """Hand the allocator's free pages back to the system (glibc ``malloc_trim``), so that a call
-    that reuses memory freed before it is measured still shows that memory as new pages."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _cpu_allocated_peak(fn: Callable[[], object]) -> int:
+    """The most bytes torch's CPU allocator held at once during ``fn()``, above what it held before."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:  # allocations positive, frees negative
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def cpu_peak_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _status("VmHWM:")
-    except OSError:
-        return False
-    return True
-
-
-def peak_mib(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float | None:
-    """Peak memory that one call of ``fn`` adds above what was in use before it, in MiB. On CPU
-    the median of ``reps`` measured calls: the resident-set figure of one call moved by up to a
-    fifth between calls of the same head (measured: 246 and 293 MiB for one mmseg ISAHead
-    forward), with what the allocator kept resident from earlier calls."""
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory that one call of ``fn`` adds above what was in use before it, in MiB (after a
+    warm-up call: first-call allocations, thread pools and caches, are not the op's memory)."""
     gc.collect()
     if device.type == "cuda":
         _sync(device)
@@ -140,19 +129,9 @@ def peak_mib(fn: Callable[[], object], device: torch.device, reps: int = 3) -> f
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not cpu_peak_supported():
-        return None
-    fn()  # warm-up: first-call allocations (thread pools, caches) are not the op's memory
-    peaks = []
-    for _ in range(reps):
-        gc.collect()
-        release_free_memory()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status("VmRSS:")
-        fn()
-        peaks.append(max(0, _status("VmHWM:") - base) / 2**20)
-    return statistics.median(peaks)
+    fn()
+    gc.collect()
+    return _cpu_allocated_peak(fn) / 2**20
 
 
 class Skip(Exception):

@@ -34,7 +34,8 @@ def markdown(report: dict) -> str:
         f"fastctx {meta['fastctx']} ({meta['commit']}) · NaN checks {meta['nan_checks']}",
         "",
         "Times are medians (20th-80th percentile in brackets) of one call, in ms; peak is the memory "
-        "a call adds above its inputs, in MiB; ratios are against candidates of this same run. "
+        f"a call adds above its inputs, in MiB: {meta.get('peak_memory', 'see fastctx/bench/measure.py')}; "
+        "ratios are against candidates of this same run. "
         "A candidate whose output or gradients disagree with the float64 reference is reported as "
         "failed and not timed.",
         "",

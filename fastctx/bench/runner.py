@@ -71,6 +71,8 @@ def metadata(device: torch.device) -> dict:
         "commit": commit,
         "python": platform.python_version(),
         "nan_checks": "off (FASTCTX_CHECK_NAN=0) for every candidate",
+        "peak_memory": "bytes held by torch's allocator at once during one call, above those held before it"
+                       + (" (torch.cuda.max_memory_allocated)" if device.type == "cuda" else " (the profiler's memory events)"),
     }
 
 
