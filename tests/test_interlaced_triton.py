@@ -76,11 +76,12 @@ def _ref_lse(q, k, bh, bw, long_mode, scale):
 
 def _check(q, k, v, dout, bh, bw, long_mode, scale, dtype):
     mode = "long" if long_mode else "short"
-    out, lse = isa_fwd(q, k, v, bh, bw, long_mode, scale)
+    out, lse, p = isa_fwd(q, k, v, bh, bw, long_mode, scale)
+    assert p.numel() == 0
     assert out.dtype == q.dtype and out.shape == (q.shape[0], v.shape[1], *q.shape[2:])
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert lse.shape == (q.shape[0], *q.shape[2:])
-    dq, dk, dv = isa_bwd(dout, q, k, v, out, lse, bh, bw, long_mode, scale)
+    dq, dk, dv = isa_bwd(dout, q, k, v, out, lse, p, bh, bw, long_mode, scale)
     for name, t in (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert bool(torch.isfinite(t).all()), f"{name} has unwritten (NaN-poisoned) elements"
 

@@ -78,17 +78,13 @@ def _isa_kernels(backend: str):
 
 # Outputs (out, lse, p). keep_p (set when a backward can follow): the compiled forward also keeps
 # every group's softmax weights, p [B, groups, L, L], which the compiled backward reads instead of
-# recomputing them (the compiled ops' schema: csrc/ops/interlaced_attention.cpp). Triton's
-# backward recomputes them from lse; its p is empty.
+# recomputing them; Triton's backward recomputes them from lse, its p is empty. Every backend's
+# host functions take the compiled ops' schema (csrc/ops/interlaced_attention.cpp).
 @torch.library.custom_op("fastctx::interlaced_attention_fwd", mutates_args=())
 def _isa_fwd(
     q: Tensor, k: Tensor, v: Tensor, bh: int, bw: int, long_mode: bool, scale: float, backend: str, keep_p: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fwd = _isa_kernels(backend)[0]
-    if backend != "triton":
-        return fwd(q, k, v, bh, bw, long_mode, scale, keep_p)
-    out, lse = fwd(q, k, v, bh, bw, long_mode, scale)
-    return out, lse, lse.new_empty((0,))
+    return _isa_kernels(backend)[0](q, k, v, bh, bw, long_mode, scale, keep_p)
 
 
 @_isa_fwd.register_fake
@@ -116,10 +112,7 @@ def _isa_bwd(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    bwd = _isa_kernels(backend)[1]
-    if backend != "triton":
-        return bwd(dout, q, k, v, out, lse, p, bh, bw, long_mode, scale)
-    return bwd(dout, q, k, v, out, lse, bh, bw, long_mode, scale)
+    return _isa_kernels(backend)[1](dout, q, k, v, out, lse, p, bh, bw, long_mode, scale)
 
 
 @_isa_bwd.register_fake

@@ -157,16 +157,13 @@ def _ra_kernels(backend: str):
 
 
 # Outputs (out, lse, p): p [B, S, H*W] holds the weights when keep_p is set for a compiled
-# backend (the compiled ops' schema, csrc/ops/region_attention.cpp), else it is empty.
+# backend, else it is empty (Triton's backward recomputes them from lse). Every backend's host
+# functions take the compiled ops' schema (csrc/ops/region_attention.cpp).
 @torch.library.custom_op("fastctx::region_attention_fwd", mutates_args=())
 def _ra_fwd(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, backend: str, keep_p: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fwd = _ra_kernels(backend)[0]
-    if backend != "triton":
-        return fwd(q, k, v, bias, scale, keep_p)
-    out, lse = fwd(q, k, v, bias, scale)
-    return out, lse, lse.new_empty((0,))
+    return _ra_kernels(backend)[0](q, k, v, bias, scale, keep_p)
 
 
 @_ra_fwd.register_fake
@@ -183,10 +180,7 @@ def _ra_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, p: Tensor, scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    bwd = _ra_kernels(backend)[1]
-    if backend != "triton":
-        return bwd(dout, q, k, v, bias, out, lse, p, scale)
-    return bwd(dout, q, k, v, bias, out, lse, scale)
+    return _ra_kernels(backend)[1](dout, q, k, v, bias, out, lse, p, scale)
 
 
 @_ra_bwd.register_fake

@@ -419,8 +419,9 @@ def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: floa
 
 
 def isa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bh: int, bw: int,
-            long_mode: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interlaced sparse self-attention forward (the caller validates shapes and divisibility).
+            long_mode: bool, scale: float, keep_p: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Interlaced sparse self-attention forward (the caller validates shapes and divisibility),
+    with the signature of the compiled ``isa_fwd``.
 
     Args:
         q (Tensor): [B, Cqk, H, W] queries, any strides.
@@ -429,25 +430,30 @@ def isa_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bh: int, bw: int,
         bh, bw (int): the block; ``H % bh == 0`` and ``W % bw == 0``.
         long_mode (bool): True: groups of equal ``(i % bh, j % bw)``; False: ``bh x bw`` blocks.
         scale (float): multiplies the energies ``<q, k>``.
+        keep_p (bool): ignored: the backward recomputes the weights from ``lse`` (the compiled
+            kernels keep them instead), so p is always empty.
 
     Returns:
         out [B, Cv, H, W] (dtype of q, NCHW-contiguous), lse [B, H, W] (float32; float64 for
-        float64 inputs).
+        float64 inputs), and an empty p.
     """
     B, Cqk, H, W = q.shape
     L = (H // bh) * (W // bw) if long_mode else bh * bw
-    return _fwd(q, k, v, bh, bw, long_mode, scale, _config(L, Cqk, v.shape[1], q.dtype))
+    out, lse = _fwd(q, k, v, bh, bw, long_mode, scale, _config(L, Cqk, v.shape[1], q.dtype))
+    return out, lse, lse.new_empty((0,))
 
 
 def isa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, bh: int, bw: int, long_mode: bool,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Interlaced sparse self-attention backward from the saved ``out`` and ``lse`` (no atomics).
+            out: torch.Tensor, lse: torch.Tensor, p: torch.Tensor, bh: int, bw: int,
+            long_mode: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Interlaced sparse self-attention backward from the saved ``out`` and ``lse`` (no atomics),
+    with the signature of the compiled ``isa_bwd``.
 
     Args:
         dout (Tensor): [B, Cv, H, W] gradient of ``out``, any strides.
         q, k, v (Tensor): the forward inputs.
         out (Tensor): [B, Cv, H, W] and lse (Tensor): [B, H, W] from :func:`isa_fwd`.
+        p (Tensor): :func:`isa_fwd`'s empty p, not read.
         bh, bw, long_mode, scale: the forward's arguments.
 
     Returns:

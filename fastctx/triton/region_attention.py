@@ -442,8 +442,8 @@ def _bwd(dout, q, k, v, bias, out, lse, scale: float, cfg: dict, n_groups: int |
 
 
 def ra_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Region attention forward.
+           scale: float, keep_p: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Region attention forward, with the signature of the compiled ``ra_fwd``.
 
     Args:
         q (Tensor): [B, Cqk, H, W] pixel queries, any strides.
@@ -451,24 +451,29 @@ def ra_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         v (Tensor): [B, Cv, S] values.
         bias (Tensor): [B, S] additive logit bias (zeros when the user passed none; -inf allowed).
         scale (float): multiplies the energies ``<q, k>``.
+        keep_p (bool): ignored: the backward recomputes the weights from ``lse`` (the compiled
+            kernels keep them instead), so p is always empty.
 
     Returns:
         out [B, Cv, H, W] (dtype of v, NCHW-contiguous), lse [B, H, W] float32 (-inf for fully
-        masked pixels, whose out is 0).
+        masked pixels, whose out is 0), and an empty p.
     """
     B, Cqk, H, W = q.shape
-    return _fwd(q, k, v, bias, scale, _config(H * W, k.shape[2], Cqk, v.shape[1], q.dtype))
+    out, lse = _fwd(q, k, v, bias, scale, _config(H * W, k.shape[2], Cqk, v.shape[1], q.dtype))
+    return out, lse, lse.new_empty((0,))
 
 
 def ra_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+           bias: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, p: torch.Tensor,
            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Region attention backward from the saved ``out`` and ``lse`` (no atomics; deterministic).
+    """Region attention backward from the saved ``out`` and ``lse`` (no atomics; deterministic),
+    with the signature of the compiled ``ra_bwd``.
 
     Args:
         dout (Tensor): [B, Cv, H, W] gradient of ``out``, any strides.
         q, k, v, bias (Tensor): the forward inputs.
         out (Tensor): [B, Cv, H, W] and lse (Tensor): [B, H, W] from :func:`ra_fwd`.
+        p (Tensor): :func:`ra_fwd`'s empty p, not read.
         scale (float): the forward's scale.
 
     Returns:
