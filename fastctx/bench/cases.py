@@ -95,9 +95,10 @@ def criss_cross_cases(quick: bool) -> list[Case]:
     return cases
 
 
-def _sdpa_region_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """The strongest plain-PyTorch formulation: scaled_dot_product_attention on permuted copies
-    (contiguous: with a channel stride other than 1, SDPA falls back to its math path)."""
+def sdpa_region_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The strongest plain-PyTorch formulation of region attention (q [B, Cqk, H, W] against
+    k [B, Cqk, S], v [B, Cv, S]): scaled_dot_product_attention on permuted copies (contiguous:
+    with a channel stride other than 1, SDPA falls back to its math path)."""
     B, _, H, W = q.shape
     o = torch.nn.functional.scaled_dot_product_attention(
         *(t.transpose(1, 2).contiguous()[:, None] for t in (q.flatten(2), k, v)), scale=scale
@@ -124,7 +125,7 @@ def region_attention_cases(quick: bool) -> list[Case]:
             name: (lambda q, k, v, name=name, scale=scale: fastctx.region_attention(q, k, v, scale, backend=name))
             for name in ("reference", "cpu", "triton")
         }
-        cand["sdpa"] = lambda q, k, v, scale=scale: _sdpa_region_attention(q, k, v, scale)
+        cand["sdpa"] = lambda q, k, v, scale=scale: sdpa_region_attention(q, k, v, scale)
         name = f"B{B}-C{C}-S{S}-{H}x{W}"
         cases.append(
             Case(

@@ -12,7 +12,7 @@ from torch import Tensor
 
 import fastctx
 import python_ref
-from fastctx.bench.cases import Case, Target
+from fastctx.bench.cases import Case, Target, sdpa_region_attention
 
 SCALES = (1, 3, 6, 8)
 # ANN (mmseg ANNHead): B=2, key/query 256 channels, value 256 channels; 64x128 (512x1024 / 8) and
@@ -23,13 +23,9 @@ SIZES = ((64, 128), (97, 97))
 def _torch_pyramid_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """The strongest plain-PyTorch formulation: adaptive_avg_pool2d per scale, then
     scaled_dot_product_attention on permuted copies."""
-    B, _, H, W = q.shape
     kp = torch.cat([F.adaptive_avg_pool2d(k, s).flatten(2) for s in SCALES], 2)  # [B, Cqk, S]
     vp = torch.cat([F.adaptive_avg_pool2d(v, s).flatten(2) for s in SCALES], 2)  # [B, Cv, S]
-    o = F.scaled_dot_product_attention(  # contiguous copies: SDPA's fused kernels need channel stride 1
-        *(t.transpose(1, 2).contiguous()[:, None] for t in (q.flatten(2), kp, vp)), scale=scale
-    )  # [B, 1, N, Cv]
-    return o[:, 0].transpose(1, 2).reshape(B, v.shape[1], H, W)
+    return sdpa_region_attention(q, kp, vp, scale)
 
 
 def _cpu_targets(name: str) -> list[Target]:
