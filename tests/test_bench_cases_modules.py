@@ -166,6 +166,29 @@ def test_cpu_peak_counts_what_a_call_allocates():
     assert peak_mib(lambda: kept.sum(), cpu) < 0.01  # reads only what was there
 
 
+def test_cpu_peak_prints_nothing_and_keeps_stderr(capfd):
+    """The profiler behind the CPU peak logs to file descriptor 2 at each start and stop: silenced
+    for the measured call, and stderr works again afterwards, also when the call raises."""
+    import sys
+
+    from fastctx.bench.measure import peak_mib
+
+    cpu = torch.device("cpu")
+    peak_mib(lambda: torch.ones(1024), cpu)
+    calls = []
+
+    def second_call_fails():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the measured call failed")
+
+    with pytest.raises(RuntimeError, match="the measured call failed"):
+        peak_mib(second_call_fails, cpu)
+    assert capfd.readouterr().err == ""
+    print("still here", file=sys.stderr)
+    assert capfd.readouterr().err == "still here\n"
+
+
 def test_cpu_peak_counts_every_threads_scratch():
     """The CPU kernels' per-thread scratch is allocated where the CPU peak sees it: with two
     threads the same call holds one more thread's scratch (a criss-cross forward: one slot of

@@ -17,8 +17,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -101,12 +104,29 @@ def time_ms_side_by_side(fns: dict[str, Callable[[], object]], device: torch.dev
     return {k: _summary(v) for k, v in samples.items()}
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 on /dev/null: the profiler's C++ side logs two lines to it at each start
+    and stop (and, with a CUDA build of torch on a machine without a GPU, an 'ERROR' that its
+    device query failed), which would bury a report's log. The measured call has run before
+    (warm-up and timing), so nothing it would print is lost; exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_allocated_peak(fn: Callable[[], object]) -> int:
     """The most bytes torch's CPU allocator held at once during ``fn()``, above what it held before."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
@@ -143,8 +163,6 @@ class Skip(Exception):
 def memory_cap_bytes(device: torch.device) -> int:
     """What one candidate may take: half the memory available now (``MemAvailable`` on CPU, the
     free memory of the card on CUDA), or ``FASTCTX_BENCH_MEM_CAP_GIB`` when set."""
-    import os
-
     env = os.environ.get("FASTCTX_BENCH_MEM_CAP_GIB")
     if env:
         return int(float(env) * 2**30)
