@@ -9,7 +9,7 @@ import torch
 
 from fastctx.testing import TOLERANCES, mismatch
 
-__all__ = ["AUTO", "TOLERANCES", "DTYPE_NAMES", "assert_close", "has_triton", "has_compiled"]
+__all__ = ["AUTO", "TOLERANCES", "DTYPE_NAMES", "allocations", "assert_close", "has_triton", "has_compiled"]
 
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -43,3 +43,18 @@ def _auto() -> str:
 
 #: The backend ``backend=None`` takes for CPU tensors: the compiled kernels when built.
 AUTO = _auto()
+
+
+def allocations(fn) -> list[int]:
+    """The sizes in bytes of the CPU tensors (and fastctx kernel scratch) that ``fn()`` allocates,
+    in order, from the profiler's memory events (as fastctx.bench.measure reads them)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastctx.bench.measure import _stderr_silenced
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    return [n for _, n in events if n > 0]

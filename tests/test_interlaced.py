@@ -7,7 +7,7 @@ import torch
 
 import fastctx
 import python_ref
-from tests._utils import DTYPE_NAMES, assert_close, has_triton
+from tests._utils import DTYPE_NAMES, allocations, assert_close, has_triton
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -251,3 +251,19 @@ def test_bad_input_compiled(case):
     fn, pattern = BAD_COMPILED[case]
     with pytest.raises(RuntimeError, match=pattern):
         fn()
+
+
+def test_backward_allocates_no_zero_gradients_for_lse_and_p():
+    """The non-differentiable outputs (lse [B, H, W], the kept weights p [B, groups, L, L]) get
+    no gradient tensors of zeros in the backward (set_materialize_grads(False)): one tensor of p's
+    size (the forward's p) in a whole fwd+bwd."""
+    B, C, H, W = 1, 8, 40, 48  # long mode, block 4x4: 16 groups of L = 10 * 12 = 120 members
+    q, k, v = (torch.randn(B, C, H, W, requires_grad=True) for _ in range(3))
+    dout = torch.randn(B, C, H, W)
+
+    def fwd_bwd():
+        out = fastctx.interlaced_attention(q, k, v, block=(4, 4), mode="long", backend="cpu")
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    sizes = allocations(fwd_bwd)
+    assert sizes.count(4 * B * 16 * 120 * 120) == 1, sizes

@@ -7,7 +7,7 @@ import torch
 
 import fastctx
 import python_ref
-from tests._utils import DTYPE_NAMES, assert_close, has_triton
+from tests._utils import DTYPE_NAMES, allocations, assert_close, has_triton
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -163,3 +163,21 @@ def test_cpu_backward_needs_the_kept_weights():
     out, lse, p = torch.ops.fastctx.ra_fwd(q, k, v, bias, 0.5, False)
     with pytest.raises(RuntimeError, match=r"p must be the weights that ra_fwd kept \(keep_p=True\)"):
         torch.ops.fastctx.ra_bwd(torch.ones_like(out), q, k, v, bias, out, lse, p, 0.5)
+
+
+def test_backward_allocates_no_zero_gradients_for_lse_and_p():
+    """The non-differentiable outputs (lse [B, H, W], the kept weights p [B, S, H*W]) get no
+    gradient tensors of zeros in the backward (set_materialize_grads(False)): one tensor of p's
+    size (the forward's p) and one of lse's in a whole fwd+bwd."""
+    B, C, S, H, W = 1, 16, 150, 24, 40
+    q = torch.randn(B, C, H, W, requires_grad=True)
+    k, v = torch.randn(B, C, S, requires_grad=True), torch.randn(B, C, S, requires_grad=True)
+    dout = torch.randn(B, C, H, W)
+
+    def fwd_bwd():
+        out = fastctx.region_attention(q, k, v, backend="cpu")
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    sizes = allocations(fwd_bwd)
+    assert sizes.count(4 * B * S * H * W) == 1, sizes
+    assert sizes.count(4 * B * H * W) == 1, sizes

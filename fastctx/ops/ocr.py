@@ -88,9 +88,12 @@ def _sg_setup_context(ctx, inputs, output):
     ctx.save_for_backward(feats, logits, out, lse)
     ctx.scale, ctx.backend = scale, backend
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # their gradients: None, not tensors of zeros
 
 
 def _sg_backward(ctx, dout, _dlse):
+    if dout is None:  # an undefined gradient (gradcheck tries one): nothing flows back
+        return (None,) * 4
     feats, logits, out, lse = ctx.saved_tensors
     dfeats, dlogits = _sg_bwd(dout.contiguous(), feats, logits, out, lse, ctx.scale, ctx.backend)
     return dfeats, dlogits, None, None
@@ -194,9 +197,12 @@ def _ra_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, bias, out, lse, p)
     ctx.scale, ctx.backend = scale, backend
     ctx.mark_non_differentiable(lse, p)
+    ctx.set_materialize_grads(False)  # their gradients: None, not tensors of zeros
 
 
 def _ra_backward(ctx, dout, _dlse, _dp):
+    if dout is None:  # an undefined gradient (gradcheck tries one): nothing flows back
+        return (None,) * 7
     q, k, v, bias, out, lse, p = ctx.saved_tensors
     dq, dk, dv, dbias = _ra_bwd(dout.contiguous(), q, k, v, bias, out, lse, p, ctx.scale, ctx.backend)
     return dq, dk, dv, dbias, None, None, None

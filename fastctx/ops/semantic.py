@@ -136,9 +136,12 @@ def _sp_setup_context(ctx, inputs, output):
     ctx.save_for_backward(feats, labels, w, regions)
     ctx.backend = backend
     ctx.mark_non_differentiable(counts, labels, w)
+    ctx.set_materialize_grads(False)  # their gradients: None, not tensors of zeros
 
 
 def _sp_backward(ctx, dregions, _dcounts, _dlabels, _dw):
+    if dregions is None:  # an undefined gradient (gradcheck tries one): nothing flows back
+        return (None,) * 3
     feats, labels, w, regions = ctx.saved_tensors
     dfeats, dlogits = _sp_bwd(dregions.contiguous(), feats, labels, w, regions, ctx.backend)
     return dfeats, dlogits, None
