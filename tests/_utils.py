@@ -47,14 +47,7 @@ AUTO = _auto()
 
 def allocations(fn) -> list[int]:
     """The sizes in bytes of the CPU tensors (and fastctx kernel scratch) that ``fn()`` allocates,
-    in order, from the profiler's memory events (as fastctx.bench.measure reads them)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    in order (fastctx.bench.measure's record of the allocator)."""
+    from fastctx.bench.measure import cpu_memory_events
 
-    from fastctx.bench.measure import _stderr_silenced
-
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
-    return [n for _, n in events if n > 0]
+    return [n for n in cpu_memory_events(fn) if n > 0]

@@ -121,8 +121,9 @@ def _stderr_silenced():
         os.close(saved)
 
 
-def _cpu_allocated_peak(fn: Callable[[], object]) -> int:
-    """The most bytes torch's CPU allocator held at once during ``fn()``, above what it held before."""
+def cpu_memory_events(fn: Callable[[], object]) -> list[int]:
+    """What torch's CPU allocator did during ``fn()``, in time order, from the profiler's memory
+    events: bytes allocated (positive) and freed (negative)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -130,8 +131,13 @@ def _cpu_allocated_peak(fn: Callable[[], object]) -> int:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    return [nbytes for _, nbytes in events]
+
+
+def _cpu_allocated_peak(fn: Callable[[], object]) -> int:
+    """The most bytes torch's CPU allocator held at once during ``fn()``, above what it held before."""
     live = peak = 0
-    for _, nbytes in events:  # allocations positive, frees negative
+    for nbytes in cpu_memory_events(fn):
         live += nbytes
         peak = max(peak, live)
     return peak
