@@ -87,21 +87,23 @@ def test_strided_pixels(backend, device):
         assert_close(t.grad, t64.grad, torch.float32, name)
 
 
-def test_gradcheck_cpu_float64():
+@pytest.mark.parametrize("S", [6, 33])  # the weights recomputed (S < 32) and kept
+def test_gradcheck_cpu_float64(S):
     q = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(2, 6, dtype=torch.float64)
+    k = torch.randn(2, 3, S, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 4, S, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, S, dtype=torch.float64)
     bias[:, 1] = float("-inf")
     bias.requires_grad_(True)
     fn = lambda q, k, v, b: fastctx.region_attention(q, k, v, 0.9, b, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v, bias), eps=1e-6, atol=1e-6)
 
 
-def test_cpu_backward_is_deterministic():
+@pytest.mark.parametrize("S", [19, 40])
+def test_cpu_backward_is_deterministic(S):
     q = torch.randn(2, 16, 33, 65, requires_grad=True)
-    k = torch.randn(2, 16, 19, requires_grad=True)
-    v = torch.randn(2, 24, 19, requires_grad=True)
+    k = torch.randn(2, 16, S, requires_grad=True)
+    v = torch.randn(2, 24, S, requires_grad=True)
     grads = []
     before = torch.get_num_threads()
     try:
@@ -116,13 +118,14 @@ def test_cpu_backward_is_deterministic():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("backend,device", [(b, d) for b, d, _ in RUNS])
-def test_opcheck(backend, device):
+def test_opcheck(backend, device, keep):
     q = torch.randn(2, 3, 6, 7, device=device, requires_grad=True)
     k = torch.randn(2, 3, 5, device=device, requires_grad=True)
     v = torch.randn(2, 4, 5, device=device, requires_grad=True)
     bias = torch.zeros(2, 5, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastctx.region_attention_fwd.default, (q, k, v, bias, 1.0, backend, True))
+    torch.library.opcheck(torch.ops.fastctx.region_attention_fwd.default, (q, k, v, bias, 1.0, backend, keep))
 
 
 def test_compile_fullgraph_cpu():
@@ -140,9 +143,9 @@ def test_compile_fullgraph_cpu():
         assert_close(a, b.double(), torch.float32, name)
 
 
-def test_cpu_forward_keeps_weights_only_for_a_backward():
+def test_cpu_forward_keeps_weights_only_for_a_backward_with_enough_keys():
     from fastctx.ops._kernels import keep_weights
-    from fastctx.ops.ocr import _ra_fwd
+    from fastctx.ops.ocr import RA_KEEP_MIN_KEYS, _ra_fwd, ra_keep_weights
 
     q = torch.randn(2, 3, 4, 5, requires_grad=True)
     k, v, bias = torch.randn(2, 3, 6), torch.randn(2, 4, 6), torch.zeros(2, 6)
@@ -151,6 +154,10 @@ def test_cpu_forward_keeps_weights_only_for_a_backward():
     assert not keep_weights("cpu", q.detach(), k, v, bias)
     with torch.no_grad():
         assert not keep_weights("cpu", q, k, v, bias)
+    assert ra_keep_weights("cpu", RA_KEEP_MIN_KEYS, q, k, v, bias)
+    assert not ra_keep_weights("cpu", RA_KEEP_MIN_KEYS - 1, q, k, v, bias)
+    assert not ra_keep_weights("cpu", RA_KEEP_MIN_KEYS, q.detach(), k, v, bias)
+    assert not ra_keep_weights("triton", RA_KEEP_MIN_KEYS, q, k, v, bias)
     out, lse, p = _ra_fwd(q, k, v, bias, 0.5, "cpu", True)
     ref = torch.softmax(0.5 * torch.einsum("bcn,bcs->bsn", q.detach().flatten(2), k), dim=1)
     assert p.shape == (2, 6, 20)
@@ -158,11 +165,37 @@ def test_cpu_forward_keeps_weights_only_for_a_backward():
     assert _ra_fwd(q.detach(), k, v, bias, 0.5, "cpu", False)[2].numel() == 0
 
 
-def test_cpu_backward_needs_the_kept_weights():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 1, 1, 1), (2, 13, 7, 9, 11, 19), (2, 20, 24, 13, 9, 40)], ids=_id)
+def test_cpu_backward_with_and_without_kept_weights(dtype, shape):
+    """The CPU backward reads the weights the forward kept, or, given an empty p, recomputes them
+    from lse (what fastctx does below RA_KEEP_MIN_KEYS keys): both give the reference's gradients
+    at any S, masked keys and an image with every key masked included."""
+    B, cq, cv, H, W, S = shape
+    q = torch.randn(B, cq, H, W, dtype=dtype).mul_(cq**-0.25)
+    k = torch.randn(B, cq, S, dtype=dtype).mul_(cq**-0.25)
+    v = torch.randn(B, cv, S, dtype=dtype)
+    bias = _make_bias("all-masked", B, S, dtype, "cpu").detach()
+    dout = torch.randn(B, cv, H, W, dtype=dtype)
+    l64 = [t.double().requires_grad_(True) for t in (q, k, v, bias)]
+    python_ref.region_attention(l64[0], l64[1], l64[2], 0.8, l64[3]).backward(dout.double())
+    for keep in (True, False):
+        out, lse, p = torch.ops.fastctx.ra_fwd(q, k, v, bias, 0.8, keep)
+        assert p.numel() == (B * S * H * W if keep else 0)
+        grads = torch.ops.fastctx.ra_bwd(dout, q, k, v, bias, out, lse, p, 0.8)
+        for name, g, t64 in zip(("dq", "dk", "dv", "dbias"), grads, l64):
+            assert_close(g, t64.grad, dtype, f"{name} (keep_p={keep})")
+        assert (grads[0][0] == 0).all()
+
+
+def test_cpu_backward_checks_the_weights_or_lse():
     q, k, v, bias = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 6), torch.randn(2, 4, 6), torch.zeros(2, 6)
-    out, lse, p = torch.ops.fastctx.ra_fwd(q, k, v, bias, 0.5, False)
-    with pytest.raises(RuntimeError, match=r"p must be the weights that ra_fwd kept \(keep_p=True\)"):
-        torch.ops.fastctx.ra_bwd(torch.ones_like(out), q, k, v, bias, out, lse, p, 0.5)
+    out, lse, p = torch.ops.fastctx.ra_fwd(q, k, v, bias, 0.5, True)
+    dout = torch.ones_like(out)
+    with pytest.raises(RuntimeError, match=r"p must be the weights that ra_fwd kept \(keep_p=True\), of shape \[B, S, H\*W\] = \[2, 6, 20\], or empty; got \[2, 5, 20\]"):
+        torch.ops.fastctx.ra_bwd(dout, q, k, v, bias, out, lse, p[:, :5], 0.5)
+    with pytest.raises(RuntimeError, match=r"without kept weights p, lse must be the \[B, H, W\] = \[2, 4, 5\] Float log-sum-exp of ra_fwd, got \[2, 4, 4\]"):
+        torch.ops.fastctx.ra_bwd(dout, q, k, v, bias, out, lse[:, :, :4], torch.empty(0), 0.5)
 
 
 def test_backward_allocates_no_zero_gradients_for_lse_and_p():
@@ -174,10 +207,15 @@ def test_backward_allocates_no_zero_gradients_for_lse_and_p():
     k, v = torch.randn(B, C, S, requires_grad=True), torch.randn(B, C, S, requires_grad=True)
     dout = torch.randn(B, C, H, W)
 
-    def fwd_bwd():
+    def fwd_bwd(k, v):
         out = fastctx.region_attention(q, k, v, backend="cpu")
         torch.autograd.grad(out, (q, k, v), dout)
 
-    sizes = allocations(fwd_bwd)
+    sizes = allocations(lambda: fwd_bwd(k, v))
     assert sizes.count(4 * B * S * H * W) == 1, sizes
+    assert sizes.count(4 * B * H * W) == 1, sizes
+    # Few keys: the weights are not kept (recomputed from lse in the backward).
+    S = 19
+    sizes = allocations(lambda: fwd_bwd(k[:, :, :S], v[:, :, :S]))
+    assert sizes.count(4 * B * S * H * W) == 0, sizes
     assert sizes.count(4 * B * H * W) == 1, sizes

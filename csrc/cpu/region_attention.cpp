@@ -10,13 +10,13 @@
 // input dtype; lse and p are float32 (float64 for float64 inputs). Accumulation is float32 for
 // float16 / bfloat16 / float32 and float64 for float64. The only tensor of size B x S x N is
 // p, the weights, which the forward writes when keep_p is set (fastctx sets it when the
-// backward will run) and the backward reads instead of recomputing them; per-thread scratch
-// holds one block of pixels x S.
+// backward will run and there are enough keys: fastctx/ops/ocr.py RA_KEEP_MIN_KEYS) and the
+// backward reads instead of recomputing them from lse; per-thread scratch holds one block of
+// pixels x S.
 //
 // The backward takes D = <dout, out> as sum_s P dA (the same in exact arithmetic, and it needs
-// no pass over out), so out is only checked, and lse (which the Triton backward uses) is not
-// read. Its reductions over pixels (dk, dv, dbias) are
-// summed per task (a fixed range of pixel blocks of one image, the same for any number of
+// no pass over out), so out is only checked; lse is read only when p is not given. Its
+// reductions over pixels (dk, dv, dbias) are summed per task (a fixed range of pixel blocks of one image, the same for any number of
 // threads) into partial buffers, then added in task order: deterministic, bit-identical run to
 // run and for any thread count. Tasks run in waves of a few per thread, so only that many
 // partial buffers exist at once.
@@ -169,15 +169,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
   TORCH_CHECK(out_in.sizes() == osizes,
               RA_OP " (ra_bwd): out must be [B, Cv, H, W] = ", osizes, ", got ", out_in.sizes());
   const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
-  (void)lse_in;
+  // p: the weights the forward kept, or empty: then they are recomputed from lse.
   TORCH_CHECK(p_in.defined() && p_in.device() == q_in.device(),
               RA_OP " (ra_bwd): p must be a tensor on ", q_in.device());
-  TORCH_CHECK(p_in.dim() == 3 && p_in.size(0) == B && p_in.size(1) == S && p_in.size(2) == N,
-              RA_OP " (ra_bwd): p must be the weights that ra_fwd kept (keep_p=True), of shape "
-              "[B, S, H*W] = [", B, ", ", S, ", ", N, "]; got ", p_in.sizes(),
-              " (the CPU backward does not recompute them)");
-  TORCH_CHECK(p_in.scalar_type() == ct, RA_OP " (ra_bwd): p must have dtype ", ct, " for ", dt,
-              " inputs, got ", p_in.scalar_type());
+  const bool have_p = p_in.numel() > 0 || (B * S * N == 0 && p_in.dim() == 3);
+  if (have_p) {
+    TORCH_CHECK(p_in.dim() == 3 && p_in.size(0) == B && p_in.size(1) == S && p_in.size(2) == N,
+                RA_OP " (ra_bwd): p must be the weights that ra_fwd kept (keep_p=True), of shape "
+                "[B, S, H*W] = [", B, ", ", S, ", ", N, "], or empty; got ", p_in.sizes());
+    TORCH_CHECK(p_in.scalar_type() == ct, RA_OP " (ra_bwd): p must have dtype ", ct, " for ", dt,
+                " inputs, got ", p_in.scalar_type());
+  } else {
+    TORCH_CHECK(lse_in.defined() && lse_in.device() == q_in.device() &&
+                    lse_in.sizes() == at::IntArrayRef({B, H, W}) && lse_in.scalar_type() == ct,
+                RA_OP " (ra_bwd): without kept weights p, lse must be the [B, H, W] = [", B, ", ",
+                H, ", ", W, "] ", ct, " log-sum-exp of ra_fwd, got ",
+                lse_in.defined() ? lse_in.sizes() : at::IntArrayRef{}, " ",
+                lse_in.defined() ? lse_in.scalar_type() : ct);
+  }
 
   const auto copts = q_in.options().dtype(ct);
   auto dq = cpu::empty_output({B, Cqk, H, W}, q_in.options());
@@ -189,26 +198,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
   at::Tensor dk_c = at::zeros({B, Cqk, S}, copts), dv_c = at::zeros({B, Cv, S}, copts),
              db_c = at::zeros({B, S}, copts);
   if (N > 0) {
-    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct), p = p_in.contiguous();
+    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct);
     const at::Tensor dout = prepare(dout_in, ct), vT = transposed(prepare(v_in, ct));
+    const at::Tensor p = have_p ? p_in.contiguous() : at::Tensor();
+    const at::Tensor kT = have_p ? at::Tensor() : transposed(k);
+    const at::Tensor bias = have_p ? at::Tensor() : prepare(bias_in, ct);
+    const at::Tensor lse = have_p ? at::Tensor() : lse_in.contiguous();
     at::Tensor dq_c = ct == dt ? dq : cpu::empty_output({B, Cqk, H, W}, copts);
 
     AT_DISPATCH_FLOATING_TYPES(ct, "ra_bwd_cpu", [&] {
       using T = scalar_t;
-      const Geom g = make_geom<T>(N, S);
-      const BwdArgs<T> a{dout.const_data_ptr<T>(), q.const_data_ptr<T>(),
-                         k.const_data_ptr<T>(),    vT.const_data_ptr<T>(),
-                         p.const_data_ptr<T>(),    dq_c.mutable_data_ptr<T>(),
+      const Geom g = make_geom<T>(N, S, have_p ? kNBW : kNBWLean);
+      const BwdArgs<T> a{dout.const_data_ptr<T>(),
+                         q.const_data_ptr<T>(),
+                         k.const_data_ptr<T>(),
+                         have_p ? nullptr : kT.const_data_ptr<T>(),
+                         vT.const_data_ptr<T>(),
+                         have_p ? nullptr : bias.const_data_ptr<T>(),
+                         have_p ? nullptr : lse.const_data_ptr<T>(),
+                         have_p ? p.const_data_ptr<T>() : nullptr,
+                         dq_c.mutable_data_ptr<T>(),
                          Cqk, Cv, S, N, static_cast<T>(scale)};
       // Tasks: tpi per image, each a fixed range of about kTaskBlocks blocks (independent of the
       // thread count). Waves of G tasks, up to four per thread (claimed dynamically, so a wave
       // waits for at most about one task at its end) while their partial sums stay under
       // kPartialBytes; after each wave its partial sums are added to the results in task order.
+      // Without kept weights the backward runs lean instead (the caller chose memory over
+      // time): one task per thread per wave and blocks of kNBWLean windows. Measured on 2
+      // threads at OCR's S = 19, C = 512, 64 x 128: 0.83 MiB less scratch and partial sums
+      // (65.16 MiB for fwd+bwd instead of 65.99; the reference holds 65.34), for a backward
+      // 12-15 % slower.
       const int64_t tpi = (g.nblocks + kTaskBlocks - 1) / kTaskBlocks, ntask = B * tpi;
       const int64_t psize = partial_size(g, Cqk, Cv), scratch = bwd_scratch(g, Cqk, Cv, S);
       const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
       const int64_t fit = kPartialBytes / std::max<int64_t>(1, psize * int64_t(sizeof(T)));
-      const int64_t G = std::min(ntask, std::max(nthr, std::min(4 * nthr, fit)));
+      const int64_t G =
+          std::min(ntask, have_p ? std::max(nthr, std::min(4 * nthr, fit)) : nthr);
       at::Tensor part_t = at::empty({G, std::max<int64_t>(psize, 1)}, copts);
       T* part = part_t.mutable_data_ptr<T>();
       T* dK = dk_c.mutable_data_ptr<T>();

@@ -32,10 +32,11 @@
 //   qb / dob: the block's q / dout columns packed contiguously ([C][NBcap]; N is often a power of
 //   two, and 512 rows at a 32 KiB stride would all fall into the same cache sets).
 // - Softmax: vectorised over the pixels of a block (one lane per pixel), three passes over s.
-//   When the backward will run, the forward also stores the weights P ([B, S, N], S rows of nb
-//   values per block) and the backward reads them back instead of recomputing them: that saves
-//   the energy GEMM (one of five) and the exponentials, for N x S values of memory (the
-//   reference's autograd keeps P too, and the energies besides). The backward takes
+//   When asked (keep_p), the forward also stores the weights P ([B, S, N], S rows of nb values
+//   per block) and the backward reads them back instead of recomputing them: that saves the
+//   energy GEMM (one of five) and the exponentials, for N x S values of memory (the reference's
+//   autograd keeps P too). Without them the backward recomputes P = exp(scale E + bias - lse)
+//   per block (a pixel with lse = -inf, all keys masked, gets P = 0). The backward takes
 //   D = sum_s P * dA, which equals <dout, out> in exact arithmetic (out = sum_s P v) and needs
 //   no pass over out.
 // - Scratch columns of a block past its nb pixels (up to the next multiple of VL) hold stale
@@ -73,6 +74,7 @@ constexpr int kMR = 4;             // GEMM register block: rows (broadcast opera
 constexpr int kNR = 3;             // GEMM register block: vectors (12 accumulators + 3 + 1 regs)
 constexpr int kMRmax = 8;          // GEMM register block: rows when a panel has 1 vector
 constexpr int64_t kNBW = 12;       // windows (vectors) per pixel block: 96 floats, 48 doubles
+constexpr int64_t kNBWLean = 8;    // the same, for the backward that recomputes the weights
 constexpr int64_t kKC = 256;       // GEMM: k per chunk when k runs over channels (E, dA)
 constexpr int64_t kKS = 256;       // GEMM: k per chunk when k runs over keys (out, dq)
 constexpr int64_t kTaskBlocks = 4; // backward: about this many blocks per task
@@ -92,10 +94,10 @@ struct Geom {
 };
 
 template <class T>
-Geom make_geom(int64_t N, int64_t S) {
+Geom make_geom(int64_t N, int64_t S, int64_t nbw = kNBW) {
   Geom g;
   g.VL = N >= vec_lanes<T>() ? vec_lanes<T>() : 1;
-  g.NB = kNBW * g.VL;
+  g.NB = nbw * g.VL;
   g.NBcap = g.NB + g.VL;
   g.nblocks = std::max<int64_t>(1, (N + g.NB - 1) / g.NB);
   if (g.nblocks > 1 && N - (g.nblocks - 1) * g.NB < g.VL) --g.nblocks;  // merge a short tail
@@ -114,7 +116,7 @@ inline int64_t fwd_scratch(const Geom& g, int64_t Cqk, int64_t S) {
   return Cqk * g.NBcap + S * g.NBcap;
 }
 inline int64_t bwd_scratch(const Geom& g, int64_t Cqk, int64_t Cv, int64_t S) {
-  return (Cqk + Cv + 2 * S) * g.NBcap + 2 * g.NBcap * g.Sp + S * g.VL;
+  return (Cqk + Cv + 2 * S + 1) * g.NBcap + 2 * g.NBcap * g.Sp + S * g.VL;
 }
 // Per-task partial sums: dk [Cqk][Sp], dv [Cv][Sp], dbias [Sp].
 inline int64_t partial_size(const Geom& g, int64_t Cqk, int64_t Cv) {
@@ -141,8 +143,11 @@ struct BwdArgs {
   const T* dout;  // [B, Cv, N]
   const T* q;     // [B, Cqk, N]
   const T* k;     // [B, Cqk, S]
+  const T* kT;    // [B, S, Cqk]  (k transposed; read only when p is null)
   const T* vT;    // [B, S, Cv]
-  const T* p;     // [B, S, N]: the weights the forward kept
+  const T* bias;  // [B, S]       (read only when p is null)
+  const T* lse;   // [B, N]       (read only when p is null)
+  const T* p;     // [B, S, N]: the weights the forward kept, or null: recomputed from lse
   T* dq;          // [B, Cqk, N]
   int64_t Cqk, Cv, S, N;
   T scale;
@@ -308,6 +313,7 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
     T* Pt = dA + S * NBcap;      // [NBcap][Sp]: P transposed (columns >= S stay 0)
     T* dEt = Pt + NBcap * Sp;    // [NBcap][Sp]: scale * dE transposed (columns >= S stay 0)
     T* dbv = dEt + NBcap * Sp;   // [S][VL]: dbias, lane-wise partial sums
+    T* lsb = dbv + S * VL;       // [NBcap]: the block's lse (when the weights are recomputed)
     T* dK = part;
     T* dV = dK + Cqk * Sp;
     T* dB = dV + Cv * Sp;
@@ -316,7 +322,12 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
     const T* dO = a.dout + b * Cv * N;
     const T* vT = a.vT + b * S * Cv;
     const T* Kc = a.k + b * Cqk * S;
-    const T* Pg = a.p + b * S * N;
+    const T* Pg = a.p ? a.p + b * S * N : nullptr;
+    const T* kT = Pg ? nullptr : a.kT + b * S * Cqk;
+    const T* bias = Pg ? nullptr : a.bias + b * S;
+    const T* lse = Pg ? nullptr : a.lse + b * N;
+    const V ninf = bcast(-std::numeric_limits<T>::infinity());
+    const V pinf = bcast(std::numeric_limits<T>::infinity());
     T* dQ = a.dq + b * Cqk * N;
     const V sc = bcast(a.scale);
     int64_t scol[64];  // columns of the s vectors of dEt / Pt, 64 at a time
@@ -331,7 +342,21 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
 
       pack(Q + n0, Cqk, N, nb, qb, NBcap);
       pack(dO + n0, Cv, N, nb, dob, NBcap);
-      pack(Pg + n0, S, N, nb, E, NBcap);
+      if (Pg) {
+        pack(Pg + n0, S, N, nb, E, NBcap);
+      } else {
+        // P = exp(scale E + bias - lse), E = k^T q; a fully masked pixel (lse = -inf) gets
+        // exp(e - inf) = 0. Columns past nb are zeroed below.
+        gemm(kT, Cqk, qb, NBcap, S, Cqk, col, nw, E, NBcap, false, kKC, false);
+        std::memcpy(lsb, lse + n0, static_cast<size_t>(nb) * sizeof(T));
+        std::fill(lsb + nb, lsb + ncol, T(0));
+        for (int64_t c = 0; c < ncol; c += VL) {
+          V l = load(lsb + c);
+          l = l == ninf ? pinf : l;
+          for (int64_t s = 0; s < S; ++s)
+            store(E + s * NBcap + c, vexp(sc * load(E + s * NBcap + c) + bcast(bias[s]) - l));
+        }
+      }
       if (ncol > nb)
         for (int64_t s = 0; s < S; ++s) std::fill(E + s * NBcap + nb, E + s * NBcap + ncol, T(0));
       gemm(vT, Cv, dob, NBcap, S, Cv, col, nw, dA, NBcap, false, kKC, false);

@@ -8,8 +8,8 @@
 //
 // bias is always given (zeros when the user passed none); -inf masks a key. A pixel whose keys are
 // all masked gets out = 0, lse = -inf, p = 0 and zero gradients. lse and p are float32 (float64
-// for float64). p, the softmax weights, is what the CPU backward reads (it needs keep_p = True);
-// a backward that recomputes the weights from lse (Triton's) gets an empty p.
+// for float64). p, the softmax weights, is what the CPU backward reads when the forward kept them
+// (keep_p = True); given an empty p it recomputes them from lse (as Triton's backward always does).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastctx, m) {

@@ -151,8 +151,25 @@ def region_attention(
         return python_ref.region_attention(q, k, v, scale, bias)
     if bias is None:
         bias = q.new_zeros((k.shape[0], k.shape[2]))
-    out, _, _ = _ra_fwd(q, k, v, bias, scale, name, keep_weights(name, q, k, v, bias))
+    out, _, _ = _ra_fwd(q, k, v, bias, scale, name, ra_keep_weights(name, k.shape[2], q, k, v, bias))
     return out
+
+
+# The CPU backward reads the weights P [B, S, H*W] when the forward kept them; else it recomputes
+# them from lse and runs lean (smaller pixel blocks, one partial sum per thread). With few keys,
+# P, the per-thread scratch and the partial sums are what put a call above the reference's
+# memory, which keeps only P besides the results: OCR's S = 19, C = 512, 64 x 128, fwd+bwd on
+# 2 threads held 67.11 MiB with P kept, 65.16 MiB lean, the reference 65.34. The lean backward
+# costs time (fwd+bwd 1.11-1.19x of the kept path at S = 8 and 19), well inside the margin over
+# the reference there (about 2x). From RA_KEEP_MIN_KEYS keys on, P is kept (S = 150: 81.3 MiB
+# against the reference's 88.9, and the recompute would cost 1.10-1.15x).
+RA_KEEP_MIN_KEYS = 32
+
+
+def ra_keep_weights(backend: str, num_keys: int, *inputs: Tensor) -> bool:
+    """Whether region attention's forward keeps its weights for the backward (see
+    RA_KEEP_MIN_KEYS)."""
+    return num_keys >= RA_KEEP_MIN_KEYS and keep_weights(backend, *inputs)
 
 
 def _ra_kernels(backend: str):
@@ -160,7 +177,7 @@ def _ra_kernels(backend: str):
 
 
 # Outputs (out, lse, p): p [B, S, H*W] holds the weights when keep_p is set for a compiled
-# backend, else it is empty (Triton's backward recomputes them from lse). Every backend's host
+# backend, else it is empty (the backward recomputes them from lse). Every backend's host
 # functions take the compiled ops' schema (csrc/ops/region_attention.cpp).
 @torch.library.custom_op("fastctx::region_attention_fwd", mutates_args=())
 def _ra_fwd(

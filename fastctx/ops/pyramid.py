@@ -15,8 +15,8 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
-from fastctx.ops._kernels import keep_weights, kernels
-from fastctx.ops.ocr import _ra_fwd
+from fastctx.ops._kernels import kernels
+from fastctx.ops.ocr import _ra_fwd, ra_keep_weights
 
 register_op("pyramid_pool", OpSupport(compiled="pp_fwd", triton=True))
 register_op("pyramid_attention", OpSupport(compiled="pp_fwd", triton=True))
@@ -108,7 +108,7 @@ def pyramid_attention(
     kp = _pp_fwd(k, list(scales), name)  # [B, Cqk, S]
     vp = _pp_fwd(v, list(scales), name)  # [B, Cv, S]
     bias = q.new_zeros((kp.shape[0], kp.shape[2]))
-    out, _, _ = _ra_fwd(q, kp, vp, bias, scale, name, keep_weights(name, q, k, v))
+    out, _, _ = _ra_fwd(q, kp, vp, bias, scale, name, ra_keep_weights(name, kp.shape[2], q, k, v))
     return out
 
 
