@@ -12,7 +12,7 @@ import torch
 import fastctx
 import fastctx.bench.cases_isnet as ci
 import fastctx.bench.cases_models as cm
-from fastctx.bench.cases import CASES, Target
+from fastctx.bench.cases import CASES, Case, Target
 from fastctx.bench.measure import Skip
 from fastctx.bench.runner import check_targets, run_case
 from fastctx.testing import mismatch
@@ -273,3 +273,21 @@ def test_a_run_cut_short_leaves_a_partial_report(monkeypatch, tmp_path):
     assert report["targets"][1]["detail"] == "not run"
     md = (tmp_path / "report.md").read_text()
     assert "Partial report: 1 of 2 cases" in md and "## toy first fp32" in md and "## toy second" not in md
+
+
+def test_targets_memory_below_is_strict_and_ratios_do_not_round_onto_the_bound():
+    """A "below the reference's peak" target misses on a tie (peaks are exact to the byte on CPU),
+    and a ratio within rounding of the bound is printed with the digits that show its side."""
+    def check(mine, base, strict, kind="memory"):
+        case = Case("op", "c", {}, None, None, {}, ())
+        case.targets = [Target("t", "cpu", "reference", "fwd+bwd", kind, 1.0, "cpu", (torch.float32,), strict=strict)]
+        rows = [{"case": "c", "op": "op", "dtype": "fp32", "candidate": cand, "mode": "fwd+bwd", "status": "ok",
+                 "peak_mib": peak, "median_ms": peak} for cand, peak in (("cpu", mine), ("reference", base))]
+        (t,) = check_targets([case], rows, CPU)
+        return t["result"], t["detail"]
+
+    assert check(65.159, 65.336, True) == ("pass", "0.997x of the reference's peak (needs < 1x)")
+    assert check(65.336, 65.336, True) == ("miss", "1.00x of the reference's peak (needs < 1x)")
+    assert check(65.336, 65.336, False) == ("pass", "1.00x of the reference's peak (needs <= 1x)")
+    assert check(65.4, 65.336, True) == ("miss", "1.001x of the reference's peak (needs < 1x)")
+    assert check(100.2, 100.0, False, "speed") == ("miss", "0.998x (needs >= 1x)")

@@ -192,6 +192,16 @@ def _ratios(rows: list[dict], case: Case) -> None:
         )
 
 
+def _ratio(ratio: float, factor: float) -> str:
+    """``ratio`` to two decimals, or to as many more as it takes not to print a ratio on the
+    wrong side of ``factor`` as ``factor`` itself (0.9973 against 1 is "0.997", not "1.00")."""
+    for digits in range(2, 7):
+        text = f"{ratio:.{digits}f}"
+        if ratio == factor or float(text) != factor:
+            return text
+    return text
+
+
 def check_targets(cases: Iterable[Case], rows: list[dict], device: torch.device) -> list[dict]:
     """Each target of each case: "pass", "miss" or "not measured" with the figure."""
     results = []
@@ -217,13 +227,15 @@ def check_targets(cases: Iterable[Case], rows: list[dict], device: torch.device)
                     entry.update(result="not measured", detail=failed)
                 elif t.kind == "speed":
                     ratio = base["median_ms"] / mine["median_ms"]
-                    entry.update(result="pass" if ratio >= t.factor else "miss", detail=f"{ratio:.2f}x (needs >= {t.factor:g}x)")
+                    entry.update(result="pass" if ratio >= t.factor else "miss", detail=f"{_ratio(ratio, t.factor)}x (needs >= {t.factor:g}x)")
                 else:
                     if mine["peak_mib"] is None or not base["peak_mib"]:
                         entry.update(result="not measured", detail="peak memory not measurable here")
                     else:
                         ratio = mine["peak_mib"] / base["peak_mib"]
-                        entry.update(result="pass" if ratio <= t.factor else "miss", detail=f"{ratio:.2f}x of the reference's peak (needs <= {t.factor:g}x)")
+                        ok = ratio < t.factor if t.strict else ratio <= t.factor
+                        need = f"< {t.factor:g}x" if t.strict else f"<= {t.factor:g}x"
+                        entry.update(result="pass" if ok else "miss", detail=f"{_ratio(ratio, t.factor)}x of the reference's peak (needs {need})")
                 results.append(entry)
     return results
 
