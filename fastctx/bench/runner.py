@@ -235,7 +235,7 @@ def check_targets(cases: Iterable[Case], rows: list[dict], device: torch.device)
                         ratio = mine["peak_mib"] / base["peak_mib"]
                         ok = ratio < t.factor if t.strict else ratio <= t.factor
                         need = f"< {t.factor:g}x" if t.strict else f"<= {t.factor:g}x"
-                        entry.update(result="pass" if ok else "miss", detail=f"{_ratio(ratio, t.factor)}x of the reference's peak (needs {need})")
+                        entry.update(result="pass" if ok else "miss", detail=f"{_ratio(ratio, t.factor)}x of the {t.baseline}'s peak (needs {need})")
                 results.append(entry)
     return results
 
