@@ -14,12 +14,12 @@
 // backward reads instead of recomputing them from lse; per-thread scratch holds one block of
 // pixels x S.
 //
-// The backward takes D = <dout, out> as sum_s P dA (the same in exact arithmetic, and it needs
-// no pass over out), so out is only checked; lse is read only when p is not given. Its
-// reductions over pixels (dk, dv, dbias) are summed per task (a fixed range of pixel blocks of one image, the same for any number of
-// threads) into partial buffers, then added in task order: deterministic, bit-identical run to
-// run and for any thread count. Tasks run in waves of a few per thread, so only that many
-// partial buffers exist at once.
+// The backward takes D = <dout, out> as sum_s P dA (the same in exact arithmetic, and it needs no
+// pass over out), so out is only checked; lse is read only when p is not given. Its reductions
+// over pixels (dk, dv, dbias) are summed per task (a fixed range of pixel blocks of one image, the
+// same for any number of threads) into partial buffers, then added in task order: deterministic,
+// bit-identical run to run and for any thread count. Tasks run in waves of a few per thread, so
+// only that many partial buffers exist at once.
 //
 // Parallelism: at::parallel_for, one worker per thread, claiming (image, pixel block) items in
 // the forward and tasks in the backward from a shared counter.
