@@ -39,8 +39,8 @@ install: $(VENV)/.deps
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fastctx-dev.pth"
 
-# The main job: the benchmark-and-parity report on whatever device is present (8.5 min on a quiet
-# 2-core CPU, measured: bench/results/cpu-epyc-2threads-session4/report.time.txt).
+# The main job: the benchmark-and-parity report on whatever device is present (6.6-6.7 min on a
+# 2-core CPU, measured: bench/results/cpu-epyc-2threads-session{7,8}/README.md).
 report: install
 	$(PY) -m fastctx bench --quick --out $(REPORT)
 
