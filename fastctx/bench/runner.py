@@ -58,8 +58,8 @@ def metadata(device: torch.device) -> dict:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (a lent GPU)
+        commit = os.environ.get("FASTCTX_COMMIT")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
