@@ -54,9 +54,9 @@ def _params():
             yield pytest.param(dtype, c, id=f"{_id(c)}-{DTYPE_NAMES[dtype]}")
 
 
-def _group_ids(H, W, bh, bw, long_mode):
-    i = torch.arange(H)[:, None]
-    j = torch.arange(W)[None, :]
+def _group_ids(H, W, bh, bw, long_mode, device):
+    i = torch.arange(H, device=device)[:, None]
+    j = torch.arange(W, device=device)[None, :]
     if long_mode:
         g = (i % bh) * bw + j % bw
     else:
@@ -67,7 +67,7 @@ def _group_ids(H, W, bh, bw, long_mode):
 def _ref_lse(q, k, bh, bw, long_mode, scale):
     """logsumexp over each position's group of scale * <q, k>, float64, [B, H, W]."""
     B, C, H, W = q.shape
-    g = _group_ids(H, W, bh, bw, long_mode)
+    g = _group_ids(H, W, bh, bw, long_mode, q.device)
     qf, kf = q.double().reshape(B, C, -1), k.double().reshape(B, C, -1)
     e = scale * torch.einsum("bcn,bcm->bnm", qf, kf)  # [B, H * W, H * W]
     e = e.masked_fill(g[:, None] != g[None, :], float("-inf"))

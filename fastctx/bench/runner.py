@@ -71,6 +71,7 @@ def metadata(device: torch.device) -> dict:
         "commit": commit,
         "python": platform.python_version(),
         "nan_checks": "off (FASTCTX_CHECK_NAN=0) for every candidate",
+        "tf32": "off in cuDNN and cuBLAS for every candidate (float32 is float32)",
         "peak_memory": "bytes held by torch's allocator at once during one call, above those held before it"
                        + (" (torch.cuda.max_memory_allocated)" if device.type == "cuda" else " (the profiler's memory events)"),
     }
@@ -273,9 +274,14 @@ def run(
     # also called in-process, e.g. by bench/heads.py and the tests)
     saved = os.environ.get("FASTCTX_CHECK_NAN")
     os.environ["FASTCTX_CHECK_NAN"] = "0"
+    # float32 means float32 for every candidate: no TF32 in cuDNN's convolutions (on by default)
+    # or cuBLAS's products (the fused kernels' float32 dots are tf32x3, float32's accuracy)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         return _run(cases, dev, dtypes, quick, log, progress)
     finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         if saved is None:
             del os.environ["FASTCTX_CHECK_NAN"]
         else:

@@ -10,11 +10,19 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
+#: ``input_precision`` of the float32 dots: "tf32x3" splits each operand into a TF32 part and a
+#: TF32 remainder and adds three tensor-core products, float32's accuracy (the dropped product of
+#: the remainders is ~2^-22 relative) at tensor-core speed; "ieee" compiles to FMA loops (with it the
+#: float32 kernels ran 3-20x slower than their float16 versions on an H200,
+#: bench/results/h200-session9). The interpreter computes in float32 either way.
+F32_DOT = "tf32x3"
+
 _HEURISTICS = {
     "ONE_CQK": lambda a: a["Cqk"] <= a["BLOCK_CQK"],
     "ONE_CV": lambda a: a["Cv"] <= a["BLOCK_CV"],
-    # float32 dots in full precision (no TF32); the 16-bit dtypes ignore it.
-    "DOT_PRECISION": lambda a: "ieee" if a["q"].dtype == torch.float32 else "tf32",
+    # float32 dots: three TF32 tensor-core products (tf32x3, float32 accuracy); the 16-bit
+    # dtypes ignore it.
+    "DOT_PRECISION": lambda a: F32_DOT if a["q"].dtype == torch.float32 else "tf32",
     # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
     # (triton-lang/triton#11584): upcast them there
     "DOT_F32": lambda a: _INTERPRET and a["q"].dtype == torch.bfloat16,
@@ -28,7 +36,7 @@ _HEURISTICS = {
 def _mm(a, b, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     """tl.dot(a, b) accumulated in float32 (operands upcast when DOT_F32)."""
     if DOT_F32:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")  # interpreter only
     else:
         c = tl.dot(a, b, input_precision=DOT_PRECISION)
     return c

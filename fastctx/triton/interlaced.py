@@ -26,7 +26,7 @@ dk/dv kernel is the mirror, "queries x keys"), as in region_attention:
   fit one block, else a dk launch over Cqk chunks and a dv launch over Cv chunks.
 
 16-bit inputs feed ``tl.dot`` directly (p and dE rounded to the input dtype for the second dot),
-accumulation in float32; float32 uses ``input_precision="ieee"``. float64 inputs (a verification
+accumulation in float32; float32 uses ``input_precision="tf32x3"`` (_common.F32_DOT). float64 inputs (a verification
 path) accumulate in float64 (ACC) with all channels in one tile (the shared channel-chunked dot
 helper accumulates in float32) and the delta computed by torch; the scale travels as two float32
 halves because Triton passes a Python float as float32.
@@ -38,14 +38,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _HEURISTICS, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if
+from fastctx.triton._common import F32_DOT, _HEURISTICS, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if
 
 _OP = "fastctx.interlaced_attention"
 
 _ISA_HEURISTICS = {
     **_HEURISTICS,
     # full-precision dots for float32 and float64; the 16-bit dtypes ignore it
-    "DOT_PRECISION": lambda a: "ieee" if a["q"].dtype in (torch.float32, torch.float64) else "tf32",
+    "DOT_PRECISION": lambda a: {torch.float32: F32_DOT, torch.float64: "ieee"}.get(a["q"].dtype, "tf32"),
     "ACC": lambda a: tl.float64 if a["q"].dtype == torch.float64 else tl.float32,
 }
 
@@ -331,7 +331,7 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
 
     16-bit: 64 queries x 64 keys per tile (a short 8x8 group is one tile; a long group of 128 or
     169 members two or three), Cqk in one block up to 128, else chunks of 64, Cv chunks of up to
-    128. float32 ("ieee" dots are FMA loops): 32 x 32 tiles, Cqk one block up to 64, else 32,
+    128. float32: 32 x 32 tiles, Cqk one block up to 64, else 32,
     Cv chunks of 32. float64: 32 x 32 tiles and all channels in one block (the verification path;
     the shared chunked dot helper accumulates in float32). Not yet timed on a GPU.
     """

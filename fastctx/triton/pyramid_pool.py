@@ -13,11 +13,11 @@ generated tile by tile from the table, never stored:
   channels, a block of keys and a group of pixels; it reads its pixels once for every scale
   (``tl.dot`` of an x tile [BLOCK_C, BLOCK_N] with a P tile [BLOCK_N, BLOCK_S]). x is read in its
   own dtype through its strides: P is exact in every dtype, and the dot accumulates in float32
-  (``input_precision="ieee"`` for float32). With one pixel group the program stores the output
+  (``input_precision="tf32x3"`` for float32). With one pixel group the program stores the output
   directly; with several (more programs for a small batch) it stores float32 partial sums
   [B, G, C, S] that torch adds over G (deterministic).
 - backward, ``dx[c, n] = sum_key dout[c, key] inv_area[key] P[n, key]``: a program owns a block
-  of pixels and a block of channels and loops over the keys; float32 operands, ``"ieee"`` dot;
+  of pixels and a block of channels and loops over the keys; float32 operands, ``"tf32x3"`` dot;
   every element of dx is written once, no atomics.
 """
 
@@ -29,15 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _INTERPRET, _mm
+from fastctx.triton._common import F32_DOT, _INTERPRET, _mm
 
 _OP = "fastctx.pyramid_pool"
 
 _HEURISTICS = {
     # pixels at a constant stride (NCHW-contiguous or channels_last maps): n * stride_w
     "FLAT": lambda a: a["N"] == a["W"] or a["stride_xh"] == a["W"] * a["stride_xw"],
-    # float32 dots in full precision (no TF32); P is 0/1, exact in the 16-bit types
-    "DOT_PRECISION": lambda a: "ieee" if a["x"].dtype == torch.float32 else "tf32",
+    # float32 dots in float32's accuracy (tf32x3); P is 0/1, exact in the 16-bit types
+    "DOT_PRECISION": lambda a: F32_DOT if a["x"].dtype == torch.float32 else "tf32",
     # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
     # (triton-lang/triton#11584): upcast them there
     "DOT_F32": lambda a: _INTERPRET and a["x"].dtype == torch.bfloat16,
@@ -139,7 +139,7 @@ def _pp_bwd_kernel(
         h = (o_n // W)[None, :]
         w = (o_n % W)[None, :]
         b_pt = ((h >= r0[:, None]) & (h < r1[:, None]) & (w >= c0[:, None]) & (w < c1[:, None])).to(tl.float32)  # [BLOCK_S, BLOCK_N]
-        b_acc += tl.dot(b_d, b_pt, input_precision="ieee")
+        b_acc += tl.dot(b_d, b_pt, input_precision="tf32x3")  # F32_DOT
     p_dx = dx + (i_b * C + o_c)[:, None] * N + o_n[None, :]
     tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_c[:, None] & m_n[None, :])
 
@@ -180,11 +180,13 @@ def _bins(scales: tuple[int, ...], H: int, W: int, device: torch.device) -> tupl
     return bins, inv
 
 
-def _blocks(C: int, S: int) -> tuple[int, int, int]:
+def _blocks(C: int, S: int, max_s: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_N, BLOCK_S): tl.dot needs every dim >= 16; larger pixel blocks under the
-    interpreter, whose cost is per block. Not yet timed on a GPU."""
+    interpreter, whose cost is per block. On sm_90, 128 keys per block spilled 1-7 KB per thread
+    (ptxas -v; the float32 dots' tf32x3 keeps operand halves): the forward takes up to 64 keys,
+    the backward, which loops over them, 32. Not yet timed on a GPU."""
     np2 = triton.next_power_of_2
-    return min(64, max(16, np2(C))), 512 if _INTERPRET else 64, min(128, max(16, np2(S)))
+    return min(64, max(16, np2(C))), 512 if _INTERPRET else 64, min(max_s, max(16, np2(S)))
 
 
 def _n_groups(n_blocks: int, programs: int, device: torch.device) -> int:
@@ -211,7 +213,9 @@ def pp_fwd(x: torch.Tensor, scales: list[int], n_groups: int | None = None) -> t
     N = H * W
     bins, inv = _bins(tuple(int(s) for s in scales), H, W, x.device)
     S = inv.numel()
-    bc, bn, bs = _blocks(C, S)
+    bc, bn, bs = _blocks(C, S, 64)
+    if x.dtype == torch.float32 and not _INTERPRET:
+        bc = min(bc, 32)  # 64 channels spilled 1.2-1.6 KB per thread (tf32x3)
     n_s = triton.cdiv(S, bs)
     programs = triton.cdiv(C, bc) * n_s * B
     n_blocks = triton.cdiv(N, bn)
@@ -226,7 +230,8 @@ def pp_fwd(x: torch.Tensor, scales: list[int], n_groups: int | None = None) -> t
         dst_strides = tuple(dst.stride())
     _pp_fwd_kernel[(triton.cdiv(C, bc) * n_s, B, g)](
         x, bins, inv, dst, *x.stride(), *dst_strides, C, W, N, S, per,
-        N_S=n_s, BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, num_warps=4)
+        N_S=n_s, BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, num_warps=4,
+        num_stages=2 if x.dtype == torch.float32 else 3)  # float32, 3 stages: spills
     if g > 1:
         out.copy_(dst.sum(1))  # deterministic second-level sum over the pixel groups
     return out
@@ -250,7 +255,7 @@ def pp_bwd(dout: torch.Tensor, scales: list[int], H: int, W: int) -> torch.Tenso
     N = H * W
     dx = torch.empty((B, C, H, W), dtype=dout.dtype, device=dout.device)
     _check(dx, "dx")
-    bc, bn, bs = _blocks(C, S)
+    bc, bn, bs = _blocks(C, S, 32)
     _pp_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), B)](
         dout, bins, inv, dx, *dout.stride(), C, W, N, S,
         BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, num_warps=4)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastctx.triton._common import _INTERPRET
+
 _OP = "fastctx.semantic_pool"
 
 
@@ -130,7 +132,7 @@ def _segsum_kernel(x, labels, e, z, w, part, N, C, K, G, pix_per_group,
         b_oh = tl.where(b_lab[:, None] == (k_start + o_k)[None, :], b_w[:, None], 0.0)  # [BLOCK_N, BLOCK_K]
         b_xt = tl.load(p_x + (o_c[:, None] * N + (n0 + o_n)[None, :]),
                        mask=m_c[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BLOCK_C, BLOCK_N]
-        b_acc += tl.dot(b_xt, b_oh, input_precision="ieee")
+        b_acc += tl.dot(b_xt, b_oh, input_precision="tf32x3")  # F32_DOT
     p_part = part + ((i_b * G + i_g) * C + c_start) * K + k_start
     tl.store(p_part + (o_c[:, None] * K + o_k[None, :]), b_acc,
              mask=m_c[:, None] & (o_k < K - k_start)[None, :])
@@ -193,6 +195,9 @@ def _gather_kernel(regions, labels, out, N, C, K,
 # host functions
 # ----------------------------------------------------------------------------------------------
 _BLOCK_N = 128
+#: pixels per step of the segmented sum: 128 spilled 0.5-5.7 KB per thread on sm_90 (ptxas -v;
+#: the tf32x3 dot keeps operand halves); the interpreter, whose cost is per block, keeps 128
+_SEGSUM_BLOCK_N = 128 if _INTERPRET else 32
 
 
 def _check_dtype(t: torch.Tensor, name: str) -> None:
@@ -218,15 +223,15 @@ def _segsum(x: torch.Tensor, labels: torch.Tensor, K: int, e=None, z=None, w=Non
     B, C = x.shape[0], x.shape[1]
     N = labels[0].numel()
     bc, bk = min(32, max(16, triton.next_power_of_2(C))), _block_k(K)
-    n_c, n_k, n_blocks = triton.cdiv(C, bc), triton.cdiv(K, bk), triton.cdiv(N, _BLOCK_N)
+    n_c, n_k, n_blocks = triton.cdiv(C, bc), triton.cdiv(K, bk), triton.cdiv(N, _SEGSUM_BLOCK_N)
     g = _n_groups(n_blocks, B * n_c * n_k, x.device)
-    pix = triton.cdiv(n_blocks, g) * _BLOCK_N
+    pix = triton.cdiv(n_blocks, g) * _SEGSUM_BLOCK_N
     g = triton.cdiv(N, pix)  # no empty group
     part = torch.empty((B, g, C, K), dtype=torch.float32, device=x.device)
     has_w = e is not None
     _segsum_kernel[(g * n_c * n_k, B)](
         x, labels, e if has_w else x, z if has_w else x, w if has_w else x, part, N, C, K, g, pix,
-        N_C=n_c, N_K=n_k, HAS_W=has_w, BLOCK_N=_BLOCK_N, BLOCK_C=bc, BLOCK_K=bk, num_warps=4)
+        N_C=n_c, N_K=n_k, HAS_W=has_w, BLOCK_N=_SEGSUM_BLOCK_N, BLOCK_C=bc, BLOCK_K=bk, num_warps=4)
     return part.sum(1)  # deterministic second level
 
 

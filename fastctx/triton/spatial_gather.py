@@ -24,7 +24,7 @@ Kernels:
   one block, as at OCR's sizes).
 
 16-bit inputs feed ``tl.dot`` directly (p and w rounded to the input dtype); float32 uses
-``input_precision="ieee"``; accumulation is float32. Block sizes are not yet tuned on a GPU.
+``input_precision="tf32x3"``; accumulation is float32. Block sizes are not yet tuned on a GPU.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _INTERPRET, _LOG2E, _mm, _split_pid
+from fastctx.triton._common import F32_DOT, _INTERPRET, _LOG2E, _mm, _split_pid
 
 _OP = "fastctx.spatial_gather"
 
 _SG_HEURISTICS = {
     # float32 dots in full precision (no TF32); the 16-bit dtypes ignore it.
-    "DOT_PRECISION": lambda a: "ieee" if a["feats"].dtype == torch.float32 else "tf32",
+    "DOT_PRECISION": lambda a: F32_DOT if a["feats"].dtype == torch.float32 else "tf32",
     # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
     # (triton-lang/triton#11584): upcast them there
     "DOT_F32": lambda a: _INTERPRET and a["feats"].dtype == torch.bfloat16,
@@ -268,8 +268,7 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def _config(C: int, K: int, dtype: torch.dtype) -> dict:
-    """Block sizes (tl.dot needs every dim >= 16): 64 pixels per step (32 in float32, whose
-    "ieee" dots are FMA loops), classes in one block up to 128 (64 in float32), channels in
+    """Block sizes (tl.dot needs every dim >= 16): 64 pixels per step (32 in float32), classes in one block up to 128 (64 in float32), channels in
     blocks of up to 128 (64 in float32). Not yet timed on a GPU."""
     f32 = dtype == torch.float32
     np2 = triton.next_power_of_2
