@@ -89,3 +89,18 @@ def test_missing_extension_is_explained(monkeypatch):
     assert fastctx.last_backend("criss_cross_attention") == "reference"
     with pytest.raises(_ext.ExtensionMissingError, match="pip install"):
         _ext.require("cc_fwd", "CPU", "fastctx.criss_cross_attention")
+
+
+@pytest.mark.parametrize("op", sorted(backends.REFERENCE_FIRST_ON_CUDA))
+def test_reference_first_on_cuda_where_the_kernels_measured_slower(op):
+    # backend=None on CUDA tensors takes the reference for these ops; a named backend still runs
+    assert backends._choose(op, "cuda", torch.float32, None) == "reference"
+    assert backends._choose(op, "cuda", torch.float32, "triton") == "triton"
+    assert backends._choose(op, "cpu", torch.float32, None) == ("cpu" if _ext.available()[0] else "reference")
+
+
+def test_triton_first_on_cuda_for_the_other_ops():
+    for op in ("spatial_gather", "semantic_pool", "semantic_pool_regions"):
+        assert op not in backends.REFERENCE_FIRST_ON_CUDA
+        assert backends._choose(op, "cuda", torch.float16, None) == "triton"
+    assert set(backends.REFERENCE_FIRST_ON_CUDA) <= set(backends._OPS)

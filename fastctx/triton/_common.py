@@ -10,19 +10,23 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
-#: ``input_precision`` of the float32 dots: "tf32x3" splits each operand into a TF32 part and a
-#: TF32 remainder and adds three tensor-core products, float32's accuracy (the dropped product of
-#: the remainders is ~2^-22 relative) at tensor-core speed; "ieee" compiles to FMA loops (with it the
-#: float32 kernels ran 3-20x slower than their float16 versions on an H200,
-#: bench/results/h200-session9). The interpreter computes in float32 either way.
+#: ``input_precision`` of the float32 dots where it measured faster than "ieee" (FMA loops) on an
+#: H200 (bench/results/h200-session9: run 1 "ieee", run 2 "tf32x3", two leases). "tf32x3" splits
+#: each operand into a TF32 part and a TF32 remainder and adds three tensor-core products,
+#: float32's accuracy (the dropped product of the remainders is ~2^-22 relative). Faster:
+#: interlaced attention (1.6-1.9x forward and backward), the pyramid pool (with smaller blocks:
+#: 6-8x forward), spatial gather (forward 1.6-6.6x, backward 0.6-1.0x, forward+backward
+#: 0.8-2.1x), the segmented sum (~2x forward). Slower, so these keep "ieee": criss-cross and
+#: region attention (forward 1.4-2.1x slower; why is not established). The interpreter computes
+#: in float32 either way.
 F32_DOT = "tf32x3"
 
 _HEURISTICS = {
     "ONE_CQK": lambda a: a["Cqk"] <= a["BLOCK_CQK"],
     "ONE_CV": lambda a: a["Cv"] <= a["BLOCK_CV"],
-    # float32 dots: three TF32 tensor-core products (tf32x3, float32 accuracy); the 16-bit
-    # dtypes ignore it.
-    "DOT_PRECISION": lambda a: F32_DOT if a["q"].dtype == torch.float32 else "tf32",
+    # float32 dots in full precision, FMA loops (tf32x3 measured slower here: F32_DOT); the
+    # 16-bit dtypes ignore it.
+    "DOT_PRECISION": lambda a: "ieee" if a["q"].dtype == torch.float32 else "tf32",
     # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
     # (triton-lang/triton#11584): upcast them there
     "DOT_F32": lambda a: _INTERPRET and a["q"].dtype == torch.bfloat16,

@@ -20,7 +20,7 @@ reductions (the backward dk/dv kernel is the mirror: "queries x keys"):
 Scores and dA loop over channel chunks when the channels do not fit one block (ONE_CQK / ONE_CV
 False); q, dout (dq kernel) or k, v (dk/dv kernel) are preloaded when they fit. 16-bit inputs
 feed ``tl.dot`` directly (p and dE are rounded to the input dtype for the second dot, as in
-FlashAttention); float32 uses ``input_precision="tf32x3"`` (_common.F32_DOT). Accumulation is float32.
+FlashAttention); float32 uses ``input_precision="ieee"`` (no TF32; tf32x3 measured slower, _common.F32_DOT). Accumulation is float32.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ dk/dv kernel is the mirror: "pixels x keys"):
   launch over Cv chunks.
 
 16-bit inputs feed ``tl.dot`` directly (p and dE rounded to the input dtype for the second
-dot); float32 uses ``input_precision="tf32x3"``; accumulation is float32. The dot helpers, the
+dot); float32 uses ``input_precision="ieee"`` (tf32x3 measured slower, _common.F32_DOT); accumulation is float32. The dot helpers, the
 heuristics (with the interpreter's bfloat16 workaround, triton-lang/triton#11584) and the delta
 kernel are criss_cross's.
 """

@@ -38,7 +38,8 @@ from fastctx.triton._common import F32_DOT, _INTERPRET, _LOG2E, _mm, _split_pid
 _OP = "fastctx.spatial_gather"
 
 _SG_HEURISTICS = {
-    # float32 dots in full precision (no TF32); the 16-bit dtypes ignore it.
+    # float32 dots in float32's accuracy on tensor cores (tf32x3, _common.F32_DOT); the 16-bit
+    # dtypes ignore it.
     "DOT_PRECISION": lambda a: F32_DOT if a["feats"].dtype == torch.float32 else "tf32",
     # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
     # (triton-lang/triton#11584): upcast them there
