@@ -6,16 +6,18 @@ import torch
 from triton.testing import do_bench
 
 
+def _copy(dev: torch.device) -> None:
+    src = torch.randn(1 << 28, device=dev)  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    print(f"copy {2 * src.numel() * 4 / ms / 1e9:8.1f} TB/s  (1 GiB float32, read + write, median {ms:.3f} ms)")
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_ceilings: no CUDA device")
     dev = torch.device("cuda")
-    n = 1 << 28  # 1 GiB of float32
-    src = torch.randn(n, device=dev)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    print(f"copy {2 * src.numel() * 4 / ms / 1e9:8.1f} TB/s  (1 GiB float32, read + write, median {ms:.3f} ms)")
-    del src, dst
+    _copy(dev)
     m = 8192
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
                               ("fp16", torch.float16, False), ("bf16", torch.bfloat16, False)):

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # GPU check, for a lent GPU's short lease: the CUDA / Triton parity tests, then the benchmark
 # report (the main job, which also checks every candidate's output and gradients against the
-# float64 reference); everything goes to the folder given as argument. Each phase has a deadline
+# float64 reference), then a profile of device vs wall time (bench/gpu_profile.py); everything
+# goes to the folder given as argument. Each phase has a deadline
 # inside SECONDS (default 540) so that what ran is written even when the lease is short.
 # The extension is used as found when it already holds the CUDA kernels (one built ahead for the
 # machine's torch, carried with the tree); otherwise it is built here (about 2 minutes).
 # Usage: bash bench/gpu_check.sh OUT_DIR [SECONDS]
 #   PARITY_SECONDS  the parity tests' deadline (default 150; they took 78 s on an H200)
 #   BENCH_ARGS      more arguments for `fastctx bench --quick` (e.g. "--dtypes fp32")
+#   PROFILE_SECONDS kept for the profile after the report (default 60; 0 leaves it out)
 #   CEILINGS=0      leave out the copy / matmul ceilings (measured once per machine kind)
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR [SECONDS]}
 BUDGET=${2:-540}
 PARITY_SECONDS=${PARITY_SECONDS:-150}
+PROFILE_SECONDS=${PROFILE_SECONDS:-60}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FASTCTX_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -50,10 +53,15 @@ grep -oE " (PASSED|FAILED|ERROR|SKIPPED) " "$OUT/parity.log" | sort | uniq -c
 grep -E " (FAILED|ERROR) " "$OUT/parity.log" | head -30
 tail -2 "$OUT/parity.log"
 
-echo "== benchmark report ($(left) s)"
+echo "== benchmark report ($(left "$PROFILE_SECONDS") s)"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout "$(left)" $PY -m fastctx bench --quick ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout "$(left "$PROFILE_SECONDS")" $PY -m fastctx bench --quick ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ "$PROFILE_SECONDS" != 0 ]; then
+  echo "== profile, float16 forward+backward: device vs wall time ($(left) s)"
+  timeout "$(left)" $PY bench/gpu_profile.py --dtype fp16 --out "$OUT/profile.json" 2>&1 | grep -v USDT > "$OUT/profile.log"
+  grep -E "wall" "$OUT/profile.log"
+fi
 echo "== report: failures and targets"
 grep -E "FAILED|error:" "$OUT/bench.log" | head -20
 [ -f "$OUT/report.md" ] && sed -n '/^## Targets/,$p' "$OUT/report.md" | cut -c1-200

@@ -1,0 +1,95 @@
+"""Where a candidate's time goes on a GPU: device time (the profiler's kernel times) against wall
+time per forward+backward call, and the kernels that take it, for the first quick case of each
+operator. The report times whole calls; at the models' sizes the host side (autograd, custom-op
+dispatch, launches) may set that time rather than the kernels (bench/results/h200-session9).
+
+Usage: python bench/gpu_profile.py [--ops a,b] [--dtype fp16] [--candidates reference,triton]
+       [--calls 20] [--nan-check] [--out FILE.json]
+The inputs' NaN check is off as in the report (FASTCTX_CHECK_NAN=0; on a GPU it synchronizes)
+unless --nan-check. On a machine without CUDA it profiles CPU tensors (rows are then CPU ops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fastctx.bench.cases import CASES, FULL_ONLY
+from fastctx.cli import DTYPES
+
+
+def _fwd_bwd(fn, inputs, dout):
+    out = fn(*inputs)
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def profile_case(case, cand: str, dtype: torch.dtype, device: torch.device, calls: int) -> dict:
+    inputs = tuple(t.detach().requires_grad_(True) for t in case.make_inputs(dtype, device))
+    fn = case.candidates[cand]
+    dout = torch.randn_like(fn(*inputs))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):  # warm-up: compilation, autotuning caches, allocator
+        _fwd_bwd(fn, inputs, dout)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        _fwd_bwd(fn, inputs, dout)
+    sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / calls
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            _fwd_bwd(fn, inputs, dout)
+        sync()
+    kernels = {}
+    for e in prof.key_averages():
+        t = e.device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if t > 0 and (device.type != "cuda" or e.device_type.name == "CUDA"):
+            kernels[e.key] = (t / 1e3 / calls, e.count / calls)
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+    device_ms = sum(ms for _, (ms, _) in top) if device.type == "cuda" else None
+    return {"op": case.op, "case": case.name, "candidate": cand, "dtype": str(dtype).removeprefix("torch."),
+            "wall_ms_per_call": wall_ms, "device_ms_per_call": device_ms,
+            "kernels": [{"name": k[:120], "ms_per_call": ms, "launches_per_call": n} for k, (ms, n) in top[:8]]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", default=None)
+    ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    ap.add_argument("--candidates", default="reference,triton,cuda")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--nan-check", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    os.environ["FASTCTX_CHECK_NAN"] = "1" if args.nan_check else "0"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ops = args.ops.split(",") if args.ops else [op for op in CASES if op not in FULL_ONLY]
+    results = []
+    for op in ops:
+        case = CASES[op](True)[0]
+        for cand in args.candidates.split(","):
+            if cand not in case.candidates:
+                continue
+            try:
+                r = profile_case(case, cand, DTYPES[args.dtype], device, args.calls)
+            except Exception as e:  # a backend that declines (e.g. cuda for most ops) is reported
+                print(f"{op} {case.name} {cand}: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+                continue
+            results.append(r)
+            dev = "-" if r["device_ms_per_call"] is None else f"{r['device_ms_per_call']:.3f}"
+            print(f"{op} {case.name} {args.dtype} {cand}: wall {r['wall_ms_per_call']:.3f} ms, device {dev} ms per fwd+bwd")
+            for k in r["kernels"][:5]:
+                print(f"    {k['ms_per_call']:8.3f} ms  x{k['launches_per_call']:.0f}  {k['name'][:90]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
