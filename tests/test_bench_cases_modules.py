@@ -291,3 +291,31 @@ def test_targets_memory_below_is_strict_and_ratios_do_not_round_onto_the_bound()
     assert check(65.336, 65.336, False) == ("pass", "1.00x of the reference's peak (needs <= 1x)")
     assert check(65.4, 65.336, True) == ("miss", "1.001x of the reference's peak (needs < 1x)")
     assert check(100.2, 100.0, False, "speed") == ("miss", "0.998x (needs >= 1x)")
+
+
+def test_a_case_for_other_devices_is_left_out_and_said_so(monkeypatch):
+    """Case.devices: the whole-ISA-block case runs on CUDA only (its target is a GPU's); on CPU the
+    report leaves it out, says so, and runs the rest."""
+    import fastctx.bench.runner as R
+    from fastctx.bench.cases_interlaced import isa_block_cases
+
+    (block,) = isa_block_cases(True)
+    assert block.devices == ("cuda",) and [t.device for t in block.targets] == ["cuda"]
+    ran, lines = [], []
+    monkeypatch.setattr(R, "run_case", lambda case, *a, **k: ran.append(case.name) or [])
+    other = Case("toy", "here", {}, None, None, {}, ())
+    report = R.run(device="cpu", cases=[block, other], log=lines.append)
+    assert ran == ["here"] and report["meta"]["cases_total"] == 1
+    assert any("left out on cpu" in line and block.name in line for line in lines)
+
+
+def test_isa_block_candidates_skip_a_backend_that_cannot_run():
+    """A backend that declines the inputs (cuda on CPU tensors) is reported skipped, not an error;
+    the block's weights are the same in every dtype (seeded)."""
+    from fastctx.bench.cases_interlaced import _isa_block, isa_block_module
+
+    with pytest.raises(Skip, match="cuda"):
+        _isa_block(torch.randn(1, 512, 8, 8), "cuda")
+    a, b = isa_block_module(torch.float32, CPU), isa_block_module(torch.float64, CPU)
+    for (n, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa.double(), pb), n

@@ -31,7 +31,7 @@ import fastctx
 from fastctx.swap import SwapError, recognisers, swap
 from tests import toolboxes
 from tests._utils import assert_close
-from tests.swap_support import check, compare_runs, run
+from tests.swap_support import check, compare_runs, parity, run
 from tests.swap_support import mmseg_fixture  # noqa: F401 (the fixture "mmseg")
 from tests.toolboxes import randomize
 
@@ -212,14 +212,10 @@ def test_ssseg_ccnet_swapped_matches(ssseg_ccnet, size, mode):
     orig.train(mode == "train")
     x = torch.randn(2, HEAD_IN, *size, dtype=torch.float64)
     dout = torch.randn(2, 19, *size, dtype=torch.float64)
-    for dtype in (torch.float64, torch.float32):
-        original = copy.deepcopy(orig).to(dtype)
-        want = run(original, x.to(dtype), dout, seed=2, forward=toolboxes.ssseg_logits(original))
-        fast = copy.deepcopy(orig).to(dtype)
-        _, report = swap(fast)
-        assert [e.path for e in report.swapped] == ["cca"] and not report.left_alone
-        got = run(fast, x.to(dtype), dout, seed=2, forward=toolboxes.ssseg_logits(fast))
-        compare_runs(got, want, dtype, f"ssseg CCNet {mode} {dtype}")
+    # float64: the exactness test; float32: compare_runs32, which excuses a ReLU input rounding
+    # across 0 in one model and not the other (train-mode BN spreads it over the channel: seen at
+    # 33x65 on an AVX-512 machine, 27157 of 274560 elements of grad x beyond the float32 row)
+    parity(orig, x, dout, 2, toolboxes.ssseg_logits, [("cca", MMCV_CCA, FAST_CCA)], f"ssseg CCNet {size} {mode}")
 
 
 # ---------------------------------------------------------------------------------------------

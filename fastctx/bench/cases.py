@@ -50,6 +50,9 @@ class Case:
     # multiplies the dtype's tolerance row: whole networks in float32 round further from their
     # float64 truth than one op does (the reference backend as much as the fused one)
     tol_scale: float = 1.0
+    # the device types the case runs on (its targets' devices, when the other device's numbers
+    # would only cost time: e.g. the whole ISA block, whose CPU numbers bench/heads.py reports)
+    devices: tuple[str, ...] = ("cpu", "cuda")
 
 
 def _cc_inputs(B: int, cqk: int, cv: int, H: int, W: int):
@@ -160,13 +163,14 @@ CASES: dict[str, Callable[[bool], list[Case]]] = {
 }
 
 # Each operator's cases live in their own module (they import Case and Target from here).
-from fastctx.bench.cases_interlaced import interlaced_attention_cases  # noqa: E402
+from fastctx.bench.cases_interlaced import interlaced_attention_cases, isa_block_cases  # noqa: E402
 from fastctx.bench.cases_pyramid import pyramid_attention_cases, pyramid_pool_cases  # noqa: E402
 from fastctx.bench.cases_semantic import semantic_pool_cases  # noqa: E402
 from fastctx.bench.cases_spatial_gather import spatial_gather_cases  # noqa: E402
 
 CASES.update(
     interlaced_attention=interlaced_attention_cases,
+    isa_block=isa_block_cases,
     pyramid_pool=pyramid_pool_cases,
     pyramid_attention=pyramid_attention_cases,
     spatial_gather=spatial_gather_cases,

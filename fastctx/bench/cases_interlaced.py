@@ -1,4 +1,6 @@
-"""Benchmark cases of interlaced_attention (ISANet) at the sizes mmseg's ISAHead runs it."""
+"""Benchmark cases of interlaced_attention (ISANet) at the sizes mmseg's ISAHead runs it, and of
+the whole ISA block (``isa_block``: fastctx.nn.InterlacedSparseAttention, both stages, with the
+projections, padding and crop) on the reference vs the fused backends."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ from torch import Tensor
 
 import fastctx
 import python_ref
+from fastctx.backends import why_not
 from fastctx.bench.cases import Case, Target
+from fastctx.bench.cases_isnet import OutputParityCase
+from fastctx.bench.measure import Skip
 
 
 def _sdpa_interlaced(q: Tensor, k: Tensor, v: Tensor, block: tuple[int, int], mode: str, scale: float) -> Tensor:
@@ -78,3 +83,61 @@ def interlaced_attention_cases(quick: bool) -> list[Case]:
                 )
             )
     return cases
+
+
+_BLOCKS: dict[tuple, fastctx.nn.InterlacedSparseAttention] = {}
+
+
+def isa_block_module(dtype: torch.dtype, device: torch.device) -> fastctx.nn.InterlacedSparseAttention:
+    """mmseg ISAHead's block (channels 512, isa_channels 256, 8x8), eval mode, the same weights
+    (seeded; BatchNorm running statistics drawn so that BN is not the identity) in every dtype."""
+    key = (dtype, str(device))
+    if key not in _BLOCKS:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            m = fastctx.nn.InterlacedSparseAttention(512, 256, (8, 8))
+            for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+        _BLOCKS[key] = m.eval().to(device, dtype)
+    return _BLOCKS[key]
+
+
+def _isa_block(x: Tensor, backend: str) -> Tensor:
+    reason = why_not("interlaced_attention", backend, x.device.type, x.dtype)
+    if reason is not None:  # e.g. triton on CPU tensors: said so, not run
+        raise Skip(reason)
+    m = isa_block_module(x.dtype, x.device)
+    m.backend = backend
+    return m(x)
+
+
+def isa_block_cases(quick: bool) -> list[Case]:
+    """Issue 3's GPU target: the whole ISA block (both stages) at least 2x faster fused than on
+    the reference, float16, at mmseg's 97x97 (769x769 / 8, padded to 104x104 inside). Output
+    parity only (the input gradients cross eval-mode BN + ReLU, whose kink float rounding flips
+    against the float64 truth; the op's own cases check every gradient)."""
+    B, C, H, W = 2, 512, 97, 97
+    name = f"B{B}-C{C}-{H}x{W}-blk8x8"
+
+    def make(dtype, device):
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(B, C, H, W, generator=g).to(device, dtype),)
+
+    cand = {b: (lambda x, b=b: _isa_block(x, b)) for b in ("reference", "cpu", "triton")}
+    return [
+        OutputParityCase(
+            op="isa_block",
+            name=name,
+            config=dict(B=B, C=C, H=H, W=W, isa_channels=256, block=(8, 8), mode="eval"),
+            make_inputs=make,
+            truth=lambda x: _isa_block(x, "reference"),
+            candidates=cand,
+            backends=(),
+            reference="reference",
+            devices=("cuda",),  # the target is a GPU's; bench/heads.py times ISAHead on CPU
+            targets=[
+                Target(f"ISA block triton at least 2x faster than on the reference, fwd+bwd, {name}", "triton", "reference", "fwd+bwd", "speed", 2.0, "cuda", (torch.float16,)),
+            ],
+        )
+    ]

@@ -270,6 +270,12 @@ def run(
         if unknown:
             raise ValueError(f"fastctx bench: unknown op(s) {unknown}; choose from {list(CASES)}")
         cases = [case for op in ops for case in CASES[op](quick)]
+    here = lambda c: dev.type in getattr(c, "devices", (dev.type,))  # noqa: E731
+    cases = list(cases)
+    elsewhere = [f"{c.op} {c.name}" for c in cases if not here(c)]
+    if elsewhere:
+        log(f"left out on {dev.type} (cases for other devices): {', '.join(elsewhere)}")
+    cases = [c for c in cases if here(c)]
     # the baselines do not check for NaN either: time the kernels (restored afterwards: run() is
     # also called in-process, e.g. by bench/heads.py and the tests)
     saved = os.environ.get("FASTCTX_CHECK_NAN")
