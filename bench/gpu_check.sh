@@ -5,7 +5,15 @@
 # goes to the folder given as argument. Each phase has a deadline
 # inside SECONDS (default 540) so that what ran is written even when the lease is short.
 # The extension is used as found when it already holds the CUDA kernels (one built ahead for the
-# machine's torch, carried with the tree); otherwise it is built here (about 2 minutes).
+# machine's torch, carried with the tree); otherwise it is built here (not yet timed on a GPU
+# machine: 16 cores there; the one .cu file is the long pole).
+# Building it ahead on a CPU machine for the lent H100/H200 (torch 2.11.0+cu130, Python 3.12), as
+# session 9 did (4.5 min on 2 cores; the .so is ~35 MB, git-ignored: pass it to the device
+# tool's carry):
+#   python3.12 -m venv /tmp/v312 && /tmp/v312/bin/pip install torch==2.11.0 ninja pybind11 numpy setuptools
+#   mkdir -p /tmp/gpubuild && git archive HEAD | tar -x -C /tmp/gpubuild && cd /tmp/gpubuild &&
+#     FASTCTX_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=2 /tmp/v312/bin/python setup.py -q build_ext --inplace
+#   cp /tmp/gpubuild/fastctx/_C.cpython-312-x86_64-linux-gnu.so fastctx/
 # Usage: bash bench/gpu_check.sh OUT_DIR [SECONDS]
 #   PARITY_SECONDS  the parity tests' deadline (default 150; they took 78 s on an H200)
 #   BENCH_ARGS      more arguments for `fastctx bench --quick` (e.g. "--dtypes fp32")
