@@ -104,3 +104,19 @@ def test_triton_first_on_cuda_for_the_other_ops():
         assert op not in backends.REFERENCE_FIRST_ON_CUDA
         assert backends._choose(op, "cuda", torch.float16, None) == "triton"
     assert set(backends.REFERENCE_FIRST_ON_CUDA) <= set(backends._OPS)
+
+
+def test_kernel_lookup_is_cached(monkeypatch):
+    """The dispatcher's has-kernel lookup (~13 us) runs once per (op, dispatch key), not on every
+    call: a forward+backward asked it three times."""
+    if not _ext.available()[0]:
+        pytest.skip("needs the compiled extension")
+    calls = []
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *a: calls.append(a) or real(*a))
+    _ext._registered.cache_clear()
+    try:
+        assert [_ext.has_kernel("cc_fwd", "CPU") for _ in range(3)] == [True] * 3
+        assert calls == [("fastctx::cc_fwd", "CPU")]
+    finally:
+        _ext._registered.cache_clear()  # no entry computed through the patched lookup survives
