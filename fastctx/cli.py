@@ -32,7 +32,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _info(_: argparse.Namespace) -> int:
     import fastctx
     from fastctx import _ext
-    from fastctx.backends import _OPS
+    from fastctx.backends import _OPS, REFERENCE_FIRST_ON_CUDA, BackendUnavailableError, choose_backend
 
     ok, why = _ext.available()
     print(f"fastctx {fastctx.__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
@@ -40,9 +40,14 @@ def _info(_: argparse.Namespace) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         x = torch.empty(1, device=dev)
-        print(f"\nbackends for {dev} float32 tensors (in order of preference, then the others):")
+        print(f"\nbackends for {dev} float32 tensors:")
         for op in _OPS:
-            print(f"  {op}:")
+            try:
+                auto = choose_backend(op, x)
+            except BackendUnavailableError as e:  # FASTCTX_BACKEND names one that cannot run here
+                auto = f"nothing: {e}"
+            slower = REFERENCE_FIRST_ON_CUDA.get(op) if dev == "cuda" else None
+            print(f"  {op}: backend=None takes {auto}" + (f" (the kernels measured slower on an H200: {slower})" if slower else ""))
             for name, reason in fastctx.explain(op, x).items():
                 print(f"    {name:10s} {reason}")
     return 0

@@ -7,6 +7,7 @@ import torch
 
 import fastctx
 from fastctx import _ext, backends
+from tests._utils import AUTO
 
 
 def _qkv(dtype=torch.float32):
@@ -120,3 +121,14 @@ def test_kernel_lookup_is_cached(monkeypatch):
         assert calls == [("fastctx::cc_fwd", "CPU")]
     finally:
         _ext._registered.cache_clear()  # no entry computed through the patched lookup survives
+
+
+def test_info_says_what_backend_none_takes(capsys, monkeypatch):
+    from fastctx import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"criss_cross_attention: backend=None takes {AUTO}" in out
+    monkeypatch.setenv("FASTCTX_BACKEND", "cuda")  # cannot run on CPU tensors: said, no crash
+    assert cli.main(["info"]) == 0
+    assert "criss_cross_attention: backend=None takes nothing: fastctx.criss_cross_attention: backend 'cuda' cannot run" in capsys.readouterr().out
