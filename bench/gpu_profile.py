@@ -20,13 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastctx.bench.cases import CASES, FULL_ONLY
+from fastctx.bench.runner import _fwd_bwd
 from fastctx.cli import DTYPES
-
-
-def _fwd_bwd(fn, inputs, dout):
-    out = fn(*inputs)
-    return torch.autograd.grad(out, inputs, dout)
-
 
 def profile_case(case, cand: str, dtype: torch.dtype, device: torch.device, calls: int) -> dict:
     inputs = tuple(t.detach().requires_grad_(True) for t in case.make_inputs(dtype, device))

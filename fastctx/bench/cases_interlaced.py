@@ -14,6 +14,7 @@ from fastctx.backends import why_not
 from fastctx.bench.cases import Case, Target
 from fastctx.bench.cases_isnet import OutputParityCase
 from fastctx.bench.measure import Skip
+from fastctx.nn.interlaced import interlaced_sparse_context
 
 
 def _sdpa_interlaced(q: Tensor, k: Tensor, v: Tensor, block: tuple[int, int], mode: str, scale: float) -> Tensor:
@@ -108,8 +109,7 @@ def _isa_block(x: Tensor, backend: str) -> Tensor:
     if reason is not None:  # e.g. triton on CPU tensors: said so, not run
         raise Skip(reason)
     m = isa_block_module(x.dtype, x.device)
-    m.backend = backend
-    return m(x)
+    return interlaced_sparse_context(x, m.global_relation, m.local_relation, m.down_factor, m.mask_padding, backend)
 
 
 def isa_block_cases(quick: bool) -> list[Case]:

@@ -20,7 +20,8 @@ reductions (the backward dk/dv kernel is the mirror: "queries x keys"):
 Scores and dA loop over channel chunks when the channels do not fit one block (ONE_CQK / ONE_CV
 False); q, dout (dq kernel) or k, v (dk/dv kernel) are preloaded when they fit. 16-bit inputs
 feed ``tl.dot`` directly (p and dE are rounded to the input dtype for the second dot, as in
-FlashAttention); float32 uses ``input_precision="ieee"`` (no TF32; tf32x3 measured slower, _common.F32_DOT). Accumulation is float32.
+FlashAttention); float32 uses ``input_precision="ieee"`` (no TF32; tf32x3 measured slower,
+_common.F32_DOT). Accumulation is float32.
 """
 
 from __future__ import annotations
@@ -355,12 +356,12 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 def _config(W: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     """Block sizes (tl.dot needs every dim >= 16): 32 queries per program, 64 row keys per step
-    (32 in float32), the Cqk channels in one block up to 128
-    (64 in float32), else chunks of half that, and Cv chunks of up to 128 (32 in float32).
+    (32 in float32), the Cqk channels in one block up to 128 (64 in float32), else chunks of half
+    that, and Cv chunks of up to 128 (32 in float32).
 
     Checked by compiling for sm_90 without a GPU (ptxas -v): no register spills for CCNet's
-    64 x 512 channels in 16-bit; at most ~250 bytes elsewhere (chunked Cqk, float32). Not yet timed
-    on a GPU.
+    64 x 512 channels in 16-bit; at most ~250 bytes elsewhere (chunked Cqk, float32). Timed, not
+    tuned, on an H200 (bench/results/h200-session9).
     """
     f32 = dtype == torch.float32
     np2 = triton.next_power_of_2

@@ -114,7 +114,7 @@ def _pp_bwd_kernel(
     dout, bins, inv, dx,
     stride_db, stride_dc, stride_ds,
     C, W, N, S,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dx[b, c-block, n-block] = sum_key dout * inv_area * P; dx contiguous [B, C, N].
 
@@ -139,7 +139,7 @@ def _pp_bwd_kernel(
         h = (o_n // W)[None, :]
         w = (o_n % W)[None, :]
         b_pt = ((h >= r0[:, None]) & (h < r1[:, None]) & (w >= c0[:, None]) & (w < c1[:, None])).to(tl.float32)  # [BLOCK_S, BLOCK_N]
-        b_acc += tl.dot(b_d, b_pt, input_precision="tf32x3")  # F32_DOT
+        b_acc += tl.dot(b_d, b_pt, input_precision=DOT_PRECISION)
     p_dx = dx + (i_b * C + o_c)[:, None] * N + o_n[None, :]
     tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_c[:, None] & m_n[None, :])
 
@@ -180,13 +180,16 @@ def _bins(scales: tuple[int, ...], H: int, W: int, device: torch.device) -> tupl
     return bins, inv
 
 
-def _blocks(C: int, S: int, max_s: int) -> tuple[int, int, int]:
+def _blocks(C: int, S: int, max_c: int, max_s: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_N, BLOCK_S): tl.dot needs every dim >= 16; larger pixel blocks under the
-    interpreter, whose cost is per block. On sm_90, 128 keys per block spilled 1-7 KB per thread
-    (ptxas -v; the float32 dots' tf32x3 keeps operand halves): the forward takes up to 64 keys,
-    the backward, which loops over them, 32. Not yet timed on a GPU."""
+    interpreter, whose cost is per block. On sm_90 (ptxas -v; the float32 dots' tf32x3 keeps
+    operand halves) 128 keys per block spilled 1-7 KB per thread, and the float32 forward with 64
+    channels 1.2-1.6 KB: the forward takes up to 64 keys (32 channels in float32), the backward,
+    which loops over the keys, 32. The float32 forward's were timed on an H200
+    (bench/results/h200-session9, run 2); the others not yet."""
     np2 = triton.next_power_of_2
-    return min(64, max(16, np2(C))), 512 if _INTERPRET else 64, min(max_s, max(16, np2(S)))
+    bc = min(max_c if not _INTERPRET else 64, max(16, np2(C)))
+    return bc, 512 if _INTERPRET else 64, min(max_s, max(16, np2(S)))
 
 
 def _n_groups(n_blocks: int, programs: int, device: torch.device) -> int:
@@ -213,9 +216,7 @@ def pp_fwd(x: torch.Tensor, scales: list[int], n_groups: int | None = None) -> t
     N = H * W
     bins, inv = _bins(tuple(int(s) for s in scales), H, W, x.device)
     S = inv.numel()
-    bc, bn, bs = _blocks(C, S, 64)
-    if x.dtype == torch.float32 and not _INTERPRET:
-        bc = min(bc, 32)  # 64 channels spilled 1.2-1.6 KB per thread (tf32x3)
+    bc, bn, bs = _blocks(C, S, 32 if x.dtype == torch.float32 else 64, 64)
     n_s = triton.cdiv(S, bs)
     programs = triton.cdiv(C, bc) * n_s * B
     n_blocks = triton.cdiv(N, bn)
@@ -255,8 +256,8 @@ def pp_bwd(dout: torch.Tensor, scales: list[int], H: int, W: int) -> torch.Tenso
     N = H * W
     dx = torch.empty((B, C, H, W), dtype=dout.dtype, device=dout.device)
     _check(dx, "dx")
-    bc, bn, bs = _blocks(C, S, 32)
+    bc, bn, bs = _blocks(C, S, 64, 32)
     _pp_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), B)](
         dout, bins, inv, dx, *dout.stride(), C, W, N, S,
-        BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, num_warps=4)
+        BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, DOT_PRECISION=F32_DOT, num_warps=4)
     return dx

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _INTERPRET
+from fastctx.triton._common import F32_DOT, _INTERPRET
 
 _OP = "fastctx.semantic_pool"
 
@@ -97,7 +97,8 @@ def _expsum_kernel(labels, best, m, e, pz, pc, N, K, NB,
 @triton.jit
 def _segsum_kernel(x, labels, e, z, w, part, N, C, K, G, pix_per_group,
                    N_C: tl.constexpr, N_K: tl.constexpr, HAS_W: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """part [B, G, C, K] (float32) = sum over the pixels n of group g with label k of
     wt_n * x[b, c, n]: wt = e / z[label] (0 where z = 0; written to w [B, N] by the programs of
     channel chunk 0 and class tile 0) with HAS_W, else 1.
@@ -132,7 +133,7 @@ def _segsum_kernel(x, labels, e, z, w, part, N, C, K, G, pix_per_group,
         b_oh = tl.where(b_lab[:, None] == (k_start + o_k)[None, :], b_w[:, None], 0.0)  # [BLOCK_N, BLOCK_K]
         b_xt = tl.load(p_x + (o_c[:, None] * N + (n0 + o_n)[None, :]),
                        mask=m_c[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BLOCK_C, BLOCK_N]
-        b_acc += tl.dot(b_xt, b_oh, input_precision="tf32x3")  # F32_DOT
+        b_acc += tl.dot(b_xt, b_oh, input_precision=DOT_PRECISION)
     p_part = part + ((i_b * G + i_g) * C + c_start) * K + k_start
     tl.store(p_part + (o_c[:, None] * K + o_k[None, :]), b_acc,
              mask=m_c[:, None] & (o_k < K - k_start)[None, :])
@@ -231,7 +232,8 @@ def _segsum(x: torch.Tensor, labels: torch.Tensor, K: int, e=None, z=None, w=Non
     has_w = e is not None
     _segsum_kernel[(g * n_c * n_k, B)](
         x, labels, e if has_w else x, z if has_w else x, w if has_w else x, part, N, C, K, g, pix,
-        N_C=n_c, N_K=n_k, HAS_W=has_w, BLOCK_N=_SEGSUM_BLOCK_N, BLOCK_C=bc, BLOCK_K=bk, num_warps=4)
+        N_C=n_c, N_K=n_k, HAS_W=has_w, BLOCK_N=_SEGSUM_BLOCK_N, BLOCK_C=bc, BLOCK_K=bk,
+        DOT_PRECISION=F32_DOT, num_warps=4)
     return part.sum(1)  # deterministic second level
 
 
