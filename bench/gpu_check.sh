@@ -53,7 +53,7 @@ TIMEOUT_PER_TEST=""
 $PY -c 'import pytest_timeout' 2>/dev/null && TIMEOUT_PER_TEST="--timeout 120"
 t=$(left); [ "$t" -gt "$PARITY_SECONDS" ] && t=$PARITY_SECONDS
 timeout "$t" $PY -m pytest -v -rfE $XDIST $TIMEOUT_PER_TEST -k "cuda or triton" \
-  --junitxml="$OUT/parity.xml" tests/test_criss_cross.py tests/test_region_attention.py \
+  --junitxml="$OUT/parity.xml" tests/test_criss_cross.py tests/test_criss_cross_triton.py tests/test_region_attention.py \
   tests/test_interlaced.py tests/test_interlaced_triton.py tests/test_pyramid.py tests/test_spatial_gather.py \
   tests/test_semantic_pool.py tests/test_backends.py > "$OUT/parity.log" 2>&1
 [ $? = 0 ] || status=1

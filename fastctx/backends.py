@@ -11,7 +11,8 @@ triton     the Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTER
 ========== ==================================================================================
 
 ``backend=None`` picks the first backend of :data:`ORDER` for the tensors' device that can run
-the op (on CUDA tensors the reference first for the ops of :data:`REFERENCE_FIRST_ON_CUDA`);
+the op (on CUDA tensors the reference first for the ops and dtypes of
+:data:`REFERENCE_FIRST_ON_CUDA`);
 :func:`explain` says why each of the others declined. An explicitly named backend (the
 ``backend=`` argument, :func:`use_backend` or ``FASTCTX_BACKEND``) that cannot run raises
 :class:`BackendUnavailableError`: it never falls back. :func:`last_backend` tells which backend
@@ -41,18 +42,28 @@ ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
+_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 #: Ops whose fused CUDA-tensor kernels measured slower than the reference, forward+backward at the
-#: models' sizes in float32 and float16 on an NVIDIA H200 (bench/results/h200-session9):
-#: ``backend=None`` takes the reference for them on CUDA tensors until the kernels win. Name
-#: "triton" (or "cuda") to run the kernels anyway: they often hold less memory (criss-cross at
-#: 97x97: 0.34x of the reference's peak).
-REFERENCE_FIRST_ON_CUDA: dict[str, str] = {
-    "criss_cross_attention": "triton 0.11x / cuda 0.07x the reference's speed at 97x97 float32, 0.30x / 0.12x float16",
-    "region_attention": "triton 0.09-0.52x the reference's speed in float32, 0.82-1.53x in float16",
-    "interlaced_attention": "triton 0.06-0.25x the reference's speed in float32, 0.36-1.07x in float16",
-    "pyramid_pool": "triton 0.76-0.91x the reference's speed in float32, 0.63-0.82x in float16",
-    "pyramid_attention": "triton 0.41-0.45x the reference's speed in float32, 0.94-0.96x in float16",
+#: models' sizes on an NVIDIA H200 (bench/results/h200-session9, h200-session10), with the dtypes
+#: where they did (op -> (dtypes, what was measured)): ``backend=None`` takes the reference for
+#: those on CUDA tensors until the kernels win. Name "triton" (or "cuda") to run the kernels
+#: anyway: they often hold less memory.
+REFERENCE_FIRST_ON_CUDA: dict[str, tuple[tuple[torch.dtype, ...], str]] = {
+    "criss_cross_attention": (
+        (torch.float32, torch.float64),
+        "triton 0.56x the reference's speed at 97x97 float32 (float16: 3.1x, the Triton kernels)"),
+    "region_attention": (_ALL, "triton 0.09-0.52x the reference's speed in float32, 0.82-1.53x in float16"),
+    "interlaced_attention": (_ALL, "triton 0.06-0.25x the reference's speed in float32, 0.36-1.07x in float16"),
+    "pyramid_pool": (_ALL, "triton 0.76-0.91x the reference's speed in float32, 0.63-0.82x in float16"),
+    "pyramid_attention": (_ALL, "triton 0.41-0.45x the reference's speed in float32, 0.94-0.96x in float16"),
 }
+
+
+def reference_first(op: str, device_type: str, dtype: torch.dtype) -> str | None:
+    """Why ``backend=None`` takes the reference first for ``op`` on these tensors, or None."""
+    entry = REFERENCE_FIRST_ON_CUDA.get(op) if device_type == "cuda" else None
+    return entry[1] if entry is not None and dtype in entry[0] else None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -156,9 +167,9 @@ def default_backend() -> str | None:
     return name or None
 
 
-def _order(op: str, device_type: str) -> tuple[str, ...]:
+def _order(op: str, device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
     order = ORDER.get(device_type, ("reference",))
-    if device_type == "cuda" and op in REFERENCE_FIRST_ON_CUDA:
+    if reference_first(op, device_type, dtype) is not None:
         order = ("reference",) + tuple(b for b in order if b != "reference")
     return order
 
@@ -172,7 +183,7 @@ def _choose(op: str, device_type: str, dtype: torch.dtype, requested: str | None
                 f"fastctx.{op}: backend '{requested}' cannot run this call: {reason}"
             )
         return requested
-    for name in _order(op, device_type):
+    for name in _order(op, device_type, dtype):
         if why_not(op, name, device_type, dtype) is None:
             return name
     raise BackendUnavailableError(f"fastctx.{op}: no backend can run on {device_type}")  # unreachable
@@ -186,7 +197,8 @@ def choose_backend(op: str, tensor: torch.Tensor, backend: str | None = None) ->
         tensor (Tensor): a representative input.
         backend (str | None): an explicit request; it raises instead of falling back. Default:
             :func:`default_backend`, then the first of :data:`ORDER` that can run (the
-            reference first on CUDA tensors for the ops of :data:`REFERENCE_FIRST_ON_CUDA`).
+            reference first on CUDA tensors for the ops and dtypes of
+            :data:`REFERENCE_FIRST_ON_CUDA`).
     """
     requested = _check_name(backend, f"fastctx.{op}") if backend is not None else default_backend()
     name = _choose(op, tensor.device.type, tensor.dtype, requested)

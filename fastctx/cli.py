@@ -32,7 +32,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _info(_: argparse.Namespace) -> int:
     import fastctx
     from fastctx import _ext
-    from fastctx.backends import _OPS, REFERENCE_FIRST_ON_CUDA, BackendUnavailableError, choose_backend
+    from fastctx.backends import _OPS, BackendUnavailableError, choose_backend, reference_first
 
     ok, why = _ext.available()
     print(f"fastctx {fastctx.__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
@@ -46,7 +46,7 @@ def _info(_: argparse.Namespace) -> int:
                 auto = choose_backend(op, x)
             except BackendUnavailableError as e:  # FASTCTX_BACKEND names one that cannot run here
                 auto = f"nothing: {e}"
-            slower = REFERENCE_FIRST_ON_CUDA.get(op) if dev == "cuda" else None
+            slower = reference_first(op, dev, x.dtype)
             print(f"  {op}: backend=None takes {auto}" + (f" (the kernels measured slower on an H200: {slower})" if slower else ""))
             for name, reason in fastctx.explain(op, x).items():
                 print(f"    {name:10s} {reason}")

@@ -107,6 +107,15 @@ def test_triton_first_on_cuda_for_the_other_ops():
     assert set(backends.REFERENCE_FIRST_ON_CUDA) <= set(backends._OPS)
 
 
+def test_reference_first_only_for_the_dtypes_measured_slower():
+    # criss-cross: the Triton kernels beat the reference in float16 (h200-session10), not float32
+    assert backends._choose("criss_cross_attention", "cuda", torch.float16, None) == "triton"
+    assert backends._choose("criss_cross_attention", "cuda", torch.float32, None) == "reference"
+    assert backends.reference_first("criss_cross_attention", "cuda", torch.float32)
+    assert backends.reference_first("criss_cross_attention", "cuda", torch.float16) is None
+    assert backends.reference_first("criss_cross_attention", "cpu", torch.float32) is None
+
+
 def test_kernel_lookup_is_cached(monkeypatch):
     """The dispatcher's has-kernel lookup (~13 us) runs once per (op, dispatch key), not on every
     call: a forward+backward asked it three times."""

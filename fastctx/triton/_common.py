@@ -16,16 +16,17 @@ _LOG2E = 1.4426950408889634
 #: float32's accuracy (the dropped product of the remainders is ~2^-22 relative). Faster:
 #: interlaced attention (1.6-1.9x forward and backward), the pyramid pool (with smaller blocks:
 #: 6-8x forward), spatial gather (forward 1.6-6.6x, backward 0.6-1.0x, forward+backward
-#: 0.8-2.1x), the segmented sum (~2x forward). Slower, so these keep "ieee": criss-cross and
-#: region attention (forward 1.4-2.1x slower; why is not established). The interpreter computes
-#: in float32 either way.
+#: 0.8-2.1x), the segmented sum (~2x forward), criss-cross since its rewrite on tensor cores
+#: (forward+backward ~1.9x: h200-session10). Slower, so it keeps "ieee": region attention
+#: (forward 1.4-2.1x slower; why is not established). The interpreter computes in float32
+#: either way.
 F32_DOT = "tf32x3"
 
 _HEURISTICS = {
     "ONE_CQK": lambda a: a["Cqk"] <= a["BLOCK_CQK"],
     "ONE_CV": lambda a: a["Cv"] <= a["BLOCK_CV"],
-    # float32 dots in full precision, FMA loops (tf32x3 measured slower here: F32_DOT); the
-    # 16-bit dtypes ignore it.
+    # float32 dots in full precision, FMA loops (region attention: tf32x3 measured slower there,
+    # F32_DOT); the 16-bit dtypes ignore it.
     "DOT_PRECISION": lambda a: "ieee" if a["q"].dtype == torch.float32 else "tf32",
     # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
     # (triton-lang/triton#11584): upcast them there

@@ -340,8 +340,13 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     needs every dim >= 16): BLOCK_M queries and BLOCK_N keys per step, the Cqk channels in one
     block up to 128 (else chunks of 64), Cv chunks of BLOCK_CV.
 
-    Checked by compiling for sm_90 without a GPU (bench/compile_check.py, ptxas -v): no
-    register spills at CCNet's sizes (Cqk 64, Cv 512) in float32 and float16.
+    Timed on an H200 (bench/results/h200-session10: bench/cc_sweep.py, configs side by side):
+    float16 forward 4 warps (0.157 ms vs 0.204 with 8 at 97x97), float32 dots "tf32x3"
+    (forward+backward 3.7 ms vs 7.1 with the backward in "ieee", float32's accuracy either way).
+    float16 computes dk and dv in one launch (Cv up to 512 in one block: <dout, v> once per key
+    and query block, not once per Cv chunk). Compiled for sm_90 without a GPU
+    (bench/compile_check.py, ptxas -v): no spills but the float32 dq and dk kernels (up to 88
+    bytes; faster than the spill-free "ieee" dots all the same).
     """
     f32 = dtype == torch.float32
     np2 = triton.next_power_of_2
@@ -354,11 +359,11 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
                 "BLOCK_CV": min(c, cv), "num_warps": warps, "num_stages": stages,
                 "F32_DOT": f32_dot}
 
-    if f32:  # the backward's tf32x3 dots spill registers (up to 88 bytes): "ieee" there
-        return {"fwd": blocks(64, 32, 64, 8), "dq": blocks(32, 32, 64, 8, f32_dot="ieee"),
-                "dkdv": blocks(32, 32, 64, 8, f32_dot="ieee")}
-    return {"fwd": blocks(64, 64, 128, 8), "dq": blocks(64, 32, 128, 8),
-            "dkdv": blocks(32, 64, 128, 8)}
+    if f32:  # dk and dv in one launch would need 300 KB of shared memory: Cv in chunks
+        return {"fwd": blocks(64, 32, 64, 8), "dq": blocks(32, 32, 64, 8),
+                "dkdv": blocks(32, 32, 64, 8)}
+    return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 32, 128, 8),
+            "dkdv": blocks(32, 32, 512, 8)}
 
 
 def _consts(cfg: dict, dtype: torch.dtype, Cqk: int, Cv: int) -> tuple[dict, dict]:
