@@ -27,20 +27,15 @@ CHANNELS_LAST_BOTH = False
 CONFIGS = {
     torch.float16: [
         ("default", {}),
-        ("dkdv split, Cv chunks of 128 (session 10 run 1's default)",
-         {"dkdv": {"BLOCK_N": 64, "BLOCK_CV": 128}}),
+        ("run 2's default (dk/dv 32 queries)", {"dkdv": {"BLOCK_M": 32}}),
         ("fwd CV256", {"fwd": {"BLOCK_CV": 256}}),
-        ("fwd M128 8 warps", {"fwd": {"BLOCK_M": 128, "num_warps": 8}}),
-        ("dkdv M64", {"dkdv": {"BLOCK_M": 64}}),
-        ("dq N64", {"dq": {"BLOCK_N": 64}}),
     ],
     torch.float32: [
         ("default", {}),
-        ("fwd M32 CV128", {"fwd": {"BLOCK_M": 32, "BLOCK_CV": 128}}),
-        ("fwd N64", {"fwd": {"BLOCK_N": 64}}),
-        ("dq M64", {"dq": {"BLOCK_M": 64}}),
-        ("dkdv N64", {"dkdv": {"BLOCK_N": 64}}),
-        ("dkdv CV128", {"dkdv": {"BLOCK_CV": 128}}),
+        ("run 2's default", {"fwd": {"BLOCK_M": 64, "BLOCK_CV": 64}, "dq": {"BLOCK_M": 32},
+                             "dkdv": {"BLOCK_N": 32}}),
+        ("dq M32", {"dq": {"BLOCK_M": 32}}),
+        ("dkdv N32", {"dkdv": {"BLOCK_N": 32}}),
     ],
     torch.bfloat16: [("default", {})],
 }

@@ -4,7 +4,9 @@ operator. The report times whole calls; at the models' sizes the host side (auto
 dispatch, launches) may set that time rather than the kernels (bench/results/h200-session9).
 
 Usage: python bench/gpu_profile.py [--ops a,b] [--dtype fp16] [--candidates reference,triton]
-       [--calls 20] [--nan-check] [--out FILE.json]
+       [--calls 20] [--host N] [--nan-check] [--out FILE.json]
+--host N adds the host side: the Python functions that take the most time over N more calls
+(cProfile, by own time), to tell the dispatch, autograd and launch costs apart.
 The inputs' NaN check is off as in the report (FASTCTX_CHECK_NAN=0; on a GPU it synchronizes)
 unless --nan-check. On a machine without CUDA it profiles CPU tensors (rows are then CPU ops).
 """
@@ -12,8 +14,10 @@ unless --nan-check. On a machine without CUDA it profiles CPU tensors (rows are 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import time
 
 import torch
@@ -23,7 +27,7 @@ from fastctx.bench.cases import CASES, FULL_ONLY
 from fastctx.bench.runner import _fwd_bwd
 from fastctx.cli import DTYPES
 
-def profile_case(case, cand: str, dtype: torch.dtype, device: torch.device, calls: int) -> dict:
+def profile_case(case, cand: str, dtype: torch.dtype, device: torch.device, calls: int, host_calls: int = 0) -> dict:
     inputs = tuple(t.detach().requires_grad_(True) for t in case.make_inputs(dtype, device))
     fn = case.candidates[cand]
     dout = torch.randn_like(fn(*inputs))
@@ -48,9 +52,22 @@ def profile_case(case, cand: str, dtype: torch.dtype, device: torch.device, call
             kernels[e.key] = (t / 1e3 / calls, e.count / calls)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
     device_ms = sum(ms for _, (ms, _) in top) if device.type == "cuda" else None
+    host = []
+    if host_calls:
+        prof_host = cProfile.Profile()
+        prof_host.enable()
+        for _ in range(host_calls):
+            _fwd_bwd(fn, inputs, dout)
+        prof_host.disable()
+        sync()
+        stats = pstats.Stats(prof_host).stats
+        rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]  # by own time
+        host = [{"function": f"{os.path.basename(f)}:{line}({name})"[:110], "own_us_per_call": tt / host_calls * 1e6,
+                 "cum_us_per_call": ct / host_calls * 1e6} for (f, line, name), (_, _, tt, ct, _) in rows]
     return {"op": case.op, "case": case.name, "candidate": cand, "dtype": str(dtype).removeprefix("torch."),
             "wall_ms_per_call": wall_ms, "device_ms_per_call": device_ms,
-            "kernels": [{"name": k[:120], "ms_per_call": ms, "launches_per_call": n} for k, (ms, n) in top[:8]]}
+            "kernels": [{"name": k[:120], "ms_per_call": ms, "launches_per_call": n} for k, (ms, n) in top[:8]],
+            "host": host}
 
 
 def main() -> None:
@@ -59,6 +76,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     ap.add_argument("--candidates", default="reference,triton,cuda")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--host", type=int, default=0, help="cProfile the host side over this many calls")
     ap.add_argument("--nan-check", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -72,7 +90,7 @@ def main() -> None:
             if cand not in case.candidates:
                 continue
             try:
-                r = profile_case(case, cand, DTYPES[args.dtype], device, args.calls)
+                r = profile_case(case, cand, DTYPES[args.dtype], device, args.calls, args.host)
             except Exception as e:  # a backend that declines (e.g. cuda for most ops) is reported
                 print(f"{op} {case.name} {cand}: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
                 continue
@@ -81,6 +99,8 @@ def main() -> None:
             print(f"{op} {case.name} {args.dtype} {cand}: wall {r['wall_ms_per_call']:.3f} ms, device {dev} ms per fwd+bwd")
             for k in r["kernels"][:5]:
                 print(f"    {k['ms_per_call']:8.3f} ms  x{k['launches_per_call']:.0f}  {k['name'][:90]}")
+            for h in r["host"]:
+                print(f"    host {h['own_us_per_call']:8.1f} us own {h['cum_us_per_call']:8.1f} us cum  {h['function']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "results": results}, f, indent=1)

@@ -219,13 +219,13 @@ def test_opcheck(backend, device):
     _need(backend)
     feats, logits = _separated(2, 3, 4, 5, 6, torch.float32)
     feats, logits = feats.to(device).requires_grad_(True), logits.to(device).requires_grad_(True)
-    torch.library.opcheck(sem._sp_fwd, (feats, logits, backend))
+    torch.library.opcheck(sem._sp_fwd.op, (feats, logits, backend))
     regions, _, labels, w = sem._sp_fwd(feats.detach(), logits.detach(), backend)
-    torch.library.opcheck(sem._sp_gather, (regions.clone().requires_grad_(True), labels, torch.float32, backend))
+    torch.library.opcheck(sem._sp_gather.op, (regions.clone().requires_grad_(True), labels, torch.float32, backend))
     # the backward ops have no autograd of their own: schema and fake checks
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(sem._sp_bwd, (torch.randn_like(regions), feats.detach(), labels, w, regions, backend), test_utils=utils)
-    torch.library.opcheck(sem._sp_scatter, (torch.randn(2, 3, 5, 6, device=device), labels, 4, backend), test_utils=utils)
+    torch.library.opcheck(sem._sp_bwd.op, (torch.randn_like(regions), feats.detach(), labels, w, regions, backend), test_utils=utils)
+    torch.library.opcheck(sem._sp_scatter.op, (torch.randn(2, 3, 5, 6, device=device), labels, 4, backend), test_utils=utils)
 
 
 def test_compile_fullgraph_cpu():

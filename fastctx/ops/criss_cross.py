@@ -14,7 +14,7 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
-from fastctx.ops._kernels import kernels
+from fastctx.ops._kernels import fused_op, kernels
 
 OP = "criss_cross_attention"
 register_op(OP, OpSupport(compiled="cc_fwd", triton=True))
@@ -28,7 +28,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastctx::criss_cross_fwd", mutates_args=())
+@fused_op("fastctx::criss_cross_fwd")
 def _fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     fwd, _ = _kernels(backend)
     return fwd(q, k, v, scale)
@@ -42,7 +42,7 @@ def _(q, k, v, scale, backend):
     return out, lse
 
 
-@torch.library.custom_op("fastctx::criss_cross_bwd", mutates_args=())
+@fused_op("fastctx::criss_cross_bwd")
 def _bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:

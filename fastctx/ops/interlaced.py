@@ -9,7 +9,7 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
-from fastctx.ops._kernels import keep_weights, kernels
+from fastctx.ops._kernels import fused_op, keep_weights, kernels
 
 OP = "interlaced_attention"
 register_op(OP, OpSupport(compiled="isa_fwd", triton=True))
@@ -80,7 +80,7 @@ def _isa_kernels(backend: str):
 # every group's softmax weights, p [B, groups, L, L], which the compiled backward reads instead of
 # recomputing them; Triton's backward recomputes them from lse, its p is empty. Every backend's
 # host functions take the compiled ops' schema (csrc/ops/interlaced_attention.cpp).
-@torch.library.custom_op("fastctx::interlaced_attention_fwd", mutates_args=())
+@fused_op("fastctx::interlaced_attention_fwd")
 def _isa_fwd(
     q: Tensor, k: Tensor, v: Tensor, bh: int, bw: int, long_mode: bool, scale: float, backend: str, keep_p: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,7 +97,7 @@ def _(q, k, v, bh, bw, long_mode, scale, backend, keep_p):
             q.new_empty(p_shape, dtype=stat_dtype))
 
 
-@torch.library.custom_op("fastctx::interlaced_attention_bwd", mutates_args=())
+@fused_op("fastctx::interlaced_attention_bwd")
 def _isa_bwd(
     dout: Tensor,
     q: Tensor,

@@ -13,7 +13,7 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
-from fastctx.ops._kernels import keep_weights, kernels
+from fastctx.ops._kernels import fused_op, keep_weights, kernels
 
 register_op("spatial_gather", OpSupport(compiled="sg_fwd", triton=True))
 register_op("region_attention", OpSupport(compiled="ra_fwd", triton=True))
@@ -57,7 +57,7 @@ def _sg_kernels(backend: str):
     return kernels("spatial_gather", backend, ("sg_fwd", "sg_bwd"), ("fastctx.triton.spatial_gather", "sg_fwd", "sg_bwd"))
 
 
-@torch.library.custom_op("fastctx::spatial_gather_fwd", mutates_args=())
+@fused_op("fastctx::spatial_gather_fwd")
 def _sg_fwd(feats: Tensor, logits: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     return _sg_kernels(backend)[0](feats, logits, scale)
 
@@ -70,7 +70,7 @@ def _(feats, logits, scale, backend):
     return feats.new_empty((B, C, K)), feats.new_empty((B, K), dtype=lse_dtype)
 
 
-@torch.library.custom_op("fastctx::spatial_gather_bwd", mutates_args=())
+@fused_op("fastctx::spatial_gather_bwd")
 def _sg_bwd(
     dout: Tensor, feats: Tensor, logits: Tensor, out: Tensor, lse: Tensor, scale: float, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -179,7 +179,7 @@ def _ra_kernels(backend: str):
 # Outputs (out, lse, p): p [B, S, H*W] holds the weights when keep_p is set for a compiled
 # backend, else it is empty (the backward recomputes them from lse). Every backend's host
 # functions take the compiled ops' schema (csrc/ops/region_attention.cpp).
-@torch.library.custom_op("fastctx::region_attention_fwd", mutates_args=())
+@fused_op("fastctx::region_attention_fwd")
 def _ra_fwd(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, backend: str, keep_p: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,7 +195,7 @@ def _(q, k, v, bias, scale, backend, keep_p):
             q.new_empty(p_shape, dtype=stat_dtype))
 
 
-@torch.library.custom_op("fastctx::region_attention_bwd", mutates_args=())
+@fused_op("fastctx::region_attention_bwd")
 def _ra_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, p: Tensor, scale: float,
     backend: str,

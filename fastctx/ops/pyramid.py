@@ -15,7 +15,7 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
-from fastctx.ops._kernels import kernels
+from fastctx.ops._kernels import fused_op, kernels
 from fastctx.ops.ocr import _ra_fwd, ra_keep_weights
 
 register_op("pyramid_pool", OpSupport(compiled="pp_fwd", triton=True))
@@ -116,7 +116,7 @@ def _pp_kernels(backend: str):
     return kernels("pyramid_pool", backend, ("pp_fwd", "pp_bwd"), ("fastctx.triton.pyramid_pool", "pp_fwd", "pp_bwd"))
 
 
-@torch.library.custom_op("fastctx::pyramid_pool_fwd", mutates_args=())
+@fused_op("fastctx::pyramid_pool_fwd")
 def _pp_fwd(x: Tensor, scales: list[int], backend: str) -> Tensor:
     return _pp_kernels(backend)[0](x, scales)
 
@@ -126,7 +126,7 @@ def _(x, scales, backend):
     return x.new_empty((x.shape[0], x.shape[1], sum(s * s for s in scales)))
 
 
-@torch.library.custom_op("fastctx::pyramid_pool_bwd", mutates_args=())
+@fused_op("fastctx::pyramid_pool_bwd")
 def _pp_bwd(dout: Tensor, scales: list[int], H: int, W: int, backend: str) -> Tensor:
     return _pp_kernels(backend)[1](dout, scales, H, W)
 

@@ -22,7 +22,7 @@ from torch import Tensor
 import python_ref
 from fastctx import _validate
 from fastctx.backends import OpSupport, choose_backend, register_op
-from fastctx.ops._kernels import kernels
+from fastctx.ops._kernels import fused_op, kernels
 
 register_op("semantic_pool", OpSupport(compiled="sp_fwd", triton=True))
 register_op("semantic_pool_regions", OpSupport(compiled="sp_fwd", triton=True))
@@ -99,7 +99,7 @@ def _sp_kernels(backend: str):
     return kernels("semantic_pool", backend, ("sp_fwd", "sp_bwd"), (_TRITON, "sp_fwd", "sp_bwd"))
 
 
-@torch.library.custom_op("fastctx::semantic_pool_fwd", mutates_args=())
+@fused_op("fastctx::semantic_pool_fwd")
 def _sp_fwd(feats: Tensor, logits: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _sp_kernels(backend)[0](feats, logits)
 
@@ -117,7 +117,7 @@ def _(feats, logits, backend):
     )
 
 
-@torch.library.custom_op("fastctx::semantic_pool_bwd", mutates_args=())
+@fused_op("fastctx::semantic_pool_bwd")
 def _sp_bwd(
     dregions: Tensor, feats: Tensor, labels: Tensor, w: Tensor, regions: Tensor, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -157,7 +157,7 @@ def _gs_kernels(backend: str):
     return kernels("semantic_pool", backend, ("sp_gather", "sp_scatter"), (_TRITON, "sp_gather", "sp_scatter"))
 
 
-@torch.library.custom_op("fastctx::semantic_pool_gather", mutates_args=())
+@fused_op("fastctx::semantic_pool_gather")
 def _sp_gather(regions: Tensor, labels: Tensor, dtype: torch.dtype, backend: str) -> Tensor:
     return _gs_kernels(backend)[0](regions, labels, dtype)
 
@@ -168,7 +168,7 @@ def _(regions, labels, dtype, backend):
     return regions.new_empty((B, C, labels.shape[1], labels.shape[2]), dtype=dtype)
 
 
-@torch.library.custom_op("fastctx::semantic_pool_scatter", mutates_args=())
+@fused_op("fastctx::semantic_pool_scatter")
 def _sp_scatter(dpooled: Tensor, labels: Tensor, K: int, backend: str) -> Tensor:
     return _gs_kernels(backend)[1](dpooled, labels, K)
 

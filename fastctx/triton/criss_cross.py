@@ -340,13 +340,16 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     needs every dim >= 16): BLOCK_M queries and BLOCK_N keys per step, the Cqk channels in one
     block up to 128 (else chunks of 64), Cv chunks of BLOCK_CV.
 
-    Timed on an H200 (bench/results/h200-session10: bench/cc_sweep.py, configs side by side):
-    float16 forward 4 warps (0.157 ms vs 0.204 with 8 at 97x97), float32 dots "tf32x3"
-    (forward+backward 3.7 ms vs 7.1 with the backward in "ieee", float32's accuracy either way).
-    float16 computes dk and dv in one launch (Cv up to 512 in one block: <dout, v> once per key
-    and query block, not once per Cv chunk). Compiled for sm_90 without a GPU
-    (bench/compile_check.py, ptxas -v): no spills but the float32 dq and dk kernels (up to 88
-    bytes; faster than the spill-free "ieee" dots all the same).
+    Timed on an H200 (bench/results/h200-session10, bench/cc_sweep.py: configs side by side,
+    each change below measured alone at 97x97 and 65x129): float16 forward 4 warps (0.157 vs
+    0.204 ms with 8), dk and dv in one launch with Cv 512 in one block (<dout, v> once per key
+    and query block instead of once per Cv chunk: forward+backward 0.644 vs 0.836 ms), 64
+    queries per dk/dv step (0.604 vs 0.644); float32 dots "tf32x3" (float32's accuracy;
+    forward+backward 3.7 vs 7.1 ms with "ieee" in the backward), forward 32 queries x 128 Cv
+    (0.68 vs 0.90 ms), dq 64 queries (3.29 vs 3.68 forward+backward), dk/dv 64 keys (3.33 vs
+    3.68). Compiled for sm_90 without a GPU (bench/compile_check.py, ptxas -v): the float32
+    backward kernels spill up to ~210 bytes per thread, the float16 dk/dv kernel 16; faster than
+    the spill-free configs all the same.
     """
     f32 = dtype == torch.float32
     np2 = triton.next_power_of_2
@@ -360,10 +363,10 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
                 "F32_DOT": f32_dot}
 
     if f32:  # dk and dv in one launch would need 300 KB of shared memory: Cv in chunks
-        return {"fwd": blocks(64, 32, 64, 8), "dq": blocks(32, 32, 64, 8),
-                "dkdv": blocks(32, 32, 64, 8)}
+        return {"fwd": blocks(32, 32, 128, 8), "dq": blocks(64, 32, 64, 8),
+                "dkdv": blocks(32, 64, 64, 8)}
     return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 32, 128, 8),
-            "dkdv": blocks(32, 32, 512, 8)}
+            "dkdv": blocks(64, 32, 512, 8)}
 
 
 def _consts(cfg: dict, dtype: torch.dtype, Cqk: int, Cv: int) -> tuple[dict, dict]:
