@@ -32,10 +32,8 @@ CONFIGS = {
     ],
     torch.float32: [
         ("default", {}),
-        ("run 2's default", {"fwd": {"BLOCK_M": 64, "BLOCK_CV": 64}, "dq": {"BLOCK_M": 32},
-                             "dkdv": {"BLOCK_N": 32}}),
-        ("dq M32", {"dq": {"BLOCK_M": 32}}),
-        ("dkdv N32", {"dkdv": {"BLOCK_N": 32}}),
+        ("run 2's forward (64 queries x 64 Cv)", {"fwd": {"BLOCK_M": 64, "BLOCK_CV": 64}}),
+        ("fwd N64", {"fwd": {"BLOCK_N": 64}}),
     ],
     torch.bfloat16: [("default", {})],
 }

@@ -1,7 +1,7 @@
 """Criss-cross attention in Triton: forward and backward as two "line attentions".
 
 Layout NCHW, any strides (channels_last, slices): the kernels read their inputs through strides;
-outputs are allocated NCHW-contiguous. Contract (notes/cc_semantics.md): pixel (i, j) attends to
+outputs are allocated NCHW-contiguous. Contract (OPERATORS.md, section 1): pixel (i, j) attends to
 its column (i', j), i' != i, and its whole row (i, j'); one softmax over the H + W - 1 energies
 ``scale * <q[:, i, j], k[:, pos]>``; ``lse`` is its logsumexp (float32).
 
@@ -10,9 +10,10 @@ family, FlashAttention-style, every product a ``tl.dot`` on tensor cores:
 
 - a *line* is a column (b, j), its positions i (the query's own position left out), or a row
   (b, i), its positions j. The kernels address ``x[b, line, pos, c]`` through four strides, so
-  one kernel serves both passes; the column pass reads channels-last copies ``[B, W, H, C]``
-  of its inputs (``_CHANNELS_LAST``: contiguous channel vectors for the dots, instead of
-  gathers W elements apart) and writes its partial results in that layout, float32.
+  one kernel serves both passes. Both read channels-last copies of the inputs
+  (``_CHANNELS_LAST``: each pixel's channel vector contiguous for the dots; reading NCHW
+  directly measured 1.5-2.3x slower on an H200) and the column pass writes its float32 partial
+  results channels-last too.
 - forward: the column pass gives each pixel its column-normalized output and column logsumexp;
   the row pass computes the row part and merges the two in its epilogue (weights
   ``exp(lse_part - lse)``), writing ``out`` and ``lse``.
@@ -341,15 +342,17 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     block up to 128 (else chunks of 64), Cv chunks of BLOCK_CV.
 
     Timed on an H200 (bench/results/h200-session10, bench/cc_sweep.py: configs side by side,
-    each change below measured alone at 97x97 and 65x129): float16 forward 4 warps (0.157 vs
-    0.204 ms with 8), dk and dv in one launch with Cv 512 in one block (<dout, v> once per key
-    and query block instead of once per Cv chunk: forward+backward 0.644 vs 0.836 ms), 64
-    queries per dk/dv step (0.604 vs 0.644); float32 dots "tf32x3" (float32's accuracy;
-    forward+backward 3.7 vs 7.1 ms with "ieee" in the backward), forward 32 queries x 128 Cv
-    (0.68 vs 0.90 ms), dq 64 queries (3.29 vs 3.68 forward+backward), dk/dv 64 keys (3.33 vs
-    3.68). Compiled for sm_90 without a GPU (bench/compile_check.py, ptxas -v): the float32
-    backward kernels spill up to ~210 bytes per thread, the float16 dk/dv kernel 16; faster than
-    the spill-free configs all the same.
+    each change measured alone at 97x97 and 65x129): float16 forward 4 warps (0.157 vs 0.204 ms
+    with 8), dk and dv in one launch with Cv 512 in one block (<dout, v> once per key and query
+    block instead of once per Cv chunk: forward+backward 0.644 vs 0.836 ms), 64 queries per
+    dk/dv step (0.604 vs 0.644); float32 dots "tf32x3" (float32's accuracy; forward+backward
+    3.7 vs 7.1 ms with "ieee" in the backward), forward 32 queries x 128 Cv (0.68 vs 0.90 ms).
+    float32 dq with 64 queries and dk/dv with 64 keys measured faster too (forward+backward
+    2.7 ms with both) but one of them faulted (illegal memory access) on a 17x33 map with
+    Cqk 8 (run 3; which one is not established): the backward keeps 32 x 32. Compiled for
+    sm_90 without a GPU (bench/compile_check.py, ptxas -v): the float32 dq and dk kernels spill
+    up to ~90 bytes per thread, the float16 dk/dv kernel 16; faster than the spill-free configs
+    all the same.
     """
     f32 = dtype == torch.float32
     np2 = triton.next_power_of_2
@@ -363,8 +366,8 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
                 "F32_DOT": f32_dot}
 
     if f32:  # dk and dv in one launch would need 300 KB of shared memory: Cv in chunks
-        return {"fwd": blocks(32, 32, 128, 8), "dq": blocks(64, 32, 64, 8),
-                "dkdv": blocks(32, 64, 64, 8)}
+        return {"fwd": blocks(32, 32, 128, 8), "dq": blocks(32, 32, 64, 8),
+                "dkdv": blocks(32, 32, 64, 8)}
     return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 32, 128, 8),
             "dkdv": blocks(64, 32, 512, 8)}
 
@@ -391,10 +394,16 @@ def _check_extent(C: int, H: int, W: int, strides: tuple[int, ...] = ()) -> None
             f"than 2**31 elements, got {C} x {H} x {W} channels x positions, strides {strides}")
 
 
+def _check_inputs(*tensors: torch.Tensor) -> None:
+    """The extent check of the caller's tensors (those fastctx allocates are NCHW or
+    channels-last, within C * H * W), once per host function call."""
+    for t in tensors:
+        _check_extent(*t.shape[1:], strides=t.stride()[1:])
+
+
 def _lines(t: torch.Tensor, column: bool) -> tuple[int, int, int, int]:
     """Strides (batch, line, position, channel) of a [B, C, H, W] tensor seen as lines: its
     columns (line j, position i) or its rows (line i, position j)."""
-    _check_extent(*t.shape[1:], strides=t.stride()[1:])
     sb, sc, sh, sw = t.stride()
     return (sb, sw, sh, sc) if column else (sb, sh, sw, sc)
 
@@ -473,6 +482,7 @@ def _fwd(q, k, v, scale: float, cfg: dict | None = None, channels_last: bool | N
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     _check_extent(max(Cqk, Cv), H, W)
+    _check_inputs(q, k, v)
     if _CHANNELS_LAST if channels_last is None else channels_last:
         q, k, v = (_channels_last(t) for t in (q, k, v))
     out = torch.empty((B, Cv, H, W), dtype=v.dtype, device=v.device)
@@ -493,6 +503,7 @@ def _bwd(dout, q, k, v, out, lse, scale: float, cfg: dict | None = None,
     Cv = v.shape[1]
     if dout.dtype != v.dtype:
         dout = dout.to(v.dtype)
+    _check_inputs(q, k, v, dout, out)
     lse = lse.contiguous()
     np2 = triton.next_power_of_2
     bj = min(32, max(16, np2(W)))
