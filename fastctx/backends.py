@@ -54,7 +54,8 @@ REFERENCE_FIRST_ON_CUDA: dict[str, tuple[tuple[torch.dtype, ...], str]] = {
         (torch.float32, torch.float64),
         "triton 0.73-0.83x the reference's speed at 97x97 float32 (float16: 1.60x, the Triton kernels)"),
     "region_attention": (_ALL, "triton 0.09-0.52x the reference's speed in float32, 0.82-1.53x in float16"),
-    "interlaced_attention": (_ALL, "triton 0.06-0.25x the reference's speed in float32, 0.36-1.07x in float16"),
+    "interlaced_attention": (_ALL, "triton 0.06-0.25x the reference's speed in float32, 0.36-1.07x in float16 "
+                             "(session 9's kernels; their session-10 replacement is not timed yet)"),
     "pyramid_pool": (_ALL, "triton 0.76-0.91x the reference's speed in float32, 0.63-0.82x in float16"),
     "pyramid_attention": (_ALL, "triton 0.41-0.45x the reference's speed in float32, 0.94-0.96x in float16"),
 }

@@ -6,9 +6,14 @@
   write an element fails its parity test. ``test_poison_is_active`` proves the poison is on.
 * Triton runs under its interpreter (``TRITON_INTERPRET=1``) when there is no GPU; it must be set
   before triton is imported.
+* Seeds: each test draws its random inputs from ``crc32(test id) ^ FASTCTX_TEST_SEED`` (default
+  0): other inputs for every test, the same ones on every run, so that a failure reproduces
+  (Python's ``hash`` of a string, used before, changes per process). Set
+  ``FASTCTX_TEST_SEED`` to draw another set; the header of the run shows it.
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -28,7 +33,14 @@ def _poison_uninitialized_memory():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
+TEST_SEED = int(os.environ.get("FASTCTX_TEST_SEED", "0"))
+
+
+def pytest_report_header(config):
+    return f"fastctx: FASTCTX_TEST_SEED={TEST_SEED} (seeds: crc32(test id) ^ it)"
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # A different, reproducible seed per test: fresh random inputs, and a failure can be re-run.
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    # A different seed per test, the same on every run (see the module docstring).
+    torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) ^ TEST_SEED) % (2**31))

@@ -21,7 +21,7 @@ if has_triton():
     from fastctx.triton.interlaced import _config, isa_bwd, isa_fwd
 
 # (B, Cqk, Cv, H, W, bh, bw, long_mode). Block sizes: 32 x 32 tiles in float32 and float64,
-# 64 x 64 (16 minimum) in the 16-bit dtypes; float32 chunks Cqk > 64 and Cv > 32.
+# 64 x 64 (16 minimum) in the 16-bit dtypes; float32 chunks Cqk > 64, and Cv > 32 in the backward.
 CASES = [
     (1, 24, 16, 16, 24, 8, 8, True),  # 64 groups of 6 strided members
     (1, 24, 40, 16, 24, 8, 8, False),  # 6 blocks of 64: two query and two key blocks
@@ -127,10 +127,13 @@ def test_config_covers_the_cases():
     """The cases above reach the code paths they claim: chunked channels, several blocks."""
     if not has_triton():
         pytest.fail("triton is not usable here")
-    cfg = _config(4, 72, 40, torch.float32)
-    assert 72 > cfg["BLOCK_CQK"] and 40 > cfg["BLOCK_CV"]
-    assert _config(90, 6, 5, torch.float32)["BLOCK_N"] < 90
-    assert _config(90, 6, 5, torch.float16)["BLOCK_N"] < 90
-    assert _config(4, 136, 24, torch.float16)["BLOCK_CQK"] < 136
-    assert _config(64, 24, 40, torch.float32)["BLOCK_N"] < 64
-    assert _config(90, 6, 5, torch.float64)["BLOCK_N"] < 90
+    for kernel in ("fwd", "dq", "dkdv"):
+        cfg = _config(4, 72, 40, torch.float32)[kernel]
+        assert 72 > cfg["BLOCK_CQK"]
+        assert _config(90, 6, 5, torch.float32)[kernel]["BLOCK_N"] < 90
+        assert _config(90, 6, 5, torch.float16)[kernel]["BLOCK_N"] < 90
+        assert _config(4, 136, 24, torch.float16)[kernel]["BLOCK_CQK"] < 136
+        assert _config(64, 24, 40, torch.float32)[kernel]["BLOCK_N"] < 64
+        assert _config(90, 6, 5, torch.float64)[kernel]["BLOCK_N"] < 90
+    for kernel in ("dq", "dkdv"):  # the backward's dv and <dout, v> in Cv chunks
+        assert 40 > _config(4, 72, 40, torch.float32)[kernel]["BLOCK_CV"]
