@@ -21,6 +21,8 @@ and the delta computed by torch (the shared delta kernel accumulates in float32)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -32,7 +34,7 @@ _OP = "fastctx.interlaced_attention"
 
 def _check_extent(t: torch.Tensor) -> None:
     # the kernels address within one sample with 32-bit offsets (the batch offset is 64-bit)
-    extent = max(t[0].numel(), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
+    extent = max(math.prod(t.shape[1:]), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
     if extent >= 2**31:
         raise ValueError(
             f"{_OP}: the Triton backend needs each sample to span fewer than 2**31 elements, got "

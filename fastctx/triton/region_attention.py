@@ -29,6 +29,8 @@ workaround, triton-lang/triton#11584) and the delta kernel are criss_cross's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -330,7 +332,7 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     # the kernels address within one sample with 32-bit offsets (the batch offset is 64-bit)
-    extent = max(t[0].numel(), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
+    extent = max(math.prod(t.shape[1:]), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
     if extent >= 2**31:
         raise ValueError(
             f"{_OP}: the Triton backend needs each sample to span fewer than 2**31 elements, got "
