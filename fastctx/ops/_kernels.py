@@ -44,8 +44,8 @@ class FusedOp:
     a call goes through the custom op, with its fake implementation and registered autograd.
     Plain eager calls run the same Python function inside a ``torch.autograd.Function`` built
     from the same ``setup_context`` and ``backward``: the custom op's Python dispatch and
-    generated autograd cost ~116 us per forward+backward on the 2-core CPU (criss-cross on 4x4
-    maps: 189 vs 73 us) and set the time of small GPU calls, where the kernels take ~50 us.
+    generated autograd cost ~140 us per forward+backward on the 2-core CPU (criss-cross on 4x4
+    maps through the API: 247 vs 105 us) and set much of the time of small GPU calls.
     """
 
     def __init__(self, name: str, fn: Callable):
@@ -74,8 +74,8 @@ class FusedOp:
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in tensors):
-            return self.op(*args)
+        if not tensors or torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in tensors):
+            return self.op(*args)  # also FX proxies and other stand-ins that are not tensors
         if self._function is not None:
             return self._function.apply(*args)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
