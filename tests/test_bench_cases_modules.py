@@ -115,6 +115,20 @@ def test_models_fused_matches_reference():
         assert all(g.abs().max() > 0 for g in grads), cand  # every parameter reaches the logits
 
 
+def test_full_size_models_are_cuda_cases_with_a_triton_candidate():
+    """models_full: the mmseg-size training step, GPU only; its candidates run the same step
+    (checked here at a small size on CPU, the Triton one under the interpreter when available)."""
+    cases = cm.full_model_cases(True)
+    assert [c.config["model"] for c in cases] == list(cm.FULL_MODELS)
+    assert all(c.devices == ("cuda",) and set(c.candidates) == {"fused", "triton", "reference"}
+               and (c.config["H"], c.config["W"], c.config["B"]) == (512, 1024, 2) for c in cases)
+    (case,) = cm.full_model_cases(True, models=("ccnet_r18_d8",), size=(1, 3, 24, 40))
+    inputs = case.make_inputs(torch.float32, CPU)
+    truth, _ = _grads(case.truth, tuple(t.double() for t in inputs))
+    out, _ = _grads(case.candidates["fused"], inputs)
+    assert mismatch(out, truth, torch.float32, "fused") is None
+
+
 def test_quick_leaves_out_the_whole_modules_unless_named(monkeypatch):
     import fastctx.bench.runner as R
 

@@ -179,11 +179,12 @@ CASES.update(
 
 # Modules and models (fastctx/bench/cases_isnet.py, cases_models.py).
 from fastctx.bench.cases_isnet import isnet_attention_cases, isnet_module_cases  # noqa: E402
-from fastctx.bench.cases_models import model_cases  # noqa: E402
+from fastctx.bench.cases_models import full_model_cases, model_cases  # noqa: E402
 
-CASES.update(isnet_semantic_attention=isnet_attention_cases, isnet_semantic_context=isnet_module_cases, models=model_cases)
+CASES.update(isnet_semantic_attention=isnet_attention_cases, isnet_semantic_context=isnet_module_cases, models=model_cases,
+             models_full=full_model_cases)
 
 #: Whole modules and models: their originals (dense N x N attention, deep networks, float64
 #: truths) take far longer than the operators, so ``--quick`` (``make report``) leaves them out
 #: unless named in ``--ops``; the full report (``make report-full``) runs them.
-FULL_ONLY = ("isnet_semantic_context", "models")
+FULL_ONLY = ("isnet_semantic_context", "models", "models_full")
