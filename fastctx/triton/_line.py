@@ -30,6 +30,8 @@ halves (Triton passes a Python float as float32).
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -384,10 +386,15 @@ def _consts(cfg: dict, dtype: torch.dtype, Cqk: int, Cv: int) -> tuple[dict, dic
     return blocks, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def _halves(scale: float) -> tuple[float, float]:
-    """scale = hi + lo with hi, lo float32: Triton passes Python floats as float32."""
-    hi = float(torch.tensor(scale, dtype=torch.float32))
-    return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
+    """scale = hi + lo with hi, lo float32: Triton passes Python floats as float32. (struct, not
+    torch.tensor: 0.4 vs 5.4 us, and it runs for every launch.)"""
+    hi = _f32(scale)
+    return hi, _f32(scale - hi)
 
 
 def fwd(q, k, v, out, lse, o_part, lse_part, scale: float, geometry: tuple[int, ...],
