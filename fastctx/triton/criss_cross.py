@@ -55,7 +55,7 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     2.7 ms with both) but one of them faulted (illegal memory access) on a 17x33 map with
     Cqk 8 (run 3; which one is not established): the backward keeps 32 x 32. Compiled for
     sm_90 without a GPU (bench/compile_check.py, ptxas -v): the float32 dq and dk kernels spill
-    up to ~90 bytes per thread, the float16 dk/dv kernel 16; faster than the spill-free configs
+    up to ~110 bytes per thread, the float16 dk/dv kernel 16; faster than the spill-free configs
     all the same.
     """
     f32 = dtype == torch.float32
