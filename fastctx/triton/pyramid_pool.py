@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _INTERPRET, _mm
+from fastctx.triton._common import F32_DOT, _INTERPRET, _mm, heuristics
 
 _OP = "fastctx.pyramid_pool"
 
@@ -64,7 +64,7 @@ def _load_bins(bins, o_s, m_s, S):
     return r0, r1, c0, c1
 
 
-@triton.heuristics(_HEURISTICS)
+@heuristics(_HEURISTICS)
 @triton.jit
 def _pp_fwd_kernel(
     x, bins, inv, out,

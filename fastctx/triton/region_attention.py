@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fastctx.triton._common import (
-    _HEURISTICS, _LOG2E, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if,
+    _HEURISTICS, _LOG2E, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if, heuristics,
 )
 
 _OP = "fastctx.region_attention"
@@ -64,7 +64,7 @@ def _pixel_offsets(o_n, W, stride_h, stride_w, FLAT: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-@triton.heuristics(_RA_HEURISTICS)
+@heuristics(_RA_HEURISTICS)
 @triton.jit
 def _ra_fwd_kernel(
     q, k, v, bias, out, lse,
@@ -147,7 +147,7 @@ def _load_lse2(lse, o_stat, m):
     return tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
 
 
-@triton.heuristics(_RA_HEURISTICS)
+@heuristics(_RA_HEURISTICS)
 @triton.jit
 def _ra_bwd_dq_kernel(
     q, k, v, bias, do, lse, delta, dq,
@@ -220,7 +220,7 @@ def _ra_bwd_dq_kernel(
              mask=m_cq[:, None] & m_n[None, :])
 
 
-@triton.heuristics(_RA_HEURISTICS)
+@heuristics(_RA_HEURISTICS)
 @triton.jit
 def _ra_bwd_dkdv_kernel(
     q, k, v, bias, do, lse, delta, dk_part, dv_part, db_part,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _INTERPRET, _LOG2E, _mm, _split_pid
+from fastctx.triton._common import F32_DOT, _INTERPRET, _LOG2E, _mm, _split_pid, heuristics
 
 _OP = "fastctx.spatial_gather"
 
@@ -65,7 +65,7 @@ def _pixel_offsets(o_n, W, stride_h, stride_w, FLAT: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-@triton.heuristics(_SG_HEURISTICS)
+@heuristics(_SG_HEURISTICS)
 @triton.jit
 def _sg_fwd_kernel(
     feats, logits, out, lse, acc_part, m_part, l_part,
@@ -187,7 +187,7 @@ def _sg_combine_kernel(
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-@triton.heuristics(_SG_HEURISTICS)
+@heuristics(_SG_HEURISTICS)
 @triton.jit
 def _sg_bwd_kernel(
     feats, logits, dout, lse, dsum, dfeats, dlogits,
