@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _INTERPRET, _mm
+from fastctx.triton._common import _INTERPRET, _mm, _tile_if
 
 
 
@@ -135,10 +135,7 @@ def _line_fwd_kernel(
     p_k = k + i_b * s_kb + r0 * s_kh + c0 * s_kw
     p_v = v + i_b * s_vb + r0 * s_vh + c0 * s_vw
     o_qq = r_q * s_qh + c_q * s_qw
-    if ONE_CQK:
-        b_q = _tile(p_q, o_qq, o_c * s_qc, m_q, o_c < Cqk)  # [BLOCK_M, BLOCK_CQK]
-    else:
-        b_q = 0.0
+    b_q = _tile_if(ONE_CQK, p_q, o_qq, o_c * s_qc, m_q, o_c < Cqk)  # [BLOCK_M, BLOCK_CQK]
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BLOCK_M], dtype=ACC)
     b_acc = tl.zeros([BLOCK_M, BLOCK_CV], dtype=ACC)
@@ -173,7 +170,8 @@ def _line_fwd_kernel(
     p_out = out + i_b * s_ob + r0 * s_oh + c0 * s_ow
     tl.store(p_out + (r_q * s_oh + c_q * s_ow)[:, None] + (o_cv * s_oc)[None, :],
              b_o.to(out.dtype.element_ty), mask=m_q[:, None] & m_cv[None, :])
-    tl.store(lse + o_st, (b_lse * 0.6931471805599453).to(lse.dtype.element_ty), mask=m_q & (i_cv == 0))
+    tl.store(lse + o_st, (b_lse * 0.6931471805599453).to(lse.dtype.element_ty),
+             mask=m_q & (i_cv == 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,14 +219,8 @@ def _line_bwd_dq_kernel(
     p_do = do + i_b * s_db + r0 * s_dh + c0 * s_dw
     o_qq = r_q * s_qh + c_q * s_qw
     o_dq = r_q * s_dh + c_q * s_dw
-    if ONE_CQK:
-        b_q = _tile(p_q, o_qq, o_c * s_qc, m_q, o_c < Cqk)  # [BLOCK_M, BLOCK_CQK]
-    else:
-        b_q = 0.0
-    if ONE_CV:
-        b_do = _tile(p_do, o_dq, o_cv * s_dc, m_q, o_cv < Cv)  # [BLOCK_M, BLOCK_CV]
-    else:
-        b_do = 0.0
+    b_q = _tile_if(ONE_CQK, p_q, o_qq, o_c * s_qc, m_q, o_c < Cqk)  # [BLOCK_M, BLOCK_CQK]
+    b_do = _tile_if(ONE_CV, p_do, o_dq, o_cv * s_dc, m_q, o_cv < Cv)  # [BLOCK_M, BLOCK_CV]
     o_st = i_b * s_tb + (r0 + r_q) * s_th + (c0 + c_q) * s_tw
     b_lse = tl.load(lse + o_st, mask=m_q, other=0.0).to(ACC) * 1.4426950408889634
     b_delta = tl.load(delta + o_st, mask=m_q, other=0.0).to(ACC)
@@ -306,14 +298,8 @@ def _line_bwd_dkdv_kernel(
     p_do = do + i_b * s_db + r0 * s_dh + c0 * s_dw
     o_kk = r_k * s_kh + c_k * s_kw
     o_vk = r_k * s_vh + c_k * s_vw
-    if ONE_CQK:
-        b_k = _tile(p_k, o_kk, o_c * s_kc, m_k, o_c < Cqk)  # [BLOCK_N, BLOCK_CQK]
-    else:
-        b_k = 0.0
-    if ONE_CV:
-        b_v = _tile(p_v, o_vk, o_cv * s_vc, m_k, o_cv < Cv)  # [BLOCK_N, BLOCK_CV]
-    else:
-        b_v = 0.0
+    b_k = _tile_if(ONE_CQK, p_k, o_kk, o_c * s_kc, m_k, o_c < Cqk)  # [BLOCK_N, BLOCK_CQK]
+    b_v = _tile_if(ONE_CV, p_v, o_vk, o_cv * s_vc, m_k, o_cv < Cv)  # [BLOCK_N, BLOCK_CV]
     b_dk = tl.zeros([BLOCK_N, BLOCK_CQK], dtype=ACC)
     b_dv = tl.zeros([BLOCK_N, BLOCK_CV], dtype=ACC)
     o_st0 = i_b * s_tb + r0 * s_th + c0 * s_tw
