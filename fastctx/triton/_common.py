@@ -4,6 +4,8 @@ the backward's ``delta = <dout, out>`` kernel."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -168,3 +170,16 @@ def _bwd_delta_kernel(
     b_d, _ = _col_dot(0.0, p_do, o_cv * stride_dc, o_j * stride_dw, p_o, o_cv * stride_oc,
                       o_j * stride_ow, stride_dc, stride_oc, m_j, Cv, BLOCK_CV, BLOCK_J, False)
     tl.store(delta + i_bh * W + j_start + o_j, b_d, mask=m_j)
+
+
+# ----------------------------------------------------------------------------------------------
+# host helpers
+# ----------------------------------------------------------------------------------------------
+def check_extent(op: str, t: torch.Tensor, name: str = "") -> None:
+    """Raise unless each sample of ``t`` spans fewer than 2**31 elements: the kernels address
+    within one sample with 32-bit offsets (the batch offset is 64-bit)."""
+    extent = max(math.prod(t.shape[1:]), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
+    if extent >= 2**31:
+        raise ValueError(
+            f"{op}: the Triton backend needs each sample to span fewer than 2**31 elements, got "
+            f"{name + ' ' if name else ''}of shape {tuple(t.shape)}, strides {tuple(t.stride())}")

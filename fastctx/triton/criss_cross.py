@@ -26,7 +26,7 @@ import torch
 import triton
 
 from fastctx.triton import _line
-from fastctx.triton._common import F32_DOT, _bwd_delta_kernel
+from fastctx.triton._common import F32_DOT, _bwd_delta_kernel, check_extent
 
 #: the kernels read channels-last copies of their inputs (one read and write of q, k, v, and of
 #: dout in the backward, unless they are channels-last already): contiguous channel vectors
@@ -76,20 +76,11 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
             "dkdv": blocks(64, 32, 512, 8)}
 
 
-def _check_extent(C: int, H: int, W: int, strides: tuple[int, ...] = ()) -> None:
-    # the kernels address within one sample with 32-bit offsets (the batch offset is 64-bit)
-    extent = max(C * H * W, sum((n - 1) * s for n, s in zip((C, H, W), strides)) + 1)
-    if extent >= 2**31:
-        raise ValueError(
-            "fastctx.criss_cross_attention: the Triton backend needs each sample to span fewer "
-            f"than 2**31 elements, got {C} x {H} x {W} channels x positions, strides {strides}")
-
-
 def _check_inputs(*tensors: torch.Tensor) -> None:
-    """The extent check of the caller's tensors (those fastctx allocates are NCHW or
-    channels-last, within C * H * W), once per host function call."""
+    """The extent check of the caller's tensors, once per host function call (the tensors
+    fastctx allocates, NCHW or channels-last, span no more than the inputs of their shape)."""
     for t in tensors:
-        _check_extent(*t.shape[1:], strides=t.stride()[1:])
+        check_extent("fastctx.criss_cross_attention", t)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -107,7 +98,6 @@ def _fwd(q, k, v, scale: float, cfg: dict | None = None, channels_last: bool | N
     _check_dtype(q)
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
-    _check_extent(max(Cqk, Cv), H, W)
     _check_inputs(q, k, v)
     if _CHANNELS_LAST if channels_last is None else channels_last:
         q, k, v = (_channels_last(t) for t in (q, k, v))

@@ -21,24 +21,13 @@ and the delta computed by torch (the shared delta kernel accumulates in float32)
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 
 from fastctx.triton import _line
-from fastctx.triton._common import F32_DOT, _bwd_delta_kernel
+from fastctx.triton._common import F32_DOT, _bwd_delta_kernel, check_extent
 
 _OP = "fastctx.interlaced_attention"
-
-
-def _check_extent(t: torch.Tensor) -> None:
-    # the kernels address within one sample with 32-bit offsets (the batch offset is 64-bit)
-    extent = max(math.prod(t.shape[1:]), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
-    if extent >= 2**31:
-        raise ValueError(
-            f"{_OP}: the Triton backend needs each sample to span fewer than 2**31 elements, got "
-            f"shape {tuple(t.shape)}, strides {tuple(t.stride())}")
 
 
 def _geometry(H: int, W: int, bh: int, bw: int, long_mode: bool) -> tuple[int, ...]:
@@ -86,11 +75,11 @@ def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict):
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     for t in (q, k, v):
-        _check_extent(t)
+        check_extent(_OP, t)
     out = torch.empty((B, Cv, H, W), dtype=q.dtype, device=q.device)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((B, H, W), dtype=lse_dtype, device=q.device)
-    _check_extent(out)
+    check_extent(_OP, out)
     _line.fwd(q, k, v, out, lse, out, lse, scale, _geometry(H, W, bh, bw, long_mode), True,
               False, False, cfg["fwd"])
     return out, lse
@@ -102,7 +91,7 @@ def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: floa
     if dout.dtype != v.dtype:
         dout = dout.to(v.dtype)
     for t in (q, k, v, dout, out):
-        _check_extent(t)
+        check_extent(_OP, t)
     lse = lse.contiguous()
     if q.dtype == torch.float64:  # the shared delta kernel accumulates in float32
         delta = torch.einsum("bchw,bchw->bhw", dout, out)

@@ -23,14 +23,13 @@ generated tile by tile from the table, never stored:
 
 from __future__ import annotations
 
-import math
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _INTERPRET, _mm, heuristics
+from fastctx.triton._common import F32_DOT, _INTERPRET, _mm, check_extent, heuristics
 
 _OP = "fastctx.pyramid_pool"
 
@@ -153,11 +152,7 @@ def _check(t: torch.Tensor, name: str) -> None:
         raise TypeError(
             f"{_OP}: the Triton backend supports float32, float16 and bfloat16 inputs, got "
             f"{name} {t.dtype} (use the CPU backend for float64)")
-    extent = max(math.prod(t.shape[1:]), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
-    if extent >= 2**31:
-        raise ValueError(
-            f"{_OP}: the Triton backend needs each sample to span fewer than 2**31 elements, got "
-            f"{name} of shape {tuple(t.shape)}, strides {tuple(t.stride())}")
+    check_extent(_OP, t, name)
 
 
 @functools.lru_cache(maxsize=64)

@@ -29,14 +29,13 @@ workaround, triton-lang/triton#11584) and the delta kernel are criss_cross's.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from fastctx.triton._common import (
-    _HEURISTICS, _LOG2E, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if, heuristics,
+    _HEURISTICS, _LOG2E, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if, check_extent,
+    heuristics,
 )
 
 _OP = "fastctx.region_attention"
@@ -331,12 +330,7 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
-    # the kernels address within one sample with 32-bit offsets (the batch offset is 64-bit)
-    extent = max(math.prod(t.shape[1:]), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
-    if extent >= 2**31:
-        raise ValueError(
-            f"{_OP}: the Triton backend needs each sample to span fewer than 2**31 elements, got "
-            f"shape {tuple(t.shape)}, strides {tuple(t.stride())}")
+    check_extent(_OP, t)
     return tuple(t.stride())
 
 

@@ -29,13 +29,11 @@ Kernels:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _INTERPRET, _LOG2E, _mm, _split_pid, heuristics
+from fastctx.triton._common import F32_DOT, _INTERPRET, _LOG2E, _mm, _split_pid, check_extent, heuristics
 
 _OP = "fastctx.spatial_gather"
 
@@ -261,12 +259,7 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
-    # the kernels address within one sample with 32-bit offsets (the batch offset is 64-bit)
-    extent = max(math.prod(t.shape[1:]), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
-    if extent >= 2**31:
-        raise ValueError(
-            f"{_OP}: the Triton backend needs each sample to span fewer than 2**31 elements, got "
-            f"shape {tuple(t.shape)}, strides {tuple(t.stride())}")
+    check_extent(_OP, t)
     return tuple(t.stride())
 
 
