@@ -183,3 +183,14 @@ def check_extent(op: str, t: torch.Tensor, name: str = "") -> None:
         raise ValueError(
             f"{op}: the Triton backend needs each sample to span fewer than 2**31 elements, got "
             f"{name + ' ' if name else ''}of shape {tuple(t.shape)}, strides {tuple(t.stride())}")
+
+
+def bwd_delta(dout: torch.Tensor, out: torch.Tensor, block_cv: int) -> torch.Tensor:
+    """delta = <dout, out> over the channels, float32 [B, H, W] (:func:`_bwd_delta_kernel`, Cv
+    in chunks of ``block_cv``)."""
+    B, Cv, H, W = out.shape
+    delta = torch.empty((B, H, W), dtype=torch.float32, device=out.device)
+    bj = min(32, max(16, triton.next_power_of_2(W)))
+    _bwd_delta_kernel[(B * H, triton.cdiv(W, bj))](
+        dout, out, delta, *dout.stride(), *out.stride(), H, W, Cv, BLOCK_J=bj, BLOCK_CV=block_cv)
+    return delta

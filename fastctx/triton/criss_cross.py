@@ -26,7 +26,7 @@ import torch
 import triton
 
 from fastctx.triton import _line
-from fastctx.triton._common import F32_DOT, _bwd_delta_kernel, check_extent
+from fastctx.triton._common import F32_DOT, bwd_delta, check_extent
 
 #: the kernels read channels-last copies of their inputs (one read and write of q, k, v, and of
 #: dout in the backward, unless they are channels-last already): contiguous channel vectors
@@ -123,12 +123,7 @@ def _bwd(dout, q, k, v, out, lse, scale: float, cfg: dict | None = None,
         dout = dout.to(v.dtype)
     _check_inputs(q, k, v, dout, out)
     lse = lse.contiguous()
-    np2 = triton.next_power_of_2
-    bj = min(32, max(16, np2(W)))
-    delta = torch.empty((B, H, W), dtype=torch.float32, device=v.device)
-    _bwd_delta_kernel[(B * H, triton.cdiv(W, bj))](
-        dout, out, delta, *dout.stride(), *out.stride(), H, W, Cv,
-        BLOCK_J=bj, BLOCK_CV=min(64, max(16, np2(Cv))))
+    delta = bwd_delta(dout, out, min(64, max(16, triton.next_power_of_2(Cv))))
 
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if _CHANNELS_LAST if channels_last is None else channels_last:

@@ -25,7 +25,7 @@ import torch
 import triton
 
 from fastctx.triton import _line
-from fastctx.triton._common import F32_DOT, _bwd_delta_kernel, check_extent
+from fastctx.triton._common import F32_DOT, bwd_delta, check_extent
 
 _OP = "fastctx.interlaced_attention"
 
@@ -96,12 +96,7 @@ def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: floa
     if q.dtype == torch.float64:  # the shared delta kernel accumulates in float32
         delta = torch.einsum("bchw,bchw->bhw", dout, out)
     else:
-        delta = torch.empty((B, H, W), dtype=torch.float32, device=q.device)
-        np2 = triton.next_power_of_2
-        bj = min(32, max(16, np2(W)))
-        _bwd_delta_kernel[(B * H, triton.cdiv(W, bj))](
-            dout, out, delta, *dout.stride(), *out.stride(), H, W, Cv, BLOCK_J=bj,
-            BLOCK_CV=min(64, max(16, np2(Cv))))
+        delta = bwd_delta(dout, out, min(64, max(16, triton.next_power_of_2(Cv))))
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     _line.bwd(q, k, v, dout, lse, delta, grads, None, scale, _geometry(H, W, bh, bw, long_mode),
               True, False, cfg)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fastctx.triton._common import (
-    _HEURISTICS, _LOG2E, _bwd_delta_kernel, _mm, _row_dot, _split_pid, _tile_if, check_extent,
+    _HEURISTICS, _LOG2E, _mm, _row_dot, _split_pid, _tile_if, bwd_delta, check_extent,
     heuristics,
 )
 
@@ -397,11 +397,8 @@ def _bwd(dout, q, k, v, bias, out, lse, scale: float, cfg: dict, n_groups: int |
     n_blocks, n_s = triton.cdiv(N, bn), triton.cdiv(S, bs)
     lse = lse.contiguous()
 
-    delta = torch.empty((B, H, W), dtype=torch.float32, device=v.device)
-    bj = min(32, max(16, triton.next_power_of_2(W)))
-    _bwd_delta_kernel[(B * H, triton.cdiv(W, bj))](
-        dout, out, delta, *_strides(dout), *_strides(out), H, W, Cv, BLOCK_J=bj,
-        BLOCK_CV=min(bcv, 64))
+    _strides(dout), _strides(out)  # checked before the delta kernel reads them
+    delta = bwd_delta(dout, out, min(bcv, 64))
 
     dq = torch.empty((B, Cqk, H, W), dtype=q.dtype, device=q.device)
     _strides(dq)
