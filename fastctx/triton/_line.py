@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _INTERPRET, _mm, _tile_if
+from fastctx.triton._common import _INTERPRET, F32_DOT, _mm, _tile_if
 
 
 
@@ -354,6 +354,19 @@ def column_geometry(H: int, W: int) -> tuple[int, ...]:
 def row_geometry(H: int, W: int) -> tuple[int, ...]:
     """The geometry of a map's rows: line i, member j (GROUPED False)."""
     return (H, W, 1, 1, 0, W, 0, 1)
+
+
+def blocks(L: int, Cqk: int, Cv: int, m: int, n: int, c: int, warps: int, *, cqk_max: int = 128,
+           cqk_chunk: int = 64, stages: int = 2) -> dict:
+    """One kernel's config for lines of L members (tl.dot needs every dim >= 16, so small lines
+    pad to 16): m queries and n keys per step (at most the padded line), Cv chunks of c, the Cqk
+    channels in one block up to cqk_max (else chunks of cqk_chunk), "tf32x3" float32 dots."""
+    np2 = triton.next_power_of_2
+    span = max(16, np2(L))
+    return {"BLOCK_M": min(m, span), "BLOCK_N": min(n, span),
+            "BLOCK_CQK": max(16, np2(Cqk)) if Cqk <= cqk_max else cqk_chunk,
+            "BLOCK_CV": min(c, max(16, np2(Cv))), "num_warps": warps, "num_stages": stages,
+            "F32_DOT": F32_DOT}
 
 
 def _consts(cfg: dict, dtype: torch.dtype, Cqk: int, Cv: int) -> tuple[dict, dict]:

@@ -22,11 +22,13 @@ float32 dots use ``F32_DOT`` ("tf32x3": three TF32 products, float32's accuracy)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from fastctx.triton import _line
-from fastctx.triton._common import F32_DOT, bwd_delta, check_extent
+from fastctx.triton._common import bwd_delta, check_extent
 
 #: the kernels read channels-last copies of their inputs (one read and write of q, k, v, and of
 #: dout in the backward, unless they are channels-last already): contiguous channel vectors
@@ -58,18 +60,8 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     up to ~110 bytes per thread, the float16 dk/dv kernel 16; faster than the spill-free configs
     all the same.
     """
-    f32 = dtype == torch.float32
-    np2 = triton.next_power_of_2
-    span = max(16, np2(L))
-    cqk = max(16, np2(Cqk)) if Cqk <= 128 else 64
-    cv = max(16, np2(Cv))
-
-    def blocks(m, n, c, warps, stages=2, f32_dot=F32_DOT):
-        return {"BLOCK_M": min(m, span), "BLOCK_N": min(n, span), "BLOCK_CQK": cqk,
-                "BLOCK_CV": min(c, cv), "num_warps": warps, "num_stages": stages,
-                "F32_DOT": f32_dot}
-
-    if f32:  # dk and dv in one launch would need 300 KB of shared memory: Cv in chunks
+    blocks = functools.partial(_line.blocks, L, Cqk, Cv)
+    if dtype == torch.float32:  # dk and dv in one launch would need 300 KB of shared memory: Cv in chunks
         return {"fwd": blocks(32, 32, 128, 8), "dq": blocks(32, 32, 64, 8),
                 "dkdv": blocks(32, 32, 64, 8)}
     return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 32, 128, 8),

@@ -21,11 +21,13 @@ and the delta computed by torch (the shared delta kernel accumulates in float32)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from fastctx.triton import _line
-from fastctx.triton._common import F32_DOT, bwd_delta, check_extent
+from fastctx.triton._common import bwd_delta, check_extent
 
 _OP = "fastctx.interlaced_attention"
 
@@ -50,23 +52,13 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     timed on a GPU with these kernels (session 10 replaced the "keys x queries" kernels, whose
     backward ptxas spilled 200-450 bytes per thread in float16).
     """
-    np2 = triton.next_power_of_2
-    span = max(16, np2(L))
-    cqk = max(16, np2(Cqk)) if Cqk <= 128 else 64
-    cv = max(16, np2(Cv))
-
-    def blocks(m, n, c, warps, cq=cqk, stages=2):
-        return {"BLOCK_M": min(m, span), "BLOCK_N": min(n, span), "BLOCK_CQK": cq,
-                "BLOCK_CV": min(c, cv), "num_warps": warps, "num_stages": stages,
-                "F32_DOT": F32_DOT}
-
-    if dtype == torch.float64:
-        one = blocks(32, 32, cv, 4, cq=max(16, np2(Cqk)))
+    blocks = functools.partial(_line.blocks, L, Cqk, Cv)
+    if dtype == torch.float64:  # all channels in one block
+        one = blocks(32, 32, 1 << 30, 4, cqk_max=Cqk)
         return {"fwd": one, "dq": one, "dkdv": one}
     if dtype == torch.float32:  # Cqk in one block up to 64 (else chunks of 32), 4 warps
-        cq = max(16, np2(Cqk)) if Cqk <= 64 else 32
-        return {"fwd": blocks(32, 32, 64, 4, cq=cq), "dq": blocks(32, 32, 32, 4, cq=cq),
-                "dkdv": blocks(32, 32, 32, 4, cq=cq)}
+        f32 = functools.partial(blocks, cqk_max=64, cqk_chunk=32)
+        return {"fwd": f32(32, 32, 64, 4), "dq": f32(32, 32, 32, 4), "dkdv": f32(32, 32, 32, 4)}
     return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 32, 128, 8),
             "dkdv": blocks(64, 32, 128, 8)}
 
