@@ -49,9 +49,7 @@ _HEURISTICS = {
     # float32 dots in full precision, FMA loops (region attention: tf32x3 measured slower there,
     # F32_DOT); the 16-bit dtypes ignore it.
     "DOT_PRECISION": lambda a: "ieee" if a["q"].dtype == torch.float32 else "tf32",
-    # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
-    # (triton-lang/triton#11584): upcast them there
-    "DOT_F32": lambda a: _INTERPRET and a["q"].dtype == torch.bfloat16,
+    "DOT_F32": lambda a: dot_f32(a["q"].dtype),
 }
 
 
@@ -70,6 +68,13 @@ def _mm(a, b, DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
 
 # under TRITON_INTERPRET=1, triton.jit gives an InterpretedFunction, not a JITFunction
 _INTERPRET = not isinstance(_mm, triton.runtime.JITFunction)
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    """The DOT_F32 constexpr of a kernel's dots on ``dtype`` operands: the Triton interpreter
+    multiplies the bit patterns of bfloat16 dot operands (triton-lang/triton#11584), so they are
+    upcast there."""
+    return _INTERPRET and dtype == torch.bfloat16
 
 
 @triton.jit

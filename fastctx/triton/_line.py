@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import _INTERPRET, F32_DOT, _mm, _tile_if
+from fastctx.triton._common import F32_DOT, _mm, _tile_if, dot_f32
 
 
 
@@ -377,9 +377,7 @@ def _consts(cfg: dict, dtype: torch.dtype, Cqk: int, Cv: int) -> tuple[dict, dic
     blocks.update(
         ONE_CQK=Cqk <= cfg["BLOCK_CQK"],
         DOT_PRECISION={torch.float32: cfg["F32_DOT"], torch.float64: "ieee"}.get(dtype, "tf32"),
-        # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
-        # (triton-lang/triton#11584): upcast them there
-        DOT_F32=_INTERPRET and dtype == torch.bfloat16,
+        DOT_F32=dot_f32(dtype),
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
     )
     return blocks, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _INTERPRET, _mm, check_extent, heuristics
+from fastctx.triton._common import F32_DOT, _INTERPRET, _mm, check_extent, dot_f32, heuristics
 
 _OP = "fastctx.pyramid_pool"
 
@@ -38,9 +38,7 @@ _HEURISTICS = {
     "FLAT": lambda a: a["N"] == a["W"] or a["stride_xh"] == a["W"] * a["stride_xw"],
     # float32 dots in float32's accuracy (tf32x3); P is 0/1, exact in the 16-bit types
     "DOT_PRECISION": lambda a: F32_DOT if a["x"].dtype == torch.float32 else "tf32",
-    # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
-    # (triton-lang/triton#11584): upcast them there
-    "DOT_F32": lambda a: _INTERPRET and a["x"].dtype == torch.bfloat16,
+    "DOT_F32": lambda a: dot_f32(a["x"].dtype),
 }
 
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _INTERPRET, _LOG2E, _mm, _split_pid, check_extent, heuristics
+from fastctx.triton._common import F32_DOT, _LOG2E, _mm, _split_pid, check_extent, dot_f32, heuristics
 
 _OP = "fastctx.spatial_gather"
 
@@ -41,9 +41,7 @@ _SG_HEURISTICS = {
     # float32 dots in float32's accuracy on tensor cores (tf32x3, _common.F32_DOT); the 16-bit
     # dtypes ignore it.
     "DOT_PRECISION": lambda a: F32_DOT if a["feats"].dtype == torch.float32 else "tf32",
-    # the Triton interpreter multiplies the bit patterns of bfloat16 dot operands
-    # (triton-lang/triton#11584): upcast them there
-    "DOT_F32": lambda a: _INTERPRET and a["feats"].dtype == torch.bfloat16,
+    "DOT_F32": lambda a: dot_f32(a["feats"].dtype),
     # pixels at a constant stride (NCHW-contiguous or channels_last maps): n * stride_w
     "FLAT_F": lambda a: a["N"] == a["W"] or a["stride_fh"] == a["W"] * a["stride_fw"],
     "FLAT_L": lambda a: a["N"] == a["W"] or a["stride_lh"] == a["W"] * a["stride_lw"],
