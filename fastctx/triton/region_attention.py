@@ -397,12 +397,13 @@ def _bwd(dout, q, k, v, bias, out, lse, scale: float, cfg: dict, n_groups: int |
     n_blocks, n_s = triton.cdiv(N, bn), triton.cdiv(S, bs)
     lse = lse.contiguous()
 
-    _strides(dout), _strides(out)  # checked before the delta kernel reads them
+    s_do = _strides(dout)  # checked (with out) before the delta kernel reads them
+    _strides(out)
     delta = bwd_delta(dout, out, min(bcv, 64))
 
     dq = torch.empty((B, Cqk, H, W), dtype=q.dtype, device=q.device)
     _strides(dq)
-    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(bias), *_strides(dout),
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(bias), *s_do,
             N, W, S, Cqk, Cv, float(scale) * _LOG2E, float(scale))
     opts = _launch(cfg, q.dtype)
     n_cq = triton.cdiv(Cqk, bcq)
