@@ -1,6 +1,7 @@
 """Helpers shared by the Triton kernels: heuristics, the float32-accumulating dot, the program-id
 split and the optional tile preload of the kernels' prologues, channel-chunked dot products and
-the backward's ``delta = <dout, out>`` kernel."""
+the backward's ``delta = <dout, out>`` kernel; and by their host functions: the 32-bit extent
+check and the delta launch."""
 
 from __future__ import annotations
 
