@@ -23,6 +23,9 @@ if has_triton():
 _BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_CQK": 16, "BLOCK_CV": 16, "num_warps": 4,
            "num_stages": 2, "F32_DOT": "ieee"}
 SMALL = {"fwd": _BLOCKS, "dq": _BLOCKS, "dkdv": _BLOCKS}
+# the engine's scratch backward (p and dE stored, dk / dv / dq as products with them)
+SCRATCH = {"fwd": _BLOCKS, "dq": _BLOCKS, "mm": {"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_C": 16,
+                                                 "num_warps": 4, "num_stages": 2, "F32_DOT": "ieee"}}
 
 # (B, Cqk, Cv, H, W, cfg, channels_last)
 CASES = [
@@ -32,12 +35,14 @@ CASES = [
     (2, 5, 7, 2, 33, SMALL, True),  # two rows: one column key per pixel; rows of 3 blocks
     (1, 6, 9, 1, 20, SMALL, True),  # one row: no column pass
     (1, 6, 9, 20, 1, SMALL, False),  # one column
+    (1, 40, 36, 17, 18, SCRATCH, True),  # scratch: dq a product too (Cqk in chunks), 2 blocks
+    (2, 16, 20, 5, 33, SCRATCH, False),  # scratch: dq in the scores kernel; NCHW, rows of 3 blocks
 ]
 
 
 def _id(c):
     B, cq, cv, H, W, cfg, tr = c
-    return f"B{B}-C{cq}x{cv}-{H}x{W}-{'cl' if tr else 'nchw'}"
+    return f"B{B}-C{cq}x{cv}-{H}x{W}-{'cl' if tr else 'nchw'}{'-scratch' if 'mm' in cfg else ''}"
 
 
 def _params():

@@ -21,7 +21,8 @@ if has_triton():
     from fastctx.triton.interlaced import _config, isa_bwd, isa_fwd
 
 # (B, Cqk, Cv, H, W, bh, bw, long_mode). Block sizes: 32 x 32 tiles in float32 and float64,
-# 64 x 64 (16 minimum) in the 16-bit dtypes; float32 chunks Cqk > 64, and Cv > 32 in the backward.
+# 64 x 64 (16 minimum) in the 16-bit dtypes; float32 chunks Cqk > 64 (dq is then a product with
+# the stored dE) and Cv > 32 in the backward.
 CASES = [
     (1, 24, 16, 16, 24, 8, 8, True),  # 64 groups of 6 strided members
     (1, 24, 40, 16, 24, 8, 8, False),  # 6 blocks of 64: two query and two key blocks
@@ -30,12 +31,12 @@ CASES = [
     (2, 3, 4, 4, 6, 1, 1, True),  # one group: the whole map
     (1, 3, 4, 4, 6, 1, 1, False),  # groups of one member
     (1, 6, 5, 12, 15, 2, 1, True),  # 2 groups of 90: partial last blocks, multi-block softmax
-    (1, 72, 40, 4, 6, 2, 3, True),  # channels in chunks (partial last chunk)
+    (1, 72, 70, 4, 6, 2, 3, True),  # channels in chunks (partial last chunks)
 ]
 F64_CASES = CASES[2:]  # float64 checks the arithmetic; the 16 x 24 layouts run in float32
 HALF_CASES = [
     (1, 24, 40, 16, 24, 8, 8, False),
-    (1, 136, 24, 4, 6, 2, 3, True),  # Cqk in chunks of 64
+    (1, 136, 72, 4, 6, 2, 3, True),  # Cqk and Cv in chunks of 64
     (1, 6, 5, 12, 15, 2, 1, True),  # 2 groups of 90: two 64-blocks
 ]
 
@@ -124,16 +125,21 @@ def test_strided_inputs(long_mode):
 
 
 def test_config_covers_the_cases():
-    """The cases above reach the code paths they claim: chunked channels, several blocks."""
+    """The cases above reach the code paths they claim: chunked channels (dq then a product
+    with the stored dE, not in the scores kernel), several blocks."""
     if not has_triton():
         pytest.fail("triton is not usable here")
-    for kernel in ("fwd", "dq", "dkdv"):
-        cfg = _config(4, 72, 40, torch.float32)[kernel]
-        assert 72 > cfg["BLOCK_CQK"]
+    for kernel in ("fwd", "dq"):
+        assert 72 > _config(4, 72, 70, torch.float32)[kernel]["BLOCK_CQK"]
         assert _config(90, 6, 5, torch.float32)[kernel]["BLOCK_N"] < 90
         assert _config(90, 6, 5, torch.float16)[kernel]["BLOCK_N"] < 90
-        assert _config(4, 136, 24, torch.float16)[kernel]["BLOCK_CQK"] < 136
+        assert _config(4, 136, 72, torch.float16)[kernel]["BLOCK_CQK"] < 136
         assert _config(64, 24, 40, torch.float32)[kernel]["BLOCK_N"] < 64
         assert _config(90, 6, 5, torch.float64)[kernel]["BLOCK_N"] < 90
-    for kernel in ("dq", "dkdv"):  # the backward's dv and <dout, v> in Cv chunks
-        assert 40 > _config(4, 72, 40, torch.float32)[kernel]["BLOCK_CV"]
+    for dtype in (torch.float32, torch.float16):  # <dout, v> in Cv chunks
+        assert 70 > _config(4, 72, 70, dtype)["dq"]["BLOCK_CV"]
+    assert 24 >= _config(4, 6, 24, torch.float32)["dq"]["BLOCK_CQK"]  # dq in the scores kernel
+    for dtype in (torch.float32, torch.float16, torch.float64):  # products over several blocks
+        mm = _config(90, 6, 5, dtype)["mm"]
+        assert mm["BLOCK_R"] < 90 and mm["BLOCK_S"] < 90
+    assert _config(4, 72, 70, torch.float32)["mm"]["BLOCK_C"] < 70  # dq, dk and dv in chunks

@@ -20,6 +20,12 @@ FlashAttention-style, in "queries x keys" tiles, every product a ``tl.dot``:
   (:func:`_line_bwd_dkdv_kernel`: dk and dv in one launch when Cqk and Cv each fit one block,
   else a dk launch over Cqk chunks and a dv launch over Cv chunks); ACCUM adds another pass's
   partial gradients.
+- or the scratch backward (a "mm" config; interlaced attention's default): the dq kernel also
+  stores each line's weights p and dE = p * (<dout, v> - delta) as [L, L] matrices, and dv, dk
+  (and dq when Cqk spans several blocks) are products with them
+  (:func:`_line_scratch_mm_kernel`): the scores and <dout, v> are computed once, not once per
+  kernel and channel chunk, at the cost of 2 * B * G * L * L stored elements (small for short
+  lines with wide channels, ISANet's groups).
 
 Scores and ``<dout, v>`` loop over channel chunks when the channels do not fit one block
 (ONE_CQK / ONE_CV False). 16-bit inputs feed ``tl.dot`` directly (p and dE are rounded to the
@@ -179,7 +185,7 @@ def _line_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _line_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dq, dq_part, sc_hi, sc_lo,
+    q, k, v, do, lse, delta, dq, dq_part, p_s, de_s, sc_hi, sc_lo,
     s_qb, s_qc, s_qh, s_qw,
     s_kb, s_kc, s_kh, s_kw,
     s_vb, s_vc, s_vh, s_vw,
@@ -191,12 +197,15 @@ def _line_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CQK: tl.constexpr,
     BLOCK_CV: tl.constexpr, ONE_CQK: tl.constexpr, ONE_CV: tl.constexpr,
     EXCLUDE_DIAG: tl.constexpr, ACCUM: tl.constexpr, GROUPED: tl.constexpr,
+    DQ: tl.constexpr, SCRATCH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ACC: tl.constexpr,
 ):
     """dq (strides s_g*) of the queries (b, line g, member block), a chunk of Cqk, from this
     line's keys: scale * sum_k dE * k. ACCUM: plus the other pass's dq_part (strides s_p*).
+    SCRATCH: also store the weights p and dE = p * (<dout, v> - delta) of the line into p_s and
+    de_s ([B * G, L, L], queries x keys, their dtype; one Cqk chunk then); DQ False: only that.
 
-    Grid: (B * G, cdiv(L, BLOCK_M), cdiv(Cqk, BLOCK_CQK))
+    Grid: (B * G, cdiv(L, BLOCK_M), cdiv(Cqk, BLOCK_CQK)); 1 for the last axis without DQ
     """
     i_bg = tl.program_id(0).to(tl.int64)
     i_qb = tl.program_id(1)
@@ -237,15 +246,22 @@ def _line_bwd_dq_kernel(
         b_da = _scores(b_do, p_do, o_dq, m_q, s_dc, p_v, r_k * s_vh + c_k * s_vw, m_k, s_vc, Cv,
                        BLOCK_CV, ONE_CV, DOT_PRECISION, DOT_F32, ACC)
         b_de = b_p * (b_da - b_delta[:, None])
-        b_k = _tile(p_k, o_kk, o_cq * s_kc, m_k, m_cq)  # [BLOCK_N, BLOCK_CQK]
-        b_dq += _mm(b_de.to(b_k.dtype), b_k, DOT_PRECISION, DOT_F32)
-    b_dq = b_dq * b_sc
-    if ACCUM:
-        b_dq += _tile(dq_part + i_b * s_pb + r0 * s_ph + c0 * s_pw, r_q * s_ph + c_q * s_pw,
-                      o_cq * s_pc, m_q, m_cq)
-    p_dq = dq + i_b * s_gb + r0 * s_gh + c0 * s_gw
-    tl.store(p_dq + (r_q * s_gh + c_q * s_gw)[:, None] + (o_cq * s_gc)[None, :],
-             b_dq.to(dq.dtype.element_ty), mask=m_q[:, None] & m_cq[None, :])
+        if SCRATCH:
+            o_s = i_bg * L * L + o_q[:, None] * L + o_k[None, :]
+            m_s = m_q[:, None] & m_k[None, :]
+            tl.store(p_s + o_s, b_p.to(p_s.dtype.element_ty), mask=m_s)
+            tl.store(de_s + o_s, b_de.to(de_s.dtype.element_ty), mask=m_s)
+        if DQ:
+            b_k = _tile(p_k, o_kk, o_cq * s_kc, m_k, m_cq)  # [BLOCK_N, BLOCK_CQK]
+            b_dq += _mm(b_de.to(b_k.dtype), b_k, DOT_PRECISION, DOT_F32)
+    if DQ:
+        b_dq = b_dq * b_sc
+        if ACCUM:
+            b_dq += _tile(dq_part + i_b * s_pb + r0 * s_ph + c0 * s_pw, r_q * s_ph + c_q * s_pw,
+                          o_cq * s_pc, m_q, m_cq)
+        p_dq = dq + i_b * s_gb + r0 * s_gh + c0 * s_gw
+        tl.store(p_dq + (r_q * s_gh + c_q * s_gw)[:, None] + (o_cq * s_gc)[None, :],
+                 b_dq.to(dq.dtype.element_ty), mask=m_q[:, None] & m_cq[None, :])
 
 
 @triton.jit
@@ -342,6 +358,57 @@ def _line_bwd_dkdv_kernel(
                  b_dv.to(dv.dtype.element_ty), mask=m_k[:, None] & m_cd[None, :])
 
 
+@triton.jit
+def _line_scratch_mm_kernel(
+    a, x, out, part, sc_hi, sc_lo,
+    s_xb, s_xc, s_xh, s_xw,
+    s_ob, s_oc, s_oh, s_ow,
+    s_pb, s_pc, s_ph, s_pw,
+    G, L, GW, G_SH, G_SW, MW, M_SH, M_SW, C,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, TRANS: tl.constexpr,
+    ACCUM: tl.constexpr, GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, ACC: tl.constexpr,
+):
+    """out[r, c] = scale * sum_s A[r, s] * x[s, c] over the members of line (b, g), A the line's
+    [L, L] matrix in the scratch ``a`` ([B * G, L, L]; TRANS: its transpose), x and out read and
+    written through their strides; ACCUM: plus part. With the scratch of
+    :func:`_line_bwd_dq_kernel`: dv = p^T dout, dk = scale * dE^T q, dq = scale * dE k.
+
+    Grid: (B * G, cdiv(L, BLOCK_R), cdiv(C, BLOCK_C))
+    """
+    i_bg = tl.program_id(0).to(tl.int64)
+    i_r = tl.program_id(1)
+    i_c = tl.program_id(2)
+    i_b = i_bg // G
+    r0, c0 = _rc(i_bg % G, GW, G_SH, G_SW, GROUPED)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_s = tl.arange(0, BLOCK_S)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_r = o_r < L
+    m_c = o_c < C
+    p_a = a + i_bg * L * L
+    p_x = x + i_b * s_xb + r0 * s_xh + c0 * s_xw
+    b_acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    for s0 in range(0, L, BLOCK_S):
+        o_m = s0 + o_s
+        m_m = o_m < L
+        if TRANS:
+            b_a = _tile(p_a, o_r, o_m * L, m_r, m_m)  # [BLOCK_R, BLOCK_S]
+        else:
+            b_a = _tile(p_a, o_r * L, o_m, m_r, m_m)
+        r_m, c_m = _rc(o_m, MW, M_SH, M_SW, GROUPED)
+        b_x = _tile(p_x, r_m * s_xh + c_m * s_xw, o_c * s_xc, m_m, m_c)  # [BLOCK_S, BLOCK_C]
+        b_acc += _mm(b_a.to(b_x.dtype), b_x, DOT_PRECISION, DOT_F32)
+    b_acc = b_acc * (tl.cast(sc_hi, ACC) + tl.cast(sc_lo, ACC))
+    r_r, c_r = _rc(o_r, MW, M_SH, M_SW, GROUPED)
+    if ACCUM:
+        b_acc += _tile(part + i_b * s_pb + r0 * s_ph + c0 * s_pw, r_r * s_ph + c_r * s_pw,
+                       o_c * s_pc, m_r, m_c)
+    p_out = out + i_b * s_ob + r0 * s_oh + c0 * s_ow
+    tl.store(p_out + (r_r * s_oh + c_r * s_ow)[:, None] + (o_c * s_oc)[None, :],
+             b_acc.to(out.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
+
 # ----------------------------------------------------------------------------------------------
 # host functions
 # ----------------------------------------------------------------------------------------------
@@ -369,13 +436,14 @@ def blocks(L: int, Cqk: int, Cv: int, m: int, n: int, c: int, warps: int, *, cqk
             "F32_DOT": F32_DOT}
 
 
-def _consts(cfg: dict, dtype: torch.dtype, Cqk: int, Cv: int) -> tuple[dict, dict]:
-    """(the kernels' block constexprs, the launch options) of a kernel's config: BLOCK_M,
-    BLOCK_N, BLOCK_CQK, BLOCK_CV, num_warps, num_stages and F32_DOT (the float32 dots'
+def _consts(cfg: dict, dtype: torch.dtype, Cqk: int | None = None) -> tuple[dict, dict]:
+    """(the kernels' block constexprs, the launch options) of a kernel's config: its BLOCK_*
+    sizes (ONE_CQK when given Cqk), num_warps, num_stages and F32_DOT (the float32 dots'
     input_precision)."""
-    blocks = {n: cfg[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_CQK", "BLOCK_CV")}
+    blocks = {n: x for n, x in cfg.items() if n.startswith("BLOCK_")}
+    if Cqk is not None:
+        blocks["ONE_CQK"] = Cqk <= cfg["BLOCK_CQK"]
     blocks.update(
-        ONE_CQK=Cqk <= cfg["BLOCK_CQK"],
         DOT_PRECISION={torch.float32: cfg["F32_DOT"], torch.float64: "ieee"}.get(dtype, "tf32"),
         DOT_F32=dot_f32(dtype),
         ACC=tl.float64 if dtype == torch.float64 else tl.float32,
@@ -401,7 +469,7 @@ def fwd(q, k, v, out, lse, o_part, lse_part, scale: float, geometry: tuple[int, 
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     G, L = geometry[:2]
-    blocks, opts = _consts(cfg, q.dtype, Cqk, Cv)
+    blocks, opts = _consts(cfg, q.dtype, Cqk)
     grid = (B * G, triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(Cv, cfg["BLOCK_CV"]))
     _line_fwd_kernel[grid](
         q, k, v, out, lse, o_part, lse_part, *_halves(scale),
@@ -410,11 +478,23 @@ def fwd(q, k, v, out, lse, o_part, lse_part, scale: float, geometry: tuple[int, 
         **opts)
 
 
+def mm_blocks(L: int, r: int, s: int, c: int, warps: int, *, stages: int = 2) -> dict:
+    """The config of :func:`_line_scratch_mm_kernel` for lines of L members: r output members and
+    s summed members per step (at most the padded line), channel chunks of c."""
+    span = max(16, triton.next_power_of_2(L))
+    return {"BLOCK_R": min(r, span), "BLOCK_S": min(s, span), "BLOCK_C": c, "num_warps": warps,
+            "num_stages": stages, "F32_DOT": F32_DOT}
+
+
 def bwd(q, k, v, do, lse, delta, grads, parts, scale: float, geometry: tuple[int, ...],
         grouped: bool, exclude_diag: bool, cfg: dict) -> None:
     """One backward pass over the lines of ``geometry``: this pass's gradients, plus ``parts``
     (float32 partials of another pass, or None), written into ``grads`` (dq, dk, dv). ``cfg``
-    has a config per kernel: "dq" and "dkdv"."""
+    has a config per kernel: "dq" and "dkdv"; or, with a "mm" config (:func:`mm_blocks`), the
+    scratch backward: the dq kernel stores the lines' p and dE ([B * G, L, L] each, the input
+    dtype) once, and dk, dv (and dq when Cqk is over one block) are products with them
+    (:func:`_line_scratch_mm_kernel`): scores and <dout, v> computed once instead of once per
+    kernel and channel chunk."""
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     G, L = geometry[:2]
@@ -424,13 +504,31 @@ def bwd(q, k, v, do, lse, delta, grads, parts, scale: float, geometry: tuple[int
     s = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     tail = (H * W, W, 1, *geometry, Cqk, Cv)
     c = cfg["dq"]
-    blocks, opts = _consts(c, q.dtype, Cqk, Cv)
-    _line_bwd_dq_kernel[(B * G, triton.cdiv(L, c["BLOCK_M"]), triton.cdiv(Cqk, c["BLOCK_CQK"]))](
-        q, k, v, do, lse, delta, dq, dq_p, *_halves(scale), *s, *dq.stride(), *dq_p.stride(),
-        *tail, **blocks, ONE_CV=Cv <= c["BLOCK_CV"], EXCLUDE_DIAG=exclude_diag, ACCUM=accum,
-        GROUPED=grouped, **opts)
+    blocks, opts = _consts(c, q.dtype, Cqk)
+    scratch = "mm" in cfg
+    with_dq = blocks["ONE_CQK"] or not scratch
+    p_s = de_s = dq  # unused without SCRATCH
+    if scratch:
+        p_s, de_s = (torch.empty((B * G, L, L), dtype=q.dtype, device=q.device) for _ in range(2))
+    _line_bwd_dq_kernel[(B * G, triton.cdiv(L, c["BLOCK_M"]),
+                         triton.cdiv(Cqk, c["BLOCK_CQK"]) if with_dq else 1)](
+        q, k, v, do, lse, delta, dq, dq_p, p_s, de_s, *_halves(scale), *s, *dq.stride(),
+        *dq_p.stride(), *tail, **blocks, ONE_CV=Cv <= c["BLOCK_CV"], EXCLUDE_DIAG=exclude_diag,
+        ACCUM=accum, GROUPED=grouped, DQ=with_dq, SCRATCH=scratch, **opts)
+    if scratch:
+        c = cfg["mm"]
+        mm, opts = _consts(c, q.dtype)
+        todo = [(p_s, do, dv, dv_p, 1.0), (de_s, q, dk, dk_p, scale)]
+        if not with_dq:
+            todo.append((de_s, k, dq, dq_p, scale))
+        for i, (a, x, out, part, sc) in enumerate(todo):
+            C = x.shape[1]
+            _line_scratch_mm_kernel[(B * G, triton.cdiv(L, c["BLOCK_R"]), triton.cdiv(C, c["BLOCK_C"]))](
+                a, x, out, part, *_halves(sc), *x.stride(), *out.stride(), *part.stride(),
+                *geometry, C, **mm, TRANS=i < 2, ACCUM=accum, GROUPED=grouped, **opts)
+        return
     c = cfg["dkdv"]
-    blocks, opts = _consts(c, q.dtype, Cqk, Cv)
+    blocks, opts = _consts(c, q.dtype, Cqk)
     blocks.update(ONE_CV=Cv <= c["BLOCK_CV"], EXCLUDE_DIAG=exclude_diag, ACCUM=accum,
                   GROUPED=grouped)
     kv = (q, k, v, do, lse, delta, dk, dv, dk_p, dv_p, *_halves(scale), *s, *dk.stride(),

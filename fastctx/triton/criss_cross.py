@@ -47,18 +47,18 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     needs every dim >= 16): BLOCK_M queries and BLOCK_N keys per step, the Cqk channels in one
     block up to 128 (else chunks of 64), Cv chunks of BLOCK_CV.
 
-    Timed on an H200 (bench/results/h200-session10, bench/cc_sweep.py: configs side by side,
-    each change measured alone at 97x97 and 65x129): float16 forward 4 warps (0.157 vs 0.204 ms
-    with 8), dk and dv in one launch with Cv 512 in one block (<dout, v> once per key and query
-    block instead of once per Cv chunk: forward+backward 0.644 vs 0.836 ms), 64 queries per
-    dk/dv step (0.604 vs 0.644); float32 dots "tf32x3" (float32's accuracy; forward+backward
-    3.7 vs 7.1 ms with "ieee" in the backward), forward 32 queries x 128 Cv (0.68 vs 0.90 ms).
-    float32 dq with 64 queries and dk/dv with 64 keys measured faster too (forward+backward
-    2.7 ms with both) but one of them faulted (illegal memory access) on a 17x33 map with
-    Cqk 8 (run 3; which one is not established): the backward keeps 32 x 32. Compiled for
-    sm_90 without a GPU (bench/compile_check.py, ptxas -v): the float32 dq and dk kernels spill
-    up to ~110 bytes per thread, the float16 dk/dv kernel 16; faster than the spill-free configs
-    all the same.
+    Timed on an H200 (bench/results/h200-session10, bench/cc_sweep.py, since replaced by
+    bench/line_sweep.py: configs side by side, each change measured alone at 97x97 and 65x129):
+    float16 forward 4 warps (0.157 vs 0.204 ms with 8), dk and dv in one launch with Cv 512 in
+    one block (<dout, v> once per key and query block instead of once per Cv chunk:
+    forward+backward 0.644 vs 0.836 ms), 64 queries per dk/dv step (0.604 vs 0.644); float32
+    dots "tf32x3" (float32's accuracy; forward+backward 3.7 vs 7.1 ms with "ieee" in the
+    backward), forward 32 queries x 128 Cv (0.68 vs 0.90 ms). float32 dq with 64 queries and
+    dk/dv with 64 keys measured faster too (forward+backward 2.7 ms with both) but each of them
+    alone faults (illegal memory access) on a 17x33 map with Cqk 8 (H200 run 3; H100, session
+    11, bench/cc_fault.py): the backward keeps 32 x 32. Compiled for sm_90 without a GPU
+    (bench/compile_check.py, ptxas -v): the float32 dq and dk kernels spill up to ~110 bytes per
+    thread, the float16 dk/dv kernel 16; faster than the spill-free configs all the same.
     """
     blocks = functools.partial(_line.blocks, L, Cqk, Cv)
     if dtype == torch.float32:  # dk and dv in one launch would need 300 KB of shared memory: Cv in chunks

@@ -12,7 +12,8 @@ group g has its origin at row ``(g // GW) * G_SH``, column ``(g % GW) * G_SW``, 
 MW = W / bw, M_S* = (bh, bw); short: GW = W / bw, G_S* = (bh, bw), MW = bw, M_S* = 1); the
 kernels read q, k, v and dout through their strides. Outputs are allocated NCHW-contiguous.
 A key is only ever attended by its own group, so one pass writes the final gradients (no
-partial sums, no atomics).
+partial sums, no atomics). The backward is the engine's scratch form (:func:`_config`): each
+group's [L, L] weights and their gradient are stored once and dv, dk, dq are products with them.
 
 16-bit inputs feed ``tl.dot`` directly, accumulation in float32; float32 uses "tf32x3"
 (_common.F32_DOT); float64 inputs (a verification path) accumulate in float64 with "ieee" dots
@@ -43,24 +44,26 @@ def _geometry(H: int, W: int, bh: int, bw: int, long_mode: bool) -> tuple[int, .
 
 
 def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
-    """Block sizes per kernel ("fwd", "dq", "dkdv") for groups of L members (tl.dot needs every
-    dim >= 16, so small groups pad to 16): about those of criss-cross (fastctx.triton.criss_cross,
-    timed there on an H200), with Cqk in one block up to 128, else chunks of 64, and Cv in
-    chunks; float32 smaller (Cqk chunks of 32, Cv of 32-64, 4 warps): with "tf32x3" dots the
-    larger blocks spilled 150-320 bytes per thread (bench/compile_check.py, sm_90); these spill
-    at most 12. float64 (the verification path): 32 x 32 tiles, all channels in one block. Not yet
-    timed on a GPU with these kernels (session 10 replaced the "keys x queries" kernels, whose
-    backward ptxas spilled 200-450 bytes per thread in float16).
+    """Block sizes per kernel for groups of L members (tl.dot needs every dim >= 16, so small
+    groups pad to 16): "fwd", and the scratch backward of :func:`fastctx.triton._line.bwd`: "dq"
+    (scores and <dout, v> once per group, p and dE stored; dq there too when Cqk fits one block)
+    and "mm" (dv, dk, and dq otherwise, as products with the stored p and dE). ISANet's groups are
+    short (64-169 members), so the [L, L] matrices are small (B * G * L * L elements, 2-4 MB at
+    ISANet's sizes in float16) while the channels are wide (Cqk 256, Cv 512): recomputing the
+    scores per kernel and channel chunk, as the FlashAttention-style backward does (kept for
+    criss-cross), cost 4-16 recomputations here (H100, session 11: the backward 10x the forward).
+    float32 keeps 32 x 32 tiles and channel chunks of 64 ("tf32x3" dots spill with more);
+    float64 (the verification path): 32 x 32 tiles, all channels in one block.
     """
     blocks = functools.partial(_line.blocks, L, Cqk, Cv)
+    mm = functools.partial(_line.mm_blocks, L)
     if dtype == torch.float64:  # all channels in one block
         one = blocks(32, 32, 1 << 30, 4, cqk_max=Cqk)
-        return {"fwd": one, "dq": one, "dkdv": one}
-    if dtype == torch.float32:  # Cqk in one block up to 64 (else chunks of 32), 4 warps
-        f32 = functools.partial(blocks, cqk_max=64, cqk_chunk=32)
-        return {"fwd": f32(32, 32, 64, 4), "dq": f32(32, 32, 32, 4), "dkdv": f32(32, 32, 32, 4)}
-    return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 32, 128, 8),
-            "dkdv": blocks(64, 32, 128, 8)}
+        return {"fwd": one, "dq": one, "mm": mm(32, 32, 32, 4)}
+    if dtype == torch.float32:
+        f32 = functools.partial(blocks, cqk_max=64, cqk_chunk=64)
+        return {"fwd": f32(32, 32, 64, 4), "dq": f32(32, 32, 64, 4), "mm": mm(32, 32, 64, 4)}
+    return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 64, 64, 4), "mm": mm(64, 64, 128, 4)}
 
 
 def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict):
