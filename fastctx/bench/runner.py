@@ -53,13 +53,16 @@ def metadata(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    # FASTCTX_COMMIT first: a lent GPU's copy of the tree may have no .git, or (session 11) a
+    # .git of another commit than the files it runs
+    commit = os.environ.get("FASTCTX_COMMIT")
     try:
-        commit = subprocess.run(
+        commit = commit or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (a lent GPU)
-        commit = os.environ.get("FASTCTX_COMMIT")
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
