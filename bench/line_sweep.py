@@ -10,8 +10,8 @@ Usage: python bench/line_sweep.py [--ops criss_cross,interlaced] [--dtypes fp16,
                                   [--seconds 200] [--out FILE.json]
 A config overrides the default blocks of one or more kernels (``fastctx.triton.<op>._config``);
 ``"mm"`` switches the backward to the engine's scratch form, ``None`` removes a kernel's config
-(back to the FlashAttention-style dq and dk/dv kernels). Interlaced configs may also read
-channels-last copies of q, k, v and dout ("channels_last", the copies timed with the call).
+(back to the FlashAttention-style dq and dk/dv kernels); "channels_last": False reads q, k, v
+and dout in place (NCHW) instead of the ops' channels-last copies.
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ from fastctx.triton import criss_cross as cc
 from fastctx.triton import interlaced as isa
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_F16_REC = {"dq": _line.blocks(128, 64, 512, 64, 32, 128, 8), "dkdv": _line.blocks(128, 64, 512, 64, 32, 512, 8)}
 _F32_REC = {"dq": _line.blocks(128, 64, 512, 32, 32, 64, 8), "dkdv": _line.blocks(128, 64, 512, 32, 32, 64, 8)}
 _ISA16_REC = {"dq": _line.blocks(128, 256, 512, 64, 32, 128, 8), "dkdv": _line.blocks(128, 256, 512, 64, 32, 128, 8)}
-_ISA32_REC = {"dq": _line.blocks(128, 256, 512, 32, 32, 32, 4, cqk_max=64, cqk_chunk=32),
-              "dkdv": _line.blocks(128, 256, 512, 32, 32, 32, 4, cqk_max=64, cqk_chunk=32)}
 
 
 def _mm(r, s, c, w):
@@ -49,27 +46,22 @@ CONFIGS = {
         ("scratch bwd, mm 64x32x128 8w", {"mm": _mm(64, 32, 128, 8), "dkdv": None}),
     ],
     ("criss_cross", torch.float32): [
-        ("default", {}),
-        ("scratch bwd, mm 32x32x64", {"mm": _mm(32, 32, 64, 4), "dkdv": None}),
+        ("default (scratch bwd)", {}),
+        ("session 10's dk/dv kernels", {"mm": None, **_F32_REC}),
     ],
     ("interlaced", torch.float16): [
-        ("default (scratch bwd)", {}),
-        ("session 10 (recomputing bwd)", {"mm": None, **_ISA16_REC}),
-        ("recomputing bwd, Cqk 256 in one block", {"mm": None, **{k: {**c, "BLOCK_CQK": 256} for k, c in _ISA16_REC.items()}}),
-        ("scratch, dq 64x64 8 warps", {"dq": {"num_warps": 8}}),
-        ("scratch, dq 64x32 Cqk 256 (dq in it)", {"dq": {"BLOCK_N": 32, "BLOCK_CQK": 256, "BLOCK_CV": 128, "num_warps": 8}}),
-        ("scratch, mm 64x64x64", {"mm": _mm(64, 64, 64, 4)}),
-        ("scratch, mm 128x64x128 8w", {"mm": _mm(128, 64, 128, 8)}),
-        ("scratch, fwd Cqk 256 8 warps", {"fwd": {"BLOCK_CQK": 256, "num_warps": 8}}),
-        ("scratch, channels-last copies", {"channels_last": True}),
+        ("default (scratch bwd, channels-last copies)", {}),
+        ("NCHW in place (session 11 run 2's default)", {"channels_last": False}),
+        ("dq 64x64 8 warps", {"dq": {"num_warps": 8}}),
+        ("mm 128x64x128 8w", {"mm": _mm(128, 64, 128, 8)}),
+        ("dq 8 warps, mm 128x64x128 8w", {"dq": {"num_warps": 8}, "mm": _mm(128, 64, 128, 8)}),
+        ("recomputing bwd, Cqk 256 in one block (long groups)", {"mm": None, **{k: {**c, "BLOCK_CQK": 256} for k, c in _ISA16_REC.items()}}),
     ],
     ("interlaced", torch.float32): [
-        ("default (scratch bwd)", {}),
-        ("session 10 (recomputing bwd)", {"mm": None, **_ISA32_REC}),
-        ("scratch, dq Cv 32 chunks", {"dq": {"BLOCK_CV": 32}}),
-        ("scratch, dq 8 warps", {"dq": {"num_warps": 8}}),
-        ("scratch, mm 64x32x64 8w", {"mm": _mm(64, 32, 64, 8)}),
-        ("scratch, channels-last copies", {"channels_last": True}),
+        ("default (scratch bwd, channels-last copies)", {}),
+        ("NCHW in place (session 11 run 2's default)", {"channels_last": False}),
+        ("fwd 16 queries", {"fwd": {"BLOCK_M": 16}}),
+        ("fwd Cv 32 chunks", {"fwd": {"BLOCK_CV": 32}}),
     ],
 }
 
@@ -106,8 +98,8 @@ def _problems(op: str):
         for H, W in ((97, 97), (65, 129)):
             yield dict(label=f"{H}x{W}", B=2, cq=64, cv=512, H=H, W=W, L=max(H, W),
                        ref=lambda q, k, v: python_ref.criss_cross_attention(q, k, v, 1.0),
-                       fwd=lambda q, k, v, cfg: cc._fwd(q, k, v, 1.0, cfg),
-                       bwd=lambda do, q, k, v, o, s, cfg: cc._bwd(do, q, k, v, o, s, 1.0, cfg),
+                       fwd=lambda q, k, v, cfg, cl: cc._fwd(q, k, v, 1.0, cfg, cl),
+                       bwd=lambda do, q, k, v, o, s, cfg, cl: cc._bwd(do, q, k, v, o, s, 1.0, cfg, cl),
                        cfg=lambda dtype, H=H, W=W: cc._config(max(H, W), 64, 512, dtype), strongest=None)
     else:
         for H, W in ((64, 128), (104, 104)):
@@ -117,8 +109,8 @@ def _problems(op: str):
                 sc = 256 ** -0.5
                 yield dict(label=f"{H}x{W}-{mode}", B=2, cq=256, cv=512, H=H, W=W, L=L,
                            ref=lambda q, k, v, mode=mode, sc=sc: python_ref.interlaced_attention(q, k, v, (8, 8), mode, sc),
-                           fwd=lambda q, k, v, cfg, lm=lm, sc=sc: isa._fwd(q, k, v, 8, 8, lm, sc, cfg),
-                           bwd=lambda do, q, k, v, o, s, cfg, lm=lm, sc=sc: isa._bwd(do, q, k, v, o, s, 8, 8, lm, sc, cfg),
+                           fwd=lambda q, k, v, cfg, cl, lm=lm, sc=sc: isa._fwd(q, k, v, 8, 8, lm, sc, cfg, cl),
+                           bwd=lambda do, q, k, v, o, s, cfg, cl, lm=lm, sc=sc: isa._bwd(do, q, k, v, o, s, 8, 8, lm, sc, cfg, cl),
                            cfg=lambda dtype, L=L: isa._config(L, 256, 512, dtype),
                            strongest=lambda q, k, v, mode=mode, sc=sc: _sdpa_interlaced(q, k, v, (8, 8), mode, sc))
 
@@ -178,18 +170,14 @@ def main() -> None:
                            "ref_fwd_ms": ref_f, "ref_fwd_bwd_ms": ref_fb}
                     if "sdpa" in times:
                         row.update(sdpa_fwd_ms=times["sdpa"][0], sdpa_fwd_bwd_ms=times["sdpa"][1])
-                    cl = overrides.get("channels_last", False)
+                    cl = overrides.get("channels_last")  # None: the op's default
 
-                    def prep(*ts, cl=cl):
-                        return [t.contiguous(memory_format=torch.channels_last) for t in ts] if cl else ts
+                    def fwd(cfg=cfg, cl=cl):
+                        return pb["fwd"](q, k, v, cfg, cl)
 
-                    def fwd(cfg=cfg):
-                        return pb["fwd"](*prep(q, k, v), cfg)
-
-                    def step(cfg=cfg):
-                        qq, kk, vv, dd = prep(q, k, v, dout)
-                        o, s = pb["fwd"](qq, kk, vv, cfg)
-                        return o, pb["bwd"](dd, qq, kk, vv, o, s, cfg)
+                    def step(cfg=cfg, cl=cl):
+                        o, s = pb["fwd"](q, k, v, cfg, cl)
+                        return o, pb["bwd"](dout, q, k, v, o, s, cfg, cl)
 
                     try:
                         out, grads = step()

@@ -45,17 +45,20 @@ ORDER: dict[str, tuple[str, ...]] = {
 _ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 #: Ops whose fused CUDA-tensor kernels measured slower than the reference, forward+backward at the
-#: models' sizes on an NVIDIA H200 (bench/results/h200-session9, h200-session10), with the dtypes
+#: models' sizes on NVIDIA H200 / H100 (bench/results/h200-session9, -session10, -session11), with the dtypes
 #: where they did (op -> (dtypes, what was measured)): ``backend=None`` takes the reference for
 #: those on CUDA tensors until the kernels win. Name "triton" (or "cuda") to run the kernels
 #: anyway: they often hold less memory.
 REFERENCE_FIRST_ON_CUDA: dict[str, tuple[tuple[torch.dtype, ...], str]] = {
     "criss_cross_attention": (
         (torch.float32, torch.float64),
-        "triton 0.73-0.83x the reference's speed at 97x97 float32 (float16: 1.60x, the Triton kernels)"),
+        "triton 0.65x the reference's speed at 97x97 float32 through the op (H100, session 11; the "
+        "float32 scratch backward since: 0.99x in the sweep of the host functions, H200); float16 2.05x"),
     "region_attention": (_ALL, "triton 0.09-0.52x the reference's speed in float32, 0.82-1.53x in float16"),
-    "interlaced_attention": (_ALL, "triton 0.06-0.25x the reference's speed in float32, 0.36-1.07x in float16 "
-                             "(session 9's kernels; their session-10 replacement is not timed yet)"),
+    "interlaced_attention": (
+        (torch.float32, torch.float64, torch.bfloat16),
+        "triton 0.49-1.57x the reference's speed in float32 (ISANet's sizes, H200 sweep, session 11); "
+        "bfloat16 not timed; float16 through the op 1.13-1.56x"),
     "pyramid_pool": (_ALL, "triton 0.76-0.91x the reference's speed in float32, 0.63-0.82x in float16"),
     "pyramid_attention": (_ALL, "triton 0.41-0.45x the reference's speed in float32, 0.94-0.96x in float16"),
 }

@@ -114,6 +114,9 @@ def test_reference_first_only_for_the_dtypes_measured_slower():
     assert backends.reference_first("criss_cross_attention", "cuda", torch.float32)
     assert backends.reference_first("criss_cross_attention", "cuda", torch.float16) is None
     assert backends.reference_first("criss_cross_attention", "cpu", torch.float32) is None
+    # interlaced attention: the scratch backward beats the reference in float16 (h200-session11)
+    assert backends._choose("interlaced_attention", "cuda", torch.float16, None) == "triton"
+    assert backends._choose("interlaced_attention", "cuda", torch.float32, None) == "reference"
 
 
 def test_kernel_lookup_is_cached(monkeypatch):

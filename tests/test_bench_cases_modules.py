@@ -333,3 +333,27 @@ def test_isa_block_candidates_skip_a_backend_that_cannot_run():
     a, b = isa_block_module(torch.float32, CPU), isa_block_module(torch.float64, CPU)
     for (n, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa.double(), pb), n
+
+
+def test_model_parity_yardstick():
+    """A whole model's output over the float32 tolerance passes when it is at most twice as far
+    from the float64 truth as the reference backend's (the yardstick), and fails beyond that."""
+    import fastctx.bench.runner as R
+
+    def scaled(f):
+        return lambda x: x * (1.0 + f)
+
+    case = cm.ModelCase(
+        op="models", name="synthetic", config={},
+        make_inputs=lambda dtype, device: (torch.linspace(-1, 1, 256, dtype=dtype, device=device),),
+        truth=lambda x: x * 1.0,
+        candidates={"near": scaled(5e-3), "far": scaled(1.5e-2), "reference": scaled(3e-3)},
+        backends=(), tol_scale=1.0, devices=("cpu",),
+    )
+    rows = R.run_case(case, torch.float32, torch.device("cpu"), True, log=lambda s: None)
+    status = {r["candidate"]: r["status"] for r in rows}
+    assert status["reference"] == "ok" and status["near"] == "ok", status
+    assert status["far"].startswith("FAILED parity"), status
+    case.yardstick = None  # without it, all three miss the float32 tolerance
+    rows = R.run_case(case, torch.float32, torch.device("cpu"), True, log=lambda s: None)
+    assert all(r["status"].startswith("FAILED parity") for r in rows)

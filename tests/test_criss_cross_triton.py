@@ -90,4 +90,9 @@ def test_config_covers_the_cases():
         assert _config(97, 64, 512, torch.float16)[kernel]["BLOCK_M"] < 97
         assert _config(7, 64, 512, torch.float16)[kernel]["BLOCK_M"] == 16
         assert _config(9, 136, 24, torch.float16)[kernel]["BLOCK_CQK"] < 136
-        assert _config(9, 64, 512, torch.float32)[kernel]["BLOCK_CV"] < 512
+        if kernel != "dkdv":
+            assert _config(9, 64, 512, torch.float32)[kernel]["BLOCK_CV"] < 512
+    # float32: the scratch backward where the line is short enough, else the dk/dv kernels
+    assert "mm" in _config(97, 64, 512, torch.float32) and "dkdv" not in _config(97, 64, 512, torch.float32)
+    assert "dkdv" in _config(300, 64, 512, torch.float32) and "mm" not in _config(300, 64, 512, torch.float32)
+    assert "dkdv" in _config(97, 64, 512, torch.float16)

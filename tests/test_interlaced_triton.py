@@ -32,6 +32,7 @@ CASES = [
     (1, 3, 4, 4, 6, 1, 1, False),  # groups of one member
     (1, 6, 5, 12, 15, 2, 1, True),  # 2 groups of 90: partial last blocks, multi-block softmax
     (1, 72, 70, 4, 6, 2, 3, True),  # channels in chunks (partial last chunks)
+    (1, 6, 5, 13, 20, 1, 1, True),  # one group of 260: too long for the scratch backward
 ]
 F64_CASES = CASES[2:]  # float64 checks the arithmetic; the 16 x 24 layouts run in float32
 HALF_CASES = [
@@ -111,11 +112,16 @@ def test_parity(dtype, case):
     _check(q, k, v, dout, bh, bw, long_mode, 0.37, dtype)
 
 
+@pytest.mark.parametrize("copies", [True, False], ids=["channels-last-copies", "in-place"])
 @pytest.mark.parametrize("long_mode", [True, False], ids=["long", "short"])
-def test_strided_inputs(long_mode):
-    """channels_last, a channel slice, a transposed map and a strided dout: read in place."""
+def test_strided_inputs(long_mode, copies, monkeypatch):
+    """channels_last, a channel slice, a transposed map and a strided dout: read through
+    channels-last copies (the default) or in place."""
     if not has_triton():
         pytest.fail("triton is not usable here")
+    import fastctx.triton.interlaced as isa
+
+    monkeypatch.setattr(isa, "_CHANNELS_LAST", copies)
     q = torch.randn(2, 10, 6, 8, device=DEV).to(memory_format=torch.channels_last)
     k = torch.randn(2, 20, 6, 8, device=DEV)[:, ::2]
     v = torch.randn(2, 7, 8, 6, device=DEV).transpose(2, 3)
@@ -129,6 +135,7 @@ def test_config_covers_the_cases():
     with the stored dE, not in the scores kernel), several blocks."""
     if not has_triton():
         pytest.fail("triton is not usable here")
+    assert "mm" in _config(169, 256, 512, torch.float16)  # ISANet's longest groups: the scratch
     for kernel in ("fwd", "dq"):
         assert 72 > _config(4, 72, 70, torch.float32)[kernel]["BLOCK_CQK"]
         assert _config(90, 6, 5, torch.float32)[kernel]["BLOCK_N"] < 90
@@ -143,3 +150,6 @@ def test_config_covers_the_cases():
         mm = _config(90, 6, 5, dtype)["mm"]
         assert mm["BLOCK_R"] < 90 and mm["BLOCK_S"] < 90
     assert _config(4, 72, 70, torch.float32)["mm"]["BLOCK_C"] < 70  # dq, dk and dv in chunks
+    for dtype in (torch.float32, torch.float64):  # 260 members: the recomputing dq, dk/dv kernels
+        cfg = _config(260, 6, 5, dtype)
+        assert "dkdv" in cfg and "mm" not in cfg and cfg["dkdv"]["BLOCK_N"] < 260

@@ -14,7 +14,8 @@ Dropout is switched off (its modules in eval mode) so that both candidates and t
 same network; BatchNorm runs in training mode.
 
 Parity: the logits against a float64 truth (the reference backend run in float64, same weights),
-within the float32 tolerance. The parameter gradients are computed but not compared
+within the float32 tolerance, or at most twice as far from it as the reference backend in float32
+(the yardstick: float32's own drift through a whole network). The parameter gradients are computed but not compared
 (``check_grads = False``): float32 rounding through the deep network exceeds any per-op
 tolerance, and tests/test_models.py compares every gradient of the two backends in float64.
 """
@@ -39,9 +40,13 @@ _MODELS: dict[tuple, nn.Module] = {}
 
 @dataclass
 class ModelCase(Case):
-    """A Case whose runner parity check compares the output (the logits) only."""
+    """A Case whose runner parity check compares the output (the logits) only, and accepts an
+    output that misses the float32 tolerance when it is no further from the float64 truth than
+    twice the ``yardstick`` candidate's own (the reference backend in float32: session 11 found
+    it 2.5e-3 from its float64 run through ISANet-R50 at 512x1024, over the tolerance)."""
 
     check_grads: bool = False
+    yardstick: str | None = "reference"
 
 
 def model_for(name: str, backend: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -82,8 +87,9 @@ def full_model_cases(quick: bool, models: tuple[str, ...] = FULL_MODELS,
                      size: tuple[int, int, int, int] = (2, 3, 512, 1024)) -> list[Case]:
     """The mmseg-size training step (``fastctx bench --ops models_full --dtypes fp32``), CUDA
     only: "fused" (backend=None, what a user gets: the reference where the kernels measured
-    slower), "triton" (every context op on the Triton kernels) and "reference". Not run yet:
-    added after session 10's GPU time was spent."""
+    slower), "triton" (every context op on the Triton kernels) and "reference". First run in
+    session 11 (bench/results/h200-session11): ccnet and ann timed, the other three failed the
+    plain float32 tolerance with the reference backend itself, hence the yardstick."""
     return _cases(models, size, ("fused", "triton", "reference"), ("cuda",))
 
 

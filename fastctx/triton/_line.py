@@ -478,6 +478,22 @@ def fwd(q, k, v, out, lse, o_part, lse_part, scale: float, geometry: tuple[int, 
         **opts)
 
 
+def channels_last(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors with channels-last memory (copies unless they already are): each position's
+    channel vector contiguous for the kernels' [members, channels] tiles. Measured faster than
+    reading NCHW in place: criss-cross 1.5-2.3x (H200, session 10), interlaced attention 1.3-2.0x
+    in 7 of ISANet's 8 cases (H200, session 11, bench/line_sweep.py)."""
+    return [t.contiguous(memory_format=torch.channels_last) for t in ts]
+
+
+def scratch_fits(L: int, Cv: int) -> bool:
+    """Whether the scratch backward's stored matrices (2 * L elements per position: p and dE
+    over the position's line) stay within the size of a tensor of max(512, Cv) channels: lines
+    of up to 256 members at usual widths (criss-cross at 97x97: 97 and 97; ISANet's groups:
+    64-169). Longer lines take the recomputing kernels."""
+    return 2 * L <= max(512, Cv)
+
+
 def mm_blocks(L: int, r: int, s: int, c: int, warps: int, *, stages: int = 2) -> dict:
     """The config of :func:`_line_scratch_mm_kernel` for lines of L members: r output members and
     s summed members per step (at most the padded line), channel chunks of c."""

@@ -43,9 +43,9 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 
 def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
-    """Block sizes per kernel ("fwd", "dq", "dkdv") of a pass over lines of L positions (tl.dot
-    needs every dim >= 16): BLOCK_M queries and BLOCK_N keys per step, the Cqk channels in one
-    block up to 128 (else chunks of 64), Cv chunks of BLOCK_CV.
+    """Block sizes per kernel ("fwd", "dq", and "dkdv" or "mm") of a pass over lines of L
+    positions (tl.dot needs every dim >= 16): BLOCK_M queries and BLOCK_N keys per step, the Cqk
+    channels in one block up to 128 (else chunks of 64), Cv chunks of BLOCK_CV.
 
     Timed on an H200 (bench/results/h200-session10, bench/cc_sweep.py, since replaced by
     bench/line_sweep.py: configs side by side, each change measured alone at 97x97 and 65x129):
@@ -59,9 +59,16 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     11, bench/cc_fault.py): the backward keeps 32 x 32. Compiled for sm_90 without a GPU
     (bench/compile_check.py, ptxas -v): the float32 dq and dk kernels spill up to ~110 bytes per
     thread, the float16 dk/dv kernel 16; faster than the spill-free configs all the same.
+    float32 lines short enough (:func:`fastctx.triton._line.scratch_fits`) take the engine's
+    scratch backward (p and dE stored once per line, dk/dv as products with them): forward+backward
+    2.057 vs 3.601 ms at 97x97 (H200, session 11, bench/line_sweep.py; float16 measured no
+    faster with it: 0.612 vs 0.606 ms at 97x97, 0.655 vs 0.596 at 65x129).
     """
     blocks = functools.partial(_line.blocks, L, Cqk, Cv)
     if dtype == torch.float32:  # dk and dv in one launch would need 300 KB of shared memory: Cv in chunks
+        if _line.scratch_fits(L, Cv):  # the scratch backward: 0.99x vs 0.57x the reference
+            return {"fwd": blocks(32, 32, 128, 8), "dq": blocks(32, 32, 64, 8),
+                    "mm": _line.mm_blocks(L, 32, 32, 64, 4)}
         return {"fwd": blocks(32, 32, 128, 8), "dq": blocks(32, 32, 64, 8),
                 "dkdv": blocks(32, 32, 64, 8)}
     return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 32, 128, 8),
@@ -75,12 +82,6 @@ def _check_inputs(*tensors: torch.Tensor) -> None:
         check_extent("fastctx.criss_cross_attention", t)
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    """t with channels-last memory ([B, H, W, C]): each pixel's channel vector is contiguous
-    for the dots of both passes (a copy unless t already is)."""
-    return t.contiguous(memory_format=torch.channels_last)
-
-
 def _partial(B: int, C: int, H: int, W: int, device) -> torch.Tensor:
     """A float32 [B, C, H, W] partial result of the column pass, channels-last."""
     return torch.empty((B, H, W, C), dtype=torch.float32, device=device).permute(0, 3, 1, 2)
@@ -92,7 +93,7 @@ def _fwd(q, k, v, scale: float, cfg: dict | None = None, channels_last: bool | N
     Cv = v.shape[1]
     _check_inputs(q, k, v)
     if _CHANNELS_LAST if channels_last is None else channels_last:
-        q, k, v = (_channels_last(t) for t in (q, k, v))
+        q, k, v = _line.channels_last(q, k, v)
     out = torch.empty((B, Cv, H, W), dtype=v.dtype, device=v.device)
     lse = torch.empty((B, H, W), dtype=torch.float32, device=v.device)
     o_col, lse_col = out, lse  # unused when H == 1 (no column keys: the row pass alone)
@@ -119,7 +120,7 @@ def _bwd(dout, q, k, v, out, lse, scale: float, cfg: dict | None = None,
 
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if _CHANNELS_LAST if channels_last is None else channels_last:
-        q, k, v, dout = (_channels_last(t) for t in (q, k, v, dout))
+        q, k, v, dout = _line.channels_last(q, k, v, dout)
     parts = None
     if H > 1:
         parts = tuple(_partial(B, t.shape[1], H, W, t.device) for t in (q, k, v))

@@ -10,7 +10,8 @@ No permuted copies: a group is a line of the kernels with a two-level geometry (
 group g has its origin at row ``(g // GW) * G_SH``, column ``(g % GW) * G_SW``, and member m sits
 ``(m // MW) * M_SH`` rows and ``(m % MW) * M_SW`` columns from it (long: GW = bw, G_S* = 1,
 MW = W / bw, M_S* = (bh, bw); short: GW = W / bw, G_S* = (bh, bw), MW = bw, M_S* = 1); the
-kernels read q, k, v and dout through their strides. Outputs are allocated NCHW-contiguous.
+kernels read q, k, v and dout through their strides, channels-last copies of them by default
+(``_CHANNELS_LAST``). Outputs are allocated NCHW-contiguous.
 A key is only ever attended by its own group, so one pass writes the final gradients (no
 partial sums, no atomics). The backward is the engine's scratch form (:func:`_config`): each
 group's [L, L] weights and their gradient are stored once and dv, dk, dq are products with them.
@@ -31,6 +32,8 @@ from fastctx.triton import _line
 from fastctx.triton._common import bwd_delta, check_extent
 
 _OP = "fastctx.interlaced_attention"
+#: the kernels read channels-last copies of q, k, v (and dout): :func:`fastctx.triton._line.channels_last`
+_CHANNELS_LAST = True
 
 
 def _geometry(H: int, W: int, bh: int, bw: int, long_mode: bool) -> tuple[int, ...]:
@@ -50,27 +53,40 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     and "mm" (dv, dk, and dq otherwise, as products with the stored p and dE). ISANet's groups are
     short (64-169 members), so the [L, L] matrices are small (B * G * L * L elements, 2-4 MB at
     ISANet's sizes in float16) while the channels are wide (Cqk 256, Cv 512): recomputing the
-    scores per kernel and channel chunk, as the FlashAttention-style backward does (kept for
-    criss-cross), cost 4-16 recomputations here (H100, session 11: the backward 10x the forward).
-    float32 keeps 32 x 32 tiles and channel chunks of 64 ("tf32x3" dots spill with more);
-    float64 (the verification path): 32 x 32 tiles, all channels in one block.
+    scores per kernel and channel chunk, as the FlashAttention-style backward does, cost 4-16
+    recomputations here (session 11: forward+backward 3.4-10x slower, bench/results/
+    h200-session11). Groups too long for the scratch (:func:`fastctx.triton._line.scratch_fits`)
+    take the recomputing "dq" and "dkdv" kernels, Cqk in one block up to 256 (1.8x faster than
+    chunks of 64 at ISANet's 64x128 long, float16, same run). float32 keeps 32 x 32 tiles and
+    channel chunks of 64 ("tf32x3" dots spill with more); float64 (the verification path):
+    32 x 32 tiles, all channels in one block.
     """
     blocks = functools.partial(_line.blocks, L, Cqk, Cv)
     mm = functools.partial(_line.mm_blocks, L)
+    scratch = _line.scratch_fits(L, Cv)
     if dtype == torch.float64:  # all channels in one block
         one = blocks(32, 32, 1 << 30, 4, cqk_max=Cqk)
-        return {"fwd": one, "dq": one, "mm": mm(32, 32, 32, 4)}
+        return {"fwd": one, "dq": one, **({"mm": mm(32, 32, 32, 4)} if scratch else {"dkdv": one})}
     if dtype == torch.float32:
         f32 = functools.partial(blocks, cqk_max=64, cqk_chunk=64)
-        return {"fwd": f32(32, 32, 64, 4), "dq": f32(32, 32, 64, 4), "mm": mm(32, 32, 64, 4)}
-    return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 64, 64, 4), "mm": mm(64, 64, 128, 4)}
+        if scratch:
+            return {"fwd": f32(32, 32, 64, 4), "dq": f32(32, 32, 64, 4), "mm": mm(32, 32, 64, 4)}
+        rec = blocks(32, 32, 32, 4, cqk_max=64, cqk_chunk=32)
+        return {"fwd": f32(32, 32, 64, 4), "dq": rec, "dkdv": rec}
+    if scratch:
+        return {"fwd": blocks(64, 64, 128, 4), "dq": blocks(64, 64, 64, 4), "mm": mm(64, 64, 128, 4)}
+    rec = blocks(64, 32, 128, 8, cqk_max=256)
+    return {"fwd": blocks(64, 64, 128, 4), "dq": rec, "dkdv": rec}
 
 
-def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict):
+def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
+         channels_last: bool | None = None):
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     for t in (q, k, v):
         check_extent(_OP, t)
+    if _CHANNELS_LAST if channels_last is None else channels_last:
+        q, k, v = _line.channels_last(q, k, v)
     out = torch.empty((B, Cv, H, W), dtype=q.dtype, device=q.device)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((B, H, W), dtype=lse_dtype, device=q.device)
@@ -80,13 +96,16 @@ def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict):
     return out, lse
 
 
-def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict):
+def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
+         channels_last: bool | None = None):
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     if dout.dtype != v.dtype:
         dout = dout.to(v.dtype)
     for t in (q, k, v, dout, out):
         check_extent(_OP, t)
+    if _CHANNELS_LAST if channels_last is None else channels_last:
+        q, k, v, dout = _line.channels_last(q, k, v, dout)
     lse = lse.contiguous()
     if q.dtype == torch.float64:  # the shared delta kernel accumulates in float32
         delta = torch.einsum("bchw,bchw->bhw", dout, out)
