@@ -181,6 +181,17 @@ def _bwd_delta_kernel(
 # ----------------------------------------------------------------------------------------------
 # host helpers
 # ----------------------------------------------------------------------------------------------
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launch grids. Plain Python: ``triton.cdiv`` is a constexpr function in
+    triton 3.6-3.8 (1.3-2 us a call, dozens per op call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1); plain Python, as :func:`cdiv`."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def check_extent(op: str, t: torch.Tensor, name: str = "") -> None:
     """Raise unless each sample of ``t`` spans fewer than 2**31 elements: the kernels address
     within one sample with 32-bit offsets (the batch offset is 64-bit)."""
@@ -196,7 +207,7 @@ def bwd_delta(dout: torch.Tensor, out: torch.Tensor, block_cv: int) -> torch.Ten
     in chunks of ``block_cv``)."""
     B, Cv, H, W = out.shape
     delta = torch.empty((B, H, W), dtype=torch.float32, device=out.device)
-    bj = min(32, max(16, triton.next_power_of_2(W)))
-    _bwd_delta_kernel[(B * H, triton.cdiv(W, bj))](
+    bj = min(32, max(16, next_pow2(W)))
+    _bwd_delta_kernel[(B * H, cdiv(W, bj))](
         dout, out, delta, *dout.stride(), *out.stride(), H, W, Cv, BLOCK_J=bj, BLOCK_CV=block_cv)
     return delta

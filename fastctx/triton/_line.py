@@ -36,13 +36,14 @@ halves (Triton passes a Python float as float32).
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _mm, _tile_if, dot_f32
+from fastctx.triton._common import F32_DOT, _mm, _tile_if, cdiv, dot_f32, next_pow2
 
 
 
@@ -428,7 +429,7 @@ def blocks(L: int, Cqk: int, Cv: int, m: int, n: int, c: int, warps: int, *, cqk
     """One kernel's config for lines of L members (tl.dot needs every dim >= 16, so small lines
     pad to 16): m queries and n keys per step (at most the padded line), Cv chunks of c, the Cqk
     channels in one block up to cqk_max (else chunks of cqk_chunk), "tf32x3" float32 dots."""
-    np2 = triton.next_power_of_2
+    np2 = next_pow2
     span = max(16, np2(L))
     return {"BLOCK_M": min(m, span), "BLOCK_N": min(n, span),
             "BLOCK_CQK": max(16, np2(Cqk)) if Cqk <= cqk_max else cqk_chunk,
@@ -455,9 +456,10 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+@functools.lru_cache(maxsize=64)
 def _halves(scale: float) -> tuple[float, float]:
     """scale = hi + lo with hi, lo float32: Triton passes Python floats as float32. (struct, not
-    torch.tensor: 0.4 vs 5.4 us, and it runs for every launch.)"""
+    torch.tensor: 0.4 vs 5.4 us; cached: it runs for every launch.)"""
     hi = _f32(scale)
     return hi, _f32(scale - hi)
 
@@ -470,7 +472,7 @@ def fwd(q, k, v, out, lse, o_part, lse_part, scale: float, geometry: tuple[int, 
     Cv = v.shape[1]
     G, L = geometry[:2]
     blocks, opts = _consts(cfg, q.dtype, Cqk)
-    grid = (B * G, triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(Cv, cfg["BLOCK_CV"]))
+    grid = (B * G, cdiv(L, cfg["BLOCK_M"]), cdiv(Cv, cfg["BLOCK_CV"]))
     _line_fwd_kernel[grid](
         q, k, v, out, lse, o_part, lse_part, *_halves(scale),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *o_part.stride(), H * W, W, 1,
@@ -497,7 +499,7 @@ def scratch_fits(L: int, Cv: int) -> bool:
 def mm_blocks(L: int, r: int, s: int, c: int, warps: int, *, stages: int = 2) -> dict:
     """The config of :func:`_line_scratch_mm_kernel` for lines of L members: r output members and
     s summed members per step (at most the padded line), channel chunks of c."""
-    span = max(16, triton.next_power_of_2(L))
+    span = max(16, next_pow2(L))
     return {"BLOCK_R": min(r, span), "BLOCK_S": min(s, span), "BLOCK_C": c, "num_warps": warps,
             "num_stages": stages, "F32_DOT": F32_DOT}
 
@@ -526,8 +528,8 @@ def bwd(q, k, v, do, lse, delta, grads, parts, scale: float, geometry: tuple[int
     p_s = de_s = dq  # unused without SCRATCH
     if scratch:
         p_s, de_s = (torch.empty((B * G, L, L), dtype=q.dtype, device=q.device) for _ in range(2))
-    _line_bwd_dq_kernel[(B * G, triton.cdiv(L, c["BLOCK_M"]),
-                         triton.cdiv(Cqk, c["BLOCK_CQK"]) if with_dq else 1)](
+    _line_bwd_dq_kernel[(B * G, cdiv(L, c["BLOCK_M"]),
+                         cdiv(Cqk, c["BLOCK_CQK"]) if with_dq else 1)](
         q, k, v, do, lse, delta, dq, dq_p, p_s, de_s, *_halves(scale), *s, *dq.stride(),
         *dq_p.stride(), *tail, **blocks, ONE_CV=Cv <= c["BLOCK_CV"], EXCLUDE_DIAG=exclude_diag,
         ACCUM=accum, GROUPED=grouped, DQ=with_dq, SCRATCH=scratch, **opts)
@@ -539,7 +541,7 @@ def bwd(q, k, v, do, lse, delta, grads, parts, scale: float, geometry: tuple[int
             todo.append((de_s, k, dq, dq_p, scale))
         for i, (a, x, out, part, sc) in enumerate(todo):
             C = x.shape[1]
-            _line_scratch_mm_kernel[(B * G, triton.cdiv(L, c["BLOCK_R"]), triton.cdiv(C, c["BLOCK_C"]))](
+            _line_scratch_mm_kernel[(B * G, cdiv(L, c["BLOCK_R"]), cdiv(C, c["BLOCK_C"]))](
                 a, x, out, part, *_halves(sc), *x.stride(), *out.stride(), *part.stride(),
                 *geometry, C, **mm, TRANS=i < 2, ACCUM=accum, GROUPED=grouped, **opts)
         return
@@ -549,12 +551,12 @@ def bwd(q, k, v, do, lse, delta, grads, parts, scale: float, geometry: tuple[int
                   GROUPED=grouped)
     kv = (q, k, v, do, lse, delta, dk, dv, dk_p, dv_p, *_halves(scale), *s, *dk.stride(),
           *dv.stride(), *dk_p.stride(), *dv_p.stride(), *tail)
-    nk = triton.cdiv(L, c["BLOCK_N"])
+    nk = cdiv(L, c["BLOCK_N"])
     if blocks["ONE_CQK"] and blocks["ONE_CV"]:  # one launch for dk and dv
         _line_bwd_dkdv_kernel[(B * G, nk, 1)](
             *kv, **blocks, COMPUTE_DK=True, COMPUTE_DV=True, **opts)
     else:
-        _line_bwd_dkdv_kernel[(B * G, nk, triton.cdiv(Cqk, c["BLOCK_CQK"]))](
+        _line_bwd_dkdv_kernel[(B * G, nk, cdiv(Cqk, c["BLOCK_CQK"]))](
             *kv, **blocks, COMPUTE_DK=True, COMPUTE_DV=False, **opts)
-        _line_bwd_dkdv_kernel[(B * G, nk, triton.cdiv(Cv, c["BLOCK_CV"]))](
+        _line_bwd_dkdv_kernel[(B * G, nk, cdiv(Cv, c["BLOCK_CV"]))](
             *kv, **blocks, COMPUTE_DK=False, COMPUTE_DV=True, **opts)

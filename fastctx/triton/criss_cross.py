@@ -25,10 +25,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from fastctx.triton import _line
-from fastctx.triton._common import bwd_delta, check_extent
+from fastctx.triton._common import bwd_delta, check_extent, next_pow2
 
 #: the kernels read channels-last copies of their inputs (one read and write of q, k, v, and of
 #: dout in the backward, unless they are channels-last already): contiguous channel vectors
@@ -42,6 +41,7 @@ def _check_dtype(t: torch.Tensor) -> None:
             f"bfloat16 inputs, got {t.dtype} (use the CPU/CUDA backend for float64)")
 
 
+@functools.lru_cache(maxsize=256)
 def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     """Block sizes per kernel ("fwd", "dq", and "dkdv" or "mm") of a pass over lines of L
     positions (tl.dot needs every dim >= 16): BLOCK_M queries and BLOCK_N keys per step, the Cqk
@@ -62,7 +62,8 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     float32 lines short enough (:func:`fastctx.triton._line.scratch_fits`) take the engine's
     scratch backward (p and dE stored once per line, dk/dv as products with them): forward+backward
     2.057 vs 3.601 ms at 97x97 (H200, session 11, bench/line_sweep.py; float16 measured no
-    faster with it: 0.612 vs 0.606 ms at 97x97, 0.655 vs 0.596 at 65x129).
+    faster with it: 0.612 vs 0.606 ms at 97x97, 0.655 vs 0.596 at 65x129). Cached per shape
+    (callers must not modify it).
     """
     blocks = functools.partial(_line.blocks, L, Cqk, Cv)
     if dtype == torch.float32:  # dk and dv in one launch would need 300 KB of shared memory: Cv in chunks
@@ -116,7 +117,7 @@ def _bwd(dout, q, k, v, out, lse, scale: float, cfg: dict | None = None,
         dout = dout.to(v.dtype)
     _check_inputs(q, k, v, dout, out)
     lse = lse.contiguous()
-    delta = bwd_delta(dout, out, min(64, max(16, triton.next_power_of_2(Cv))))
+    delta = bwd_delta(dout, out, min(64, max(16, next_pow2(Cv))))
 
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if _CHANNELS_LAST if channels_last is None else channels_last:

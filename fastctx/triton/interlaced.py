@@ -26,13 +26,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from fastctx.triton import _line
-from fastctx.triton._common import bwd_delta, check_extent
+from fastctx.triton._common import bwd_delta, check_extent, next_pow2
 
 _OP = "fastctx.interlaced_attention"
-#: the kernels read channels-last copies of q, k, v (and dout): :func:`fastctx.triton._line.channels_last`
+#: the kernels read channels-last copies of q, k, v (and dout): _line.channels_last
 _CHANNELS_LAST = True
 
 
@@ -46,6 +45,7 @@ def _geometry(H: int, W: int, bh: int, bw: int, long_mode: bool) -> tuple[int, .
     return (gh * gw, bh * bw, gw, bh, bw, bw, 1, 1)
 
 
+@functools.lru_cache(maxsize=256)
 def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     """Block sizes per kernel for groups of L members (tl.dot needs every dim >= 16, so small
     groups pad to 16): "fwd", and the scratch backward of :func:`fastctx.triton._line.bwd`: "dq"
@@ -59,7 +59,7 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     take the recomputing "dq" and "dkdv" kernels, Cqk in one block up to 256 (1.8x faster than
     chunks of 64 at ISANet's 64x128 long, float16, same run). float32 keeps 32 x 32 tiles and
     channel chunks of 64 ("tf32x3" dots spill with more); float64 (the verification path):
-    32 x 32 tiles, all channels in one block.
+    32 x 32 tiles, all channels in one block. Cached per shape (callers must not modify it).
     """
     blocks = functools.partial(_line.blocks, L, Cqk, Cv)
     mm = functools.partial(_line.mm_blocks, L)
@@ -110,7 +110,7 @@ def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: floa
     if q.dtype == torch.float64:  # the shared delta kernel accumulates in float32
         delta = torch.einsum("bchw,bchw->bhw", dout, out)
     else:
-        delta = bwd_delta(dout, out, min(64, max(16, triton.next_power_of_2(Cv))))
+        delta = bwd_delta(dout, out, min(64, max(16, next_pow2(Cv))))
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     _line.bwd(q, k, v, dout, lse, delta, grads, None, scale, _geometry(H, W, bh, bw, long_mode),
               True, False, cfg)

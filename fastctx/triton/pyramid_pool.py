@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _INTERPRET, _mm, check_extent, dot_f32, heuristics
+from fastctx.triton._common import (
+    F32_DOT, _INTERPRET, _mm, cdiv, check_extent, dot_f32, heuristics, next_pow2,
+)
 
 _OP = "fastctx.pyramid_pool"
 
@@ -181,7 +183,7 @@ def _blocks(C: int, S: int, max_c: int, max_s: int) -> tuple[int, int, int]:
     channels 1.2-1.6 KB: the forward takes up to 64 keys (32 channels in float32), the backward,
     which loops over the keys, 32. The float32 forward's were timed on an H200
     (bench/results/h200-session9, run 2); the others not yet."""
-    np2 = triton.next_power_of_2
+    np2 = next_pow2
     bc = min(max_c if not _INTERPRET else 64, max(16, np2(C)))
     return bc, 512 if _INTERPRET else 64, min(max_s, max(16, np2(S)))
 
@@ -191,7 +193,7 @@ def _n_groups(n_blocks: int, programs: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_blocks // 4, triton.cdiv(target, programs)))
+    return max(1, min(n_blocks // 4, cdiv(target, programs)))
 
 
 def pp_fwd(x: torch.Tensor, scales: list[int], n_groups: int | None = None) -> torch.Tensor:
@@ -211,19 +213,19 @@ def pp_fwd(x: torch.Tensor, scales: list[int], n_groups: int | None = None) -> t
     bins, inv = _bins(tuple(int(s) for s in scales), H, W, x.device)
     S = inv.numel()
     bc, bn, bs = _blocks(C, S, 32 if x.dtype == torch.float32 else 64, 64)
-    n_s = triton.cdiv(S, bs)
-    programs = triton.cdiv(C, bc) * n_s * B
-    n_blocks = triton.cdiv(N, bn)
+    n_s = cdiv(S, bs)
+    programs = cdiv(C, bc) * n_s * B
+    n_blocks = cdiv(N, bn)
     g = n_groups or _n_groups(n_blocks, programs, x.device)
-    per = triton.cdiv(n_blocks, max(1, min(g, n_blocks))) * bn  # whole pixel blocks per group
-    g = triton.cdiv(N, per)  # no empty group
+    per = cdiv(n_blocks, max(1, min(g, n_blocks))) * bn  # whole pixel blocks per group
+    g = cdiv(N, per)  # no empty group
     out = torch.empty((B, C, S), dtype=x.dtype, device=x.device)
     if g == 1:
         dst, dst_strides = out, (out.stride(0), 0, out.stride(1), out.stride(2))
     else:
         dst = torch.empty((B, g, C, S), dtype=torch.float32, device=x.device)
         dst_strides = tuple(dst.stride())
-    _pp_fwd_kernel[(triton.cdiv(C, bc) * n_s, B, g)](
+    _pp_fwd_kernel[(cdiv(C, bc) * n_s, B, g)](
         x, bins, inv, dst, *x.stride(), *dst_strides, C, W, N, S, per,
         N_S=n_s, BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, num_warps=4,
         num_stages=2 if x.dtype == torch.float32 else 3)  # float32, 3 stages: spills
@@ -251,7 +253,7 @@ def pp_bwd(dout: torch.Tensor, scales: list[int], H: int, W: int) -> torch.Tenso
     dx = torch.empty((B, C, H, W), dtype=dout.dtype, device=dout.device)
     _check(dx, "dx")
     bc, bn, bs = _blocks(C, S, 64, 32)
-    _pp_bwd_kernel[(triton.cdiv(N, bn), triton.cdiv(C, bc), B)](
+    _pp_bwd_kernel[(cdiv(N, bn), cdiv(C, bc), B)](
         dout, bins, inv, dx, *dout.stride(), C, W, N, S,
         BLOCK_C=bc, BLOCK_N=bn, BLOCK_S=bs, DOT_PRECISION=F32_DOT, num_warps=4)
     return dx

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from fastctx.triton._common import (
-    _HEURISTICS, _LOG2E, _mm, _row_dot, _split_pid, _tile_if, bwd_delta, check_extent,
-    heuristics,
+    _HEURISTICS, _LOG2E, _mm, _row_dot, _split_pid, _tile_if, bwd_delta, cdiv, check_extent,
+    heuristics, next_pow2,
 )
 
 _OP = "fastctx.region_attention"
@@ -341,7 +341,7 @@ def _config(N: int, S: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     (bench/results/h200-session9).
     """
     f32 = dtype == torch.float32
-    np2 = triton.next_power_of_2
+    np2 = next_pow2
     cqk_max = 64 if f32 else 128
     return {
         "BLOCK_N": min(32 if f32 else 64, max(16, np2(N))),
@@ -367,7 +367,7 @@ def _n_groups(n_blocks: int, programs_per_group: int, device: torch.device) -> i
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4
-    return max(1, min(n_blocks, triton.cdiv(target, programs_per_group)))
+    return max(1, min(n_blocks, cdiv(target, programs_per_group)))
 
 
 def _fwd(q, k, v, bias, scale: float, cfg: dict):
@@ -377,9 +377,9 @@ def _fwd(q, k, v, bias, scale: float, cfg: dict):
     N = H * W
     out = torch.empty((B, Cv, H, W), dtype=v.dtype, device=v.device)
     lse = torch.empty((B, H, W), dtype=torch.float32, device=v.device)
-    n_cv = triton.cdiv(Cv, cfg["BLOCK_CV"])
+    n_cv = cdiv(Cv, cfg["BLOCK_CV"])
     _strides(out)
-    _ra_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]) * n_cv, B)](
+    _ra_fwd_kernel[(cdiv(N, cfg["BLOCK_N"]) * n_cv, B)](
         q, k, v, bias, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(bias),
         N, W, S, Cqk, Cv, float(scale) * _LOG2E, N_CV=n_cv, **cfg, **_launch(cfg, q.dtype))
     return out, lse
@@ -394,7 +394,7 @@ def _bwd(dout, q, k, v, bias, out, lse, scale: float, cfg: dict, n_groups: int |
     if dout.dtype != v.dtype:
         dout = dout.to(v.dtype)
     bn, bs, bcq, bcv = cfg["BLOCK_N"], cfg["BLOCK_S"], cfg["BLOCK_CQK"], cfg["BLOCK_CV"]
-    n_blocks, n_s = triton.cdiv(N, bn), triton.cdiv(S, bs)
+    n_blocks, n_s = cdiv(N, bn), cdiv(S, bs)
     lse = lse.contiguous()
 
     s_do = _strides(dout)  # checked (with out) before the delta kernel reads them
@@ -406,14 +406,14 @@ def _bwd(dout, q, k, v, bias, out, lse, scale: float, cfg: dict, n_groups: int |
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(bias), *s_do,
             N, W, S, Cqk, Cv, float(scale) * _LOG2E, float(scale))
     opts = _launch(cfg, q.dtype)
-    n_cq = triton.cdiv(Cqk, bcq)
+    n_cq = cdiv(Cqk, bcq)
     _ra_bwd_dq_kernel[(n_blocks * n_cq, B)](
         q, k, v, bias, dout, lse, delta, dq, *args, N_CQ=n_cq, **cfg, **opts)
 
     def reduce(compute_dk: bool, compute_dv: bool, n_c: int):
         g = n_groups or _n_groups(n_blocks, B * n_s * n_c, q.device)
-        pix = triton.cdiv(n_blocks, g) * bn  # whole pixel blocks per group
-        g = triton.cdiv(N, pix)  # no empty group
+        pix = cdiv(n_blocks, g) * bn  # whole pixel blocks per group
+        g = cdiv(N, pix)  # no empty group
         f32 = {"dtype": torch.float32, "device": q.device}
         dk_p = torch.empty((B, g, Cqk, S), **f32) if compute_dk else None
         db_p = torch.empty((B, g, S), **f32) if compute_dk else None
@@ -427,7 +427,7 @@ def _bwd(dout, q, k, v, bias, out, lse, scale: float, cfg: dict, n_groups: int |
         dk_p, db_p, dv_p = reduce(True, True, 1)
     else:
         dk_p, db_p, _ = reduce(True, False, n_cq)
-        _, _, dv_p = reduce(False, True, triton.cdiv(Cv, bcv))
+        _, _, dv_p = reduce(False, True, cdiv(Cv, bcv))
     # deterministic second-level sums over the pixel groups
     dk = dk_p.sum(1).to(k.dtype)
     dv = dv_p.sum(1).to(v.dtype)

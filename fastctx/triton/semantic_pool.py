@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _INTERPRET
+from fastctx.triton._common import F32_DOT, _INTERPRET, cdiv, next_pow2
 
 _OP = "fastctx.semantic_pool"
 
@@ -209,13 +209,13 @@ def _check_dtype(t: torch.Tensor, name: str) -> None:
 
 
 def _block_k(K: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(K)))
+    return min(64, max(16, next_pow2(K)))
 
 
 def _n_groups(n_blocks: int, programs_per_group: int, device: torch.device) -> int:
     """Pixel groups of the segmented sum: about 4 programs per SM (4 on the CPU interpreter)."""
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_blocks, triton.cdiv(target, programs_per_group)))
+    return max(1, min(n_blocks, cdiv(target, programs_per_group)))
 
 
 def _segsum(x: torch.Tensor, labels: torch.Tensor, K: int, e=None, z=None, w=None) -> torch.Tensor:
@@ -223,11 +223,11 @@ def _segsum(x: torch.Tensor, labels: torch.Tensor, K: int, e=None, z=None, w=Non
     e is given (then w [B, N] receives the weights)."""
     B, C = x.shape[0], x.shape[1]
     N = labels[0].numel()
-    bc, bk = min(32, max(16, triton.next_power_of_2(C))), _block_k(K)
-    n_c, n_k, n_blocks = triton.cdiv(C, bc), triton.cdiv(K, bk), triton.cdiv(N, _SEGSUM_BLOCK_N)
+    bc, bk = min(32, max(16, next_pow2(C))), _block_k(K)
+    n_c, n_k, n_blocks = cdiv(C, bc), cdiv(K, bk), cdiv(N, _SEGSUM_BLOCK_N)
     g = _n_groups(n_blocks, B * n_c * n_k, x.device)
-    pix = triton.cdiv(n_blocks, g) * _SEGSUM_BLOCK_N
-    g = triton.cdiv(N, pix)  # no empty group
+    pix = cdiv(n_blocks, g) * _SEGSUM_BLOCK_N
+    g = cdiv(N, pix)  # no empty group
     part = torch.empty((B, g, C, K), dtype=torch.float32, device=x.device)
     has_w = e is not None
     _segsum_kernel[(g * n_c * n_k, B)](
@@ -253,7 +253,7 @@ def sp_fwd(feats: torch.Tensor, logits: torch.Tensor):
     K, N = logits.shape[1], H * W
     feats, logits = feats.contiguous(), logits.contiguous()
     dev = feats.device
-    nb, bk = triton.cdiv(N, _BLOCK_N), _block_k(K)
+    nb, bk = cdiv(N, _BLOCK_N), _block_k(K)
     f32 = {"dtype": torch.float32, "device": dev}
     labels = torch.empty((B, H, W), dtype=torch.int64, device=dev)
     best = torch.empty((B, N), **f32)
@@ -286,9 +286,9 @@ def sp_bwd(dregions, feats, labels, w, regions):
     drr = (dr * regions.to(torch.float32)).sum(1).contiguous()  # [B, K]
     dfeats = torch.empty((B, C, H, W), dtype=feats.dtype, device=feats.device)
     dlogits = torch.empty((B, K, H, W), dtype=feats.dtype, device=feats.device)
-    _bwd_kernel[(triton.cdiv(N, _BLOCK_N), B)](
+    _bwd_kernel[(cdiv(N, _BLOCK_N), B)](
         feats, dr, drr, labels.contiguous(), w.to(torch.float32).contiguous(), dfeats, dlogits,
-        N, C, K, BLOCK_N=_BLOCK_N, BLOCK_C=min(32, triton.next_power_of_2(C)), BLOCK_K=_block_k(K))
+        N, C, K, BLOCK_N=_BLOCK_N, BLOCK_C=min(32, next_pow2(C)), BLOCK_K=_block_k(K))
     return dfeats, dlogits
 
 
@@ -297,8 +297,8 @@ def sp_gather(regions: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -
     B, C, K = regions.shape
     H, W = labels.shape[1], labels.shape[2]
     out = torch.empty((B, C, H, W), dtype=dtype, device=regions.device)
-    bc = min(32, triton.next_power_of_2(C))
-    _gather_kernel[(triton.cdiv(H * W, _BLOCK_N), triton.cdiv(C, bc), B)](
+    bc = min(32, next_pow2(C))
+    _gather_kernel[(cdiv(H * W, _BLOCK_N), cdiv(C, bc), B)](
         regions.contiguous(), labels.contiguous(), out, H * W, C, K, BLOCK_N=_BLOCK_N, BLOCK_C=bc)
     return out
 

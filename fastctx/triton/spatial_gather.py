@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.triton._common import F32_DOT, _LOG2E, _mm, _split_pid, check_extent, dot_f32, heuristics
+from fastctx.triton._common import (
+    F32_DOT, _LOG2E, _mm, _split_pid, cdiv, check_extent, dot_f32, heuristics, next_pow2,
+)
 
 _OP = "fastctx.spatial_gather"
 
@@ -266,7 +268,7 @@ def _config(C: int, K: int, dtype: torch.dtype) -> dict:
     one block up to 128 (64 in float32), channels in blocks of up to 128 (64 in float32). Timed,
     not tuned, on an H200 (bench/results/h200-session9)."""
     f32 = dtype == torch.float32
-    np2 = triton.next_power_of_2
+    np2 = next_pow2
     return {
         "BLOCK_N": 32 if f32 else 64,
         "BLOCK_C": min(64 if f32 else 128, max(16, np2(C))),
@@ -277,7 +279,7 @@ def _config(C: int, K: int, dtype: torch.dtype) -> dict:
 def _bwd_config(C: int, K: int, dtype: torch.dtype) -> dict:
     """The backward holds w and G [BLOCK_K, BLOCK_N] for its whole channel loop: 32 pixels per
     program, channels in blocks of up to 64, classes as in the forward."""
-    return {**_config(C, K, dtype), "BLOCK_N": 32, "BLOCK_C": min(64, max(16, triton.next_power_of_2(C)))}
+    return {**_config(C, K, dtype), "BLOCK_N": 32, "BLOCK_C": min(64, max(16, next_pow2(C)))}
 
 
 def _launch(cfg: dict, dtype: torch.dtype) -> dict:
@@ -293,7 +295,7 @@ def _n_split(n_blocks: int, programs_per_split: int, max_split: int, device: tor
     if device.type != "cuda":
         return 1
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_blocks, max_split, triton.cdiv(target, programs_per_split)))
+    return max(1, min(n_blocks, max_split, cdiv(target, programs_per_split)))
 
 
 def _fwd(feats, logits, scale: float, cfg: dict, n_split: int | None = None):
@@ -302,13 +304,13 @@ def _fwd(feats, logits, scale: float, cfg: dict, n_split: int | None = None):
     B, C, H, W = feats.shape
     K, N = logits.shape[1], H * W
     bn, bc, bk = cfg["BLOCK_N"], cfg["BLOCK_C"], cfg["BLOCK_K"]
-    n_c, n_k = triton.cdiv(C, bc), triton.cdiv(K, bk)
-    n_blocks = triton.cdiv(N, bn)
+    n_c, n_k = cdiv(C, bc), cdiv(K, bk)
+    n_blocks = cdiv(N, bn)
     # each split writes float32 partials of C x K: keep them under ~10 % of the bytes of feats
     max_split = max(1, N * feats.element_size() // (40 * K))
     s = n_split or _n_split(n_blocks, B * n_c * n_k, max_split, feats.device)
-    pix = triton.cdiv(n_blocks, s) * bn  # whole pixel blocks per split
-    s = triton.cdiv(N, pix)  # no empty split
+    pix = cdiv(n_blocks, s) * bn  # whole pixel blocks per split
+    s = cdiv(N, pix)  # no empty split
     out = torch.empty((B, C, K), dtype=feats.dtype, device=feats.device)
     lse = torch.empty((B, K), dtype=torch.float32, device=feats.device)
     f32 = {"dtype": torch.float32, "device": feats.device}
@@ -342,7 +344,7 @@ def _bwd(dout, feats, logits, out, lse, scale: float, cfg: dict):
     dlogits = torch.empty((B, K, H, W), dtype=logits.dtype, device=feats.device)
     _strides(dfeats)
     _strides(dlogits)
-    _sg_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), B)](
+    _sg_bwd_kernel[(cdiv(N, cfg["BLOCK_N"]), B)](
         feats, logits, dout, lse.contiguous(), dsum, dfeats, dlogits, *_strides(feats),
         *_strides(logits), *_strides(dout), N, W, C, K, float(scale) * _LOG2E, float(scale),
         **cfg, **_launch(cfg, feats.dtype))
