@@ -9,7 +9,8 @@ against the float64 reference at the same size: max |error| / max |reference| pe
 Usage: python bench/line_sweep.py [--ops criss_cross,interlaced] [--dtypes fp16,fp32]
                                   [--seconds 200] [--out FILE.json]
 A config overrides the default blocks of one or more kernels (``fastctx.triton.<op>._config``);
-``"mm"`` switches the backward to the engine's scratch form, ``None`` removes a kernel's config
+``"mm"`` switches the backward to the engine's scratch form, ``"fwd_mm"`` the forward (interlaced
+attention: the scores stored once, then softmax @ v as a product), ``None`` removes a kernel's config
 (back to the FlashAttention-style dq and dk/dv kernels); "channels_last": False reads q, k, v
 and dout in place (NCHW) instead of the ops' channels-last copies.
 """
@@ -55,13 +56,16 @@ CONFIGS = {
         ("dq 64x64 8 warps", {"dq": {"num_warps": 8}}),
         ("mm 128x64x128 8w", {"mm": _mm(128, 64, 128, 8)}),
         ("dq 8 warps, mm 128x64x128 8w", {"dq": {"num_warps": 8}, "mm": _mm(128, 64, 128, 8)}),
+        ("scores-once forward, mm 64x64x128", {"fwd_mm": _mm(64, 64, 128, 4)}),
+        ("scores-once forward, mm 128x64x128 8w", {"fwd_mm": _mm(128, 64, 128, 8)}),
         ("recomputing bwd, Cqk 256 in one block (long groups)", {"mm": None, **{k: {**c, "BLOCK_CQK": 256} for k, c in _ISA16_REC.items()}}),
     ],
     ("interlaced", torch.float32): [
         ("default (scratch bwd, channels-last copies)", {}),
         ("NCHW in place (session 11 run 2's default)", {"channels_last": False}),
+        ("scores-once forward, mm 32x32x64", {"fwd_mm": _mm(32, 32, 64, 4)}),
+        ("scores-once forward, mm 64x32x64 8w", {"fwd_mm": _mm(64, 32, 64, 8)}),
         ("fwd 16 queries", {"fwd": {"BLOCK_M": 16}}),
-        ("fwd Cv 32 chunks", {"fwd": {"BLOCK_CV": 32}}),
     ],
 }
 

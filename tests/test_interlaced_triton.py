@@ -153,3 +153,28 @@ def test_config_covers_the_cases():
     for dtype in (torch.float32, torch.float64):  # 260 members: the recomputing dq, dk/dv kernels
         cfg = _config(260, 6, 5, dtype)
         assert "dkdv" in cfg and "mm" not in cfg and cfg["dkdv"]["BLOCK_N"] < 260
+
+
+@pytest.mark.parametrize("dtype,case", [
+    pytest.param(torch.float32, CASES[1], id=f"{_id(CASES[1])}-fp32"),  # 2 query / key blocks
+    pytest.param(torch.float32, CASES[-2], id=f"{_id(CASES[-2])}-fp32"),  # Cqk and Cv in chunks
+    pytest.param(torch.float64, CASES[6], id=f"{_id(CASES[6])}-fp64"),  # groups of 90
+    pytest.param(torch.float16, HALF_CASES[0], id=f"{_id(HALF_CASES[0])}-fp16"),
+])
+def test_scratch_forward(dtype, case, monkeypatch):
+    """The engine's forward with the scores computed once (a "fwd_mm" config: stored energies,
+    then softmax @ v as a product), against the reference like test_parity."""
+    if not has_triton():
+        pytest.fail("triton is not usable here")
+    import fastctx.triton.interlaced as isa
+    from fastctx.triton import _line
+
+    plain = isa._config
+    monkeypatch.setattr(isa, "_config", lambda L, cq, cv, dt: {
+        **plain(L, cq, cv, dt), "fwd_mm": _line.mm_blocks(L, 32, 32, 32 if dt != torch.float16 else 64, 4)})
+    B, cq, cv, H, W, bh, bw, long_mode = case
+    q = torch.randn(B, cq, H, W, dtype=dtype, device=DEV).mul_(cq**-0.25)
+    k = torch.randn(B, cq, H, W, dtype=dtype, device=DEV).mul_(cq**-0.25)
+    v = torch.randn(B, cv, H, W, dtype=dtype, device=DEV)
+    dout = torch.randn(B, cv, H, W, dtype=dtype, device=DEV)
+    _check(q, k, v, dout, bh, bw, long_mode, 0.37, dtype)

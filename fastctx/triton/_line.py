@@ -26,6 +26,10 @@ FlashAttention-style, in "queries x keys" tiles, every product a ``tl.dot``:
   (:func:`_line_scratch_mm_kernel`): the scores and <dout, v> are computed once, not once per
   kernel and channel chunk, at the cost of 2 * B * G * L * L stored elements (small for short
   lines with wide channels, ISANet's groups).
+- the forward has a scratch form too (:func:`fwd_scratch`, interlaced attention's "fwd_mm"
+  config; not a default yet, no GPU has timed it): the energies stored once
+  (:func:`_line_scores_kernel`), then softmax @ v as a product, instead of the scores once per
+  Cv chunk.
 
 Scores and ``<dout, v>`` loop over channel chunks when the channels do not fit one block
 (ONE_CQK / ONE_CV False). 16-bit inputs feed ``tl.dot`` directly (p and dE are rounded to the
@@ -179,6 +183,59 @@ def _line_fwd_kernel(
              b_o.to(out.dtype.element_ty), mask=m_q[:, None] & m_cv[None, :])
     tl.store(lse + o_st, (b_lse * 0.6931471805599453).to(lse.dtype.element_ty),
              mask=m_q & (i_cv == 0))
+
+
+@triton.jit
+def _line_scores_kernel(
+    q, k, s_s, lse, sc_hi, sc_lo,
+    s_qb, s_qc, s_qh, s_qw,
+    s_kb, s_kc, s_kh, s_kw,
+    s_tb, s_th, s_tw,
+    G, L, GW, G_SH, G_SW, MW, M_SH, M_SW, Cqk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CQK: tl.constexpr,
+    ONE_CQK: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, GROUPED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ACC: tl.constexpr,
+):
+    """The scratch forward's first half: the energies of the queries (b, line g, member block)
+    against their whole line, in base 2 (scale * log2(e) * <q, k>, -inf where not an energy),
+    stored once into s_s ([B * G, L, L], queries x keys, ACC), and their logsumexp (natural log,
+    into lse; -inf for a query without keys). :func:`_line_scratch_mm_kernel` with SOFTMAX then
+    forms out = softmax @ v from them, the scores computed once instead of once per Cv chunk.
+
+    Grid: (B * G, cdiv(L, BLOCK_M))
+    """
+    i_bg = tl.program_id(0).to(tl.int64)
+    i_qb = tl.program_id(1)
+    i_b = i_bg // G
+    r0, c0 = _rc(i_bg % G, GW, G_SH, G_SW, GROUPED)
+    o_q = i_qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    o_c = tl.arange(0, BLOCK_CQK)
+    m_q = o_q < L
+    r_q, c_q = _rc(o_q, MW, M_SH, M_SW, GROUPED)
+    b_qk = (tl.cast(sc_hi, ACC) + tl.cast(sc_lo, ACC)) * 1.4426950408889634
+    p_q = q + i_b * s_qb + r0 * s_qh + c0 * s_qw
+    p_k = k + i_b * s_kb + r0 * s_kh + c0 * s_kw
+    o_qq = r_q * s_qh + c_q * s_qw
+    b_q = _tile_if(ONE_CQK, p_q, o_qq, o_c * s_qc, m_q, o_c < Cqk)  # [BLOCK_M, BLOCK_CQK]
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    b_l = tl.zeros([BLOCK_M], dtype=ACC)
+    for n0 in range(0, L, BLOCK_N):
+        o_k = n0 + o_n
+        m_k = o_k < L
+        r_k, c_k = _rc(o_k, MW, M_SH, M_SW, GROUPED)
+        b_s = _scores(b_q, p_q, o_qq, m_q, s_qc, p_k, r_k * s_kh + c_k * s_kw, m_k, s_kc, Cqk,
+                      BLOCK_CQK, ONE_CQK, DOT_PRECISION, DOT_F32, ACC)  # [BLOCK_M, BLOCK_N]
+        b_s = tl.where(_valid(o_q, o_k, m_q, m_k, EXCLUDE_DIAG), b_s * b_qk, float("-inf"))
+        tl.store(s_s + i_bg * L * L + o_q[:, None] * L + o_k[None, :], b_s.to(s_s.dtype.element_ty),
+                 mask=m_q[:, None] & m_k[None, :])
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_l = b_l * tl.exp2(b_m - b_m_use) + tl.sum(tl.exp2(b_s - b_m_use[:, None]), 1)
+        b_m = b_m_new
+    b_lse = b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0))  # -inf without keys
+    tl.store(lse + i_b * s_tb + (r0 + r_q) * s_th + (c0 + c_q) * s_tw,
+             (b_lse * 0.6931471805599453).to(lse.dtype.element_ty), mask=m_q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,19 +418,22 @@ def _line_bwd_dkdv_kernel(
 
 @triton.jit
 def _line_scratch_mm_kernel(
-    a, x, out, part, sc_hi, sc_lo,
+    a, x, out, part, lse, sc_hi, sc_lo,
     s_xb, s_xc, s_xh, s_xw,
     s_ob, s_oc, s_oh, s_ow,
     s_pb, s_pc, s_ph, s_pw,
+    s_tb, s_th, s_tw,
     G, L, GW, G_SH, G_SW, MW, M_SH, M_SW, C,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, TRANS: tl.constexpr,
-    ACCUM: tl.constexpr, GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr, ACC: tl.constexpr,
+    ACCUM: tl.constexpr, SOFTMAX: tl.constexpr, GROUPED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ACC: tl.constexpr,
 ):
     """out[r, c] = scale * sum_s A[r, s] * x[s, c] over the members of line (b, g), A the line's
     [L, L] matrix in the scratch ``a`` ([B * G, L, L]; TRANS: its transpose), x and out read and
     written through their strides; ACCUM: plus part. With the scratch of
-    :func:`_line_bwd_dq_kernel`: dv = p^T dout, dk = scale * dE^T q, dq = scale * dE k.
+    :func:`_line_bwd_dq_kernel`: dv = p^T dout, dk = scale * dE^T q, dq = scale * dE k. SOFTMAX:
+    A holds base-2 energies (:func:`_line_scores_kernel`) and the product takes
+    exp2(A[r, s] - lse[r] * log2(e)) instead: the forward's out = softmax @ v.
 
     Grid: (B * G, cdiv(L, BLOCK_R), cdiv(C, BLOCK_C))
     """
@@ -389,6 +449,11 @@ def _line_scratch_mm_kernel(
     m_c = o_c < C
     p_a = a + i_bg * L * L
     p_x = x + i_b * s_xb + r0 * s_xh + c0 * s_xw
+    r_r, c_r = _rc(o_r, MW, M_SH, M_SW, GROUPED)
+    if SOFTMAX:  # a row without keys (lse -inf) gets zero weights
+        b_lse2 = tl.load(lse + i_b * s_tb + (r0 + r_r) * s_th + (c0 + c_r) * s_tw, mask=m_r,
+                         other=0.0).to(ACC) * 1.4426950408889634
+        b_lse2 = tl.where(b_lse2 == float("-inf"), float("inf"), b_lse2)
     b_acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
     for s0 in range(0, L, BLOCK_S):
         o_m = s0 + o_s
@@ -397,11 +462,12 @@ def _line_scratch_mm_kernel(
             b_a = _tile(p_a, o_r, o_m * L, m_r, m_m)  # [BLOCK_R, BLOCK_S]
         else:
             b_a = _tile(p_a, o_r * L, o_m, m_r, m_m)
+        if SOFTMAX:  # masked entries load as 0: zero weights there
+            b_a = tl.where(m_r[:, None] & m_m[None, :], tl.exp2(b_a.to(ACC) - b_lse2[:, None]), 0.0)
         r_m, c_m = _rc(o_m, MW, M_SH, M_SW, GROUPED)
         b_x = _tile(p_x, r_m * s_xh + c_m * s_xw, o_c * s_xc, m_m, m_c)  # [BLOCK_S, BLOCK_C]
         b_acc += _mm(b_a.to(b_x.dtype), b_x, DOT_PRECISION, DOT_F32)
     b_acc = b_acc * (tl.cast(sc_hi, ACC) + tl.cast(sc_lo, ACC))
-    r_r, c_r = _rc(o_r, MW, M_SH, M_SW, GROUPED)
     if ACCUM:
         b_acc += _tile(part + i_b * s_pb + r0 * s_ph + c0 * s_pw, r_r * s_ph + c_r * s_pw,
                        o_c * s_pc, m_r, m_c)
@@ -480,6 +546,28 @@ def fwd(q, k, v, out, lse, o_part, lse_part, scale: float, geometry: tuple[int, 
         **opts)
 
 
+def fwd_scratch(q, k, v, out, lse, scale: float, geometry: tuple[int, ...], grouped: bool,
+                exclude_diag: bool, cfg: dict, cfg_mm: dict) -> None:
+    """The forward with the scores computed once: :func:`_line_scores_kernel` (blocks of ``cfg``)
+    stores each line's base-2 energies ([B * G, L, L], float32; float64 for float64 inputs) and
+    writes ``lse``, then :func:`_line_scratch_mm_kernel` with SOFTMAX (blocks of ``cfg_mm``)
+    writes ``out``. For short lines with wide values (the FlashAttention-style :func:`fwd`
+    recomputes the scores once per Cv chunk); no MERGE."""
+    B, Cqk, H, W = q.shape
+    Cv = v.shape[1]
+    G, L = geometry[:2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s_s = torch.empty((B * G, L, L), dtype=acc, device=q.device)
+    blocks, opts = _consts({n: x for n, x in cfg.items() if n != "BLOCK_CV"}, q.dtype, Cqk)
+    _line_scores_kernel[(B * G, cdiv(L, cfg["BLOCK_M"]))](
+        q, k, s_s, lse, *_halves(scale), *q.stride(), *k.stride(), H * W, W, 1, *geometry, Cqk,
+        **blocks, EXCLUDE_DIAG=exclude_diag, GROUPED=grouped, **opts)
+    mm, opts = _consts(cfg_mm, q.dtype)
+    _line_scratch_mm_kernel[(B * G, cdiv(L, cfg_mm["BLOCK_R"]), cdiv(Cv, cfg_mm["BLOCK_C"]))](
+        s_s, v, out, out, lse, *_halves(1.0), *v.stride(), *out.stride(), *out.stride(), H * W, W,
+        1, *geometry, Cv, **mm, TRANS=False, ACCUM=False, SOFTMAX=True, GROUPED=grouped, **opts)
+
+
 def channels_last(*ts: torch.Tensor) -> list[torch.Tensor]:
     """The tensors with channels-last memory (copies unless they already are): each position's
     channel vector contiguous for the kernels' [members, channels] tiles. Measured faster than
@@ -542,8 +630,9 @@ def bwd(q, k, v, do, lse, delta, grads, parts, scale: float, geometry: tuple[int
         for i, (a, x, out, part, sc) in enumerate(todo):
             C = x.shape[1]
             _line_scratch_mm_kernel[(B * G, cdiv(L, c["BLOCK_R"]), cdiv(C, c["BLOCK_C"]))](
-                a, x, out, part, *_halves(sc), *x.stride(), *out.stride(), *part.stride(),
-                *geometry, C, **mm, TRANS=i < 2, ACCUM=accum, GROUPED=grouped, **opts)
+                a, x, out, part, lse, *_halves(sc), *x.stride(), *out.stride(), *part.stride(),
+                H * W, W, 1, *geometry, C, **mm, TRANS=i < 2, ACCUM=accum, SOFTMAX=False,
+                GROUPED=grouped, **opts)
         return
     c = cfg["dkdv"]
     blocks, opts = _consts(c, q.dtype, Cqk)

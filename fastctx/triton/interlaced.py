@@ -59,7 +59,9 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     take the recomputing "dq" and "dkdv" kernels, Cqk in one block up to 256 (1.8x faster than
     chunks of 64 at ISANet's 64x128 long, float16, same run). float32 keeps 32 x 32 tiles and
     channel chunks of 64 ("tf32x3" dots spill with more); float64 (the verification path):
-    32 x 32 tiles, all channels in one block. Cached per shape (callers must not modify it).
+    32 x 32 tiles, all channels in one block. A "fwd_mm" config (:func:`_line.mm_blocks`) would
+    switch the forward to the engine's scratch form (scores once, then softmax @ v): tested, not
+    yet timed on a GPU, so not a default. Cached per shape (callers must not modify it).
     """
     blocks = functools.partial(_line.blocks, L, Cqk, Cv)
     mm = functools.partial(_line.mm_blocks, L)
@@ -91,8 +93,11 @@ def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((B, H, W), dtype=lse_dtype, device=q.device)
     check_extent(_OP, out)
-    _line.fwd(q, k, v, out, lse, out, lse, scale, _geometry(H, W, bh, bw, long_mode), True,
-              False, False, cfg["fwd"])
+    geometry = _geometry(H, W, bh, bw, long_mode)
+    if "fwd_mm" in cfg:  # the scores once per group, then softmax @ v as a product
+        _line.fwd_scratch(q, k, v, out, lse, scale, geometry, True, False, cfg["fwd"], cfg["fwd_mm"])
+    else:
+        _line.fwd(q, k, v, out, lse, out, lse, scale, geometry, True, False, False, cfg["fwd"])
     return out, lse
 
 
