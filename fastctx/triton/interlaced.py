@@ -51,11 +51,11 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     groups pad to 16): "fwd", and the scratch backward of :func:`fastctx.triton._line.bwd`: "dq"
     (scores and <dout, v> once per group, p and dE stored; dq there too when Cqk fits one block)
     and "mm" (dv, dk, and dq otherwise, as products with the stored p and dE). ISANet's groups are
-    short (64-169 members), so the [L, L] matrices are small (B * G * L * L elements, 2-4 MB at
-    ISANet's sizes in float16) while the channels are wide (Cqk 256, Cv 512): recomputing the
-    scores per kernel and channel chunk, as the FlashAttention-style backward does, cost 4-16
-    recomputations here (session 11: forward+backward 3.4-10x slower, bench/results/
-    h200-session11). Groups too long for the scratch (:func:`fastctx.triton._line.scratch_fits`)
+    short (64-169 members), so the two [L, L] matrices per group are small (B * G * L * L
+    elements each, 4-15 MB together at ISANet's sizes in float16) while the channels are wide
+    (Cqk 256, Cv 512): recomputing the scores per kernel and channel chunk, as the
+    FlashAttention-style backward does, cost 4-16 recomputations here (H200, session 11:
+    forward+backward 2.7-5.3x slower, bench/results/h200-session11). Groups too long for the scratch (:func:`fastctx.triton._line.scratch_fits`)
     take the recomputing "dq" and "dkdv" kernels, Cqk in one block up to 256 (1.8x faster than
     chunks of 64 at ISANet's 64x128 long, float16, same run). float32 keeps 32 x 32 tiles and
     channel chunks of 64 ("tf32x3" dots spill with more); float64 (the verification path):
