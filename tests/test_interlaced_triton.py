@@ -100,16 +100,21 @@ def _check(q, k, v, dout, bh, bw, long_mode, scale, dtype):
         assert_close(got, want, dtype, name)
 
 
-@pytest.mark.parametrize("dtype,case", list(_params()))
-def test_parity(dtype, case):
-    if not has_triton():
-        pytest.fail("triton is not usable here")
+def _check_case(case, dtype):
+    """_check on fresh random inputs of ``case``."""
     B, cq, cv, H, W, bh, bw, long_mode = case
     q = torch.randn(B, cq, H, W, dtype=dtype, device=DEV).mul_(cq**-0.25)
     k = torch.randn(B, cq, H, W, dtype=dtype, device=DEV).mul_(cq**-0.25)
     v = torch.randn(B, cv, H, W, dtype=dtype, device=DEV)
     dout = torch.randn(B, cv, H, W, dtype=dtype, device=DEV)
     _check(q, k, v, dout, bh, bw, long_mode, 0.37, dtype)
+
+
+@pytest.mark.parametrize("dtype,case", list(_params()))
+def test_parity(dtype, case):
+    if not has_triton():
+        pytest.fail("triton is not usable here")
+    _check_case(case, dtype)
 
 
 @pytest.mark.parametrize("copies", [True, False], ids=["channels-last-copies", "in-place"])
@@ -172,9 +177,4 @@ def test_scratch_forward(dtype, case, monkeypatch):
     plain = isa._config
     monkeypatch.setattr(isa, "_config", lambda L, cq, cv, dt: {
         **plain(L, cq, cv, dt), "fwd_mm": _line.mm_blocks(L, 32, 32, 32 if dt != torch.float16 else 64, 4)})
-    B, cq, cv, H, W, bh, bw, long_mode = case
-    q = torch.randn(B, cq, H, W, dtype=dtype, device=DEV).mul_(cq**-0.25)
-    k = torch.randn(B, cq, H, W, dtype=dtype, device=DEV).mul_(cq**-0.25)
-    v = torch.randn(B, cv, H, W, dtype=dtype, device=DEV)
-    dout = torch.randn(B, cv, H, W, dtype=dtype, device=DEV)
-    _check(q, k, v, dout, bh, bw, long_mode, 0.37, dtype)
+    _check_case(case, dtype)
