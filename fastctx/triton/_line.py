@@ -27,8 +27,8 @@ FlashAttention-style, in "queries x keys" tiles, every product a ``tl.dot``:
   kernel and channel chunk, at the cost of 2 * B * G * L * L stored elements (small for short
   lines with wide channels, ISANet's groups).
 - the forward has a scratch form too (:func:`fwd_scratch`, interlaced attention's "fwd_mm"
-  config; not a default yet, no GPU has timed it): the energies stored once
-  (:func:`_line_scores_kernel`), then softmax @ v as a product, instead of the scores once per
+  config; not a default yet, no GPU has timed it): the energies stored once (the forward
+  kernel with SCORES), then softmax @ v as a product, instead of the scores once per
   Cv chunk.
 
 Scores and ``<dout, v>`` loop over channel chunks when the channels do not fit one block
@@ -110,7 +110,7 @@ def _valid(o_qpos, o_kpos, m_q, m_k, EXCLUDE_DIAG: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _line_fwd_kernel(
-    q, k, v, out, lse, o_part, lse_part, sc_hi, sc_lo,
+    q, k, v, out, lse, o_part, lse_part, s_s, sc_hi, sc_lo,
     s_qb, s_qc, s_qh, s_qw,
     s_kb, s_kc, s_kh, s_kw,
     s_vb, s_vc, s_vh, s_vw,
@@ -120,14 +120,17 @@ def _line_fwd_kernel(
     G, L, GW, G_SH, G_SW, MW, M_SH, M_SW, Cqk, Cv,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CQK: tl.constexpr,
     BLOCK_CV: tl.constexpr, ONE_CQK: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
-    MERGE: tl.constexpr, GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr, ACC: tl.constexpr,
+    MERGE: tl.constexpr, SCORES: tl.constexpr, GROUPED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ACC: tl.constexpr,
 ):
     """Attention of the queries (b, line g, member block) over their line, a chunk of Cv: out
     (and lse from the first chunk). MERGE: combine with the other pass's normalized o_part
-    (strides s_p*) and lse_part (lse's strides s_t*).
+    (strides s_p*) and lse_part (lse's strides s_t*). SCORES (the scratch forward's first half):
+    no values, no out: the energies in base 2 (scale * log2(e) * <q, k>, -inf where not an
+    energy) go to s_s ([B * G, L, L], queries x keys, its dtype) and lse is written;
+    :func:`_line_scratch_mm_kernel` with SOFTMAX then forms out = softmax @ v.
 
-    Grid: (B * G, cdiv(L, BLOCK_M), cdiv(Cv, BLOCK_CV))
+    Grid: (B * G, cdiv(L, BLOCK_M), cdiv(Cv, BLOCK_CV)); 1 for the last axis with SCORES
     """
     i_bg = tl.program_id(0).to(tl.int64)
     i_qb = tl.program_id(1)
@@ -157,13 +160,18 @@ def _line_fwd_kernel(
         b_s = _scores(b_q, p_q, o_qq, m_q, s_qc, p_k, r_k * s_kh + c_k * s_kw, m_k, s_kc, Cqk,
                       BLOCK_CQK, ONE_CQK, DOT_PRECISION, DOT_F32, ACC)  # [BLOCK_M, BLOCK_N]
         b_s = tl.where(_valid(o_q, o_k, m_q, m_k, EXCLUDE_DIAG), b_s * b_qk, float("-inf"))
+        if SCORES:
+            tl.store(s_s + i_bg * L * L + o_q[:, None] * L + o_k[None, :],
+                     b_s.to(s_s.dtype.element_ty), mask=m_q[:, None] & m_k[None, :])
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
         b_alpha = tl.exp2(b_m - b_m_use)
         b_p = tl.exp2(b_s - b_m_use[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_v = _tile(p_v, r_k * s_vh + c_k * s_vw, o_cv * s_vc, m_k, m_cv)  # [BLOCK_N, BLOCK_CV]
-        b_acc = b_acc * b_alpha[:, None] + _mm(b_p.to(b_v.dtype), b_v, DOT_PRECISION, DOT_F32)
+        if not SCORES:
+            b_v = _tile(p_v, r_k * s_vh + c_k * s_vw, o_cv * s_vc, m_k, m_cv)  # [N, BLOCK_CV]
+            b_acc = b_acc * b_alpha[:, None] + _mm(b_p.to(b_v.dtype), b_v, DOT_PRECISION,
+                                                   DOT_F32)
         b_m = b_m_new
     b_l = tl.where(b_l > 0, b_l, 1.0)  # a query without keys (padding): out 0, lse -inf
     b_lse = b_m + tl.log2(b_l)  # base 2
@@ -178,64 +186,12 @@ def _line_fwd_kernel(
         b_wp = tl.exp2(b_lp - b_mx)
         b_o = (b_o * b_w[:, None] + b_op * b_wp[:, None]) / (b_w + b_wp)[:, None]
         b_lse = b_mx + tl.log2(b_w + b_wp)
-    p_out = out + i_b * s_ob + r0 * s_oh + c0 * s_ow
-    tl.store(p_out + (r_q * s_oh + c_q * s_ow)[:, None] + (o_cv * s_oc)[None, :],
-             b_o.to(out.dtype.element_ty), mask=m_q[:, None] & m_cv[None, :])
+    if not SCORES:
+        p_out = out + i_b * s_ob + r0 * s_oh + c0 * s_ow
+        tl.store(p_out + (r_q * s_oh + c_q * s_ow)[:, None] + (o_cv * s_oc)[None, :],
+                 b_o.to(out.dtype.element_ty), mask=m_q[:, None] & m_cv[None, :])
     tl.store(lse + o_st, (b_lse * 0.6931471805599453).to(lse.dtype.element_ty),
              mask=m_q & (i_cv == 0))
-
-
-@triton.jit
-def _line_scores_kernel(
-    q, k, s_s, lse, sc_hi, sc_lo,
-    s_qb, s_qc, s_qh, s_qw,
-    s_kb, s_kc, s_kh, s_kw,
-    s_tb, s_th, s_tw,
-    G, L, GW, G_SH, G_SW, MW, M_SH, M_SW, Cqk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CQK: tl.constexpr,
-    ONE_CQK: tl.constexpr, EXCLUDE_DIAG: tl.constexpr, GROUPED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr, ACC: tl.constexpr,
-):
-    """The scratch forward's first half: the energies of the queries (b, line g, member block)
-    against their whole line, in base 2 (scale * log2(e) * <q, k>, -inf where not an energy),
-    stored once into s_s ([B * G, L, L], queries x keys, ACC), and their logsumexp (natural log,
-    into lse; -inf for a query without keys). :func:`_line_scratch_mm_kernel` with SOFTMAX then
-    forms out = softmax @ v from them, the scores computed once instead of once per Cv chunk.
-
-    Grid: (B * G, cdiv(L, BLOCK_M))
-    """
-    i_bg = tl.program_id(0).to(tl.int64)
-    i_qb = tl.program_id(1)
-    i_b = i_bg // G
-    r0, c0 = _rc(i_bg % G, GW, G_SH, G_SW, GROUPED)
-    o_q = i_qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = tl.arange(0, BLOCK_N)
-    o_c = tl.arange(0, BLOCK_CQK)
-    m_q = o_q < L
-    r_q, c_q = _rc(o_q, MW, M_SH, M_SW, GROUPED)
-    b_qk = (tl.cast(sc_hi, ACC) + tl.cast(sc_lo, ACC)) * 1.4426950408889634
-    p_q = q + i_b * s_qb + r0 * s_qh + c0 * s_qw
-    p_k = k + i_b * s_kb + r0 * s_kh + c0 * s_kw
-    o_qq = r_q * s_qh + c_q * s_qw
-    b_q = _tile_if(ONE_CQK, p_q, o_qq, o_c * s_qc, m_q, o_c < Cqk)  # [BLOCK_M, BLOCK_CQK]
-    b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    b_l = tl.zeros([BLOCK_M], dtype=ACC)
-    for n0 in range(0, L, BLOCK_N):
-        o_k = n0 + o_n
-        m_k = o_k < L
-        r_k, c_k = _rc(o_k, MW, M_SH, M_SW, GROUPED)
-        b_s = _scores(b_q, p_q, o_qq, m_q, s_qc, p_k, r_k * s_kh + c_k * s_kw, m_k, s_kc, Cqk,
-                      BLOCK_CQK, ONE_CQK, DOT_PRECISION, DOT_F32, ACC)  # [BLOCK_M, BLOCK_N]
-        b_s = tl.where(_valid(o_q, o_k, m_q, m_k, EXCLUDE_DIAG), b_s * b_qk, float("-inf"))
-        tl.store(s_s + i_bg * L * L + o_q[:, None] * L + o_k[None, :], b_s.to(s_s.dtype.element_ty),
-                 mask=m_q[:, None] & m_k[None, :])
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_l = b_l * tl.exp2(b_m - b_m_use) + tl.sum(tl.exp2(b_s - b_m_use[:, None]), 1)
-        b_m = b_m_new
-    b_lse = b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0))  # -inf without keys
-    tl.store(lse + i_b * s_tb + (r0 + r_q) * s_th + (c0 + c_q) * s_tw,
-             (b_lse * 0.6931471805599453).to(lse.dtype.element_ty), mask=m_q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +388,7 @@ def _line_scratch_mm_kernel(
     [L, L] matrix in the scratch ``a`` ([B * G, L, L]; TRANS: its transpose), x and out read and
     written through their strides; ACCUM: plus part. With the scratch of
     :func:`_line_bwd_dq_kernel`: dv = p^T dout, dk = scale * dE^T q, dq = scale * dE k. SOFTMAX:
-    A holds base-2 energies (:func:`_line_scores_kernel`) and the product takes
+    A holds base-2 energies (:func:`_line_fwd_kernel` with SCORES) and the product takes
     exp2(A[r, s] - lse[r] * log2(e)) instead: the forward's out = softmax @ v.
 
     Grid: (B * G, cdiv(L, BLOCK_R), cdiv(C, BLOCK_C))
@@ -531,26 +487,27 @@ def _halves(scale: float) -> tuple[float, float]:
 
 
 def fwd(q, k, v, out, lse, o_part, lse_part, scale: float, geometry: tuple[int, ...],
-        grouped: bool, exclude_diag: bool, merge: bool, cfg: dict) -> None:
+        grouped: bool, exclude_diag: bool, merge: bool, cfg: dict, scores=None) -> None:
     """One forward pass over the lines of ``geometry``, writing ``out`` and ``lse`` (contiguous
-    [B, H, W]); merge: combined with ``o_part`` / ``lse_part`` (else unused)."""
+    [B, H, W]); merge: combined with ``o_part`` / ``lse_part`` (else unused). With ``scores``
+    ([B * G, L, L]): the energies go there and only lse is written (SCORES)."""
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     G, L = geometry[:2]
     blocks, opts = _consts(cfg, q.dtype, Cqk)
-    grid = (B * G, cdiv(L, cfg["BLOCK_M"]), cdiv(Cv, cfg["BLOCK_CV"]))
+    grid = (B * G, cdiv(L, cfg["BLOCK_M"]), 1 if scores is not None else cdiv(Cv, cfg["BLOCK_CV"]))
     _line_fwd_kernel[grid](
-        q, k, v, out, lse, o_part, lse_part, *_halves(scale),
+        q, k, v, out, lse, o_part, lse_part, out if scores is None else scores, *_halves(scale),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *o_part.stride(), H * W, W, 1,
-        *geometry, Cqk, Cv, **blocks, EXCLUDE_DIAG=exclude_diag, MERGE=merge, GROUPED=grouped,
-        **opts)
+        *geometry, Cqk, Cv, **blocks, EXCLUDE_DIAG=exclude_diag, MERGE=merge,
+        SCORES=scores is not None, GROUPED=grouped, **opts)
 
 
 def fwd_scratch(q, k, v, out, lse, scale: float, geometry: tuple[int, ...], grouped: bool,
                 exclude_diag: bool, cfg: dict, cfg_mm: dict) -> None:
-    """The forward with the scores computed once: :func:`_line_scores_kernel` (blocks of ``cfg``)
-    stores each line's base-2 energies ([B * G, L, L], float32; float64 for float64 inputs) and
-    writes ``lse``, then :func:`_line_scratch_mm_kernel` with SOFTMAX (blocks of ``cfg_mm``)
+    """The forward with the scores computed once: :func:`_line_fwd_kernel` with SCORES (blocks of
+    ``cfg``) stores each line's base-2 energies ([B * G, L, L], float32; float64 for float64
+    inputs) and writes ``lse``, then :func:`_line_scratch_mm_kernel` with SOFTMAX (blocks of ``cfg_mm``)
     writes ``out``. For short lines with wide values (the FlashAttention-style :func:`fwd`
     recomputes the scores once per Cv chunk); no MERGE."""
     B, Cqk, H, W = q.shape
@@ -558,10 +515,7 @@ def fwd_scratch(q, k, v, out, lse, scale: float, geometry: tuple[int, ...], grou
     G, L = geometry[:2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s_s = torch.empty((B * G, L, L), dtype=acc, device=q.device)
-    blocks, opts = _consts({n: x for n, x in cfg.items() if n != "BLOCK_CV"}, q.dtype, Cqk)
-    _line_scores_kernel[(B * G, cdiv(L, cfg["BLOCK_M"]))](
-        q, k, s_s, lse, *_halves(scale), *q.stride(), *k.stride(), H * W, W, 1, *geometry, Cqk,
-        **blocks, EXCLUDE_DIAG=exclude_diag, GROUPED=grouped, **opts)
+    fwd(q, k, v, out, lse, out, lse, scale, geometry, grouped, exclude_diag, False, cfg, s_s)
     mm, opts = _consts(cfg_mm, q.dtype)
     _line_scratch_mm_kernel[(B * G, cdiv(L, cfg_mm["BLOCK_R"]), cdiv(Cv, cfg_mm["BLOCK_C"]))](
         s_s, v, out, out, lse, *_halves(1.0), *v.stride(), *out.stride(), *out.stride(), H * W, W,
