@@ -202,10 +202,12 @@ def check_extent(op: str, t: torch.Tensor, name: str = "") -> None:
             f"{name + ' ' if name else ''}of shape {tuple(t.shape)}, strides {tuple(t.stride())}")
 
 
-def bwd_delta(dout: torch.Tensor, out: torch.Tensor, block_cv: int) -> torch.Tensor:
+def bwd_delta(dout: torch.Tensor, out: torch.Tensor, block_cv: int | None = None) -> torch.Tensor:
     """delta = <dout, out> over the channels, float32 [B, H, W] (:func:`_bwd_delta_kernel`, Cv
-    in chunks of ``block_cv``)."""
+    in chunks of ``block_cv``: by default Cv's power of 2, 16 to 64)."""
     B, Cv, H, W = out.shape
+    if block_cv is None:
+        block_cv = min(64, max(16, next_pow2(Cv)))
     delta = torch.empty((B, H, W), dtype=torch.float32, device=out.device)
     bj = min(32, max(16, next_pow2(W)))
     _bwd_delta_kernel[(B * H, cdiv(W, bj))](

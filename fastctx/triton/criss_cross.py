@@ -27,7 +27,7 @@ import functools
 import torch
 
 from fastctx.triton import _line
-from fastctx.triton._common import bwd_delta, check_extent, next_pow2
+from fastctx.triton._common import bwd_delta, check_extent
 
 #: the kernels read channels-last copies of their inputs (one read and write of q, k, v, and of
 #: dout in the backward, unless they are channels-last already): contiguous channel vectors
@@ -117,7 +117,7 @@ def _bwd(dout, q, k, v, out, lse, scale: float, cfg: dict | None = None,
         dout = dout.to(v.dtype)
     _check_inputs(q, k, v, dout, out)
     lse = lse.contiguous()
-    delta = bwd_delta(dout, out, min(64, max(16, next_pow2(Cv))))
+    delta = bwd_delta(dout, out)
 
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if _CHANNELS_LAST if channels_last is None else channels_last:

@@ -28,7 +28,7 @@ import functools
 import torch
 
 from fastctx.triton import _line
-from fastctx.triton._common import bwd_delta, check_extent, next_pow2
+from fastctx.triton._common import bwd_delta, check_extent
 
 _OP = "fastctx.interlaced_attention"
 #: the kernels read channels-last copies of q, k, v (and dout): _line.channels_last
@@ -50,18 +50,19 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
     """Block sizes per kernel for groups of L members (tl.dot needs every dim >= 16, so small
     groups pad to 16): "fwd", and the scratch backward of :func:`fastctx.triton._line.bwd`: "dq"
     (scores and <dout, v> once per group, p and dE stored; dq there too when Cqk fits one block)
-    and "mm" (dv, dk, and dq otherwise, as products with the stored p and dE). ISANet's groups are
-    short (64-169 members), so the two [L, L] matrices per group are small (B * G * L * L
+    and "mm" (dv, dk, and dq otherwise, as products with the stored p and dE). ISANet's groups
+    are short (64-169 members), so the two [L, L] matrices per group are small (B * G * L * L
     elements each, 4-15 MB together at ISANet's sizes in float16) while the channels are wide
     (Cqk 256, Cv 512): recomputing the scores per kernel and channel chunk, as the
     FlashAttention-style backward does, cost 4-16 recomputations here (H200, session 11:
-    forward+backward 2.7-5.3x slower, bench/results/h200-session11). Groups too long for the scratch (:func:`fastctx.triton._line.scratch_fits`)
-    take the recomputing "dq" and "dkdv" kernels, Cqk in one block up to 256 (1.8x faster than
-    chunks of 64 at ISANet's 64x128 long, float16, same run). float32 keeps 32 x 32 tiles and
-    channel chunks of 64 ("tf32x3" dots spill with more); float64 (the verification path):
-    32 x 32 tiles, all channels in one block. A "fwd_mm" config (:func:`_line.mm_blocks`) would
-    switch the forward to the engine's scratch form (scores once, then softmax @ v): tested, not
-    yet timed on a GPU, so not a default. Cached per shape (callers must not modify it).
+    forward+backward 2.7-5.3x slower, bench/results/h200-session11). Groups too long for the
+    scratch (:func:`fastctx.triton._line.scratch_fits`) take the recomputing "dq" and "dkdv"
+    kernels, Cqk in one block up to 256 (1.8x faster than chunks of 64 at ISANet's 64x128 long,
+    float16, same run). float32 keeps 32 x 32 tiles and channel chunks of 64 ("tf32x3" dots
+    spill with more); float64 (the verification path): 32 x 32 tiles, all channels in one block.
+    A "fwd_mm" config (:func:`_line.mm_blocks`) would switch the forward to the engine's scratch
+    form (scores once, then softmax @ v): tested, not yet timed on a GPU, so not a default.
+    Cached per shape (callers must not modify it).
     """
     blocks = functools.partial(_line.blocks, L, Cqk, Cv)
     mm = functools.partial(_line.mm_blocks, L)
@@ -104,7 +105,6 @@ def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
 def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
          channels_last: bool | None = None):
     B, Cqk, H, W = q.shape
-    Cv = v.shape[1]
     if dout.dtype != v.dtype:
         dout = dout.to(v.dtype)
     for t in (q, k, v, dout, out):
@@ -115,7 +115,7 @@ def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: floa
     if q.dtype == torch.float64:  # the shared delta kernel accumulates in float32
         delta = torch.einsum("bchw,bchw->bhw", dout, out)
     else:
-        delta = bwd_delta(dout, out, min(64, max(16, next_pow2(Cv))))
+        delta = bwd_delta(dout, out)
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     _line.bwd(q, k, v, dout, lse, delta, grads, None, scale, _geometry(H, W, bh, bw, long_mode),
               True, False, cfg)
