@@ -30,6 +30,10 @@ SHAPES = [
     (2, 3, 4, 5, 7, (1, 1)),  # long: one group of every position; short: groups of one member
     (1, 6, 5, 6, 4, (6, 4)),  # long: groups of one member; short: one group of every position
     (2, 24, 40, 12, 20, (4, 4)),  # Cqk != Cv
+    # long mode, bw 8: the cpu kernels' 8 x 8 register transposes (11 = 8 + 3 members per row),
+    # bands of two phases (bh even) and of one (bh odd)
+    (1, 6, 10, 16, 88, (8, 8)),
+    (1, 5, 7, 9, 72, (3, 8)),
 ]
 # groups of 12 (long) and 64 (short) members; channels past the cpu kernels' chunk of 128
 LARGE = [(1, 130, 260, 24, 32, (8, 8))]

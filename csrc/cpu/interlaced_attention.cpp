@@ -15,7 +15,10 @@
 //   arithmetic (along W; along C for channels_last), converted to the compute dtype and
 //   scattered into per-thread scratch, group by group [u][chunk][L]. No permuted copy of a whole
 //   tensor is made. (Gathering group by group instead reads every cache line of the band once per
-//   group: measured 3x slower than the GEMMs at ISANet's sizes.)
+//   group: measured 3x slower than the GEMMs at ISANet's sizes.) Long mode with bw = 8 (ISANet's
+//   block) in float32: a row's 8 x 8 blocks of (member, group) are transposed in registers
+//   (pack_row8 / unpack_row8); element by element, packing ran at ~2.7 GB/s and took as long as
+//   the forward's GEMMs (one thread, 64x128); transposed, the forward measured 15-20% faster.
 // - GEMMs with at::mm_out / addmm_ on the scratch (BLAS; ATen runs it single-threaded inside
 //   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
 //   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
@@ -50,6 +53,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -94,6 +98,20 @@ void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
   if (use_avx2()) return isa_avx2::softmax_bwd<T>(P, dP, L, Lp, scale);
 #endif
   isa_base::softmax_bwd<T>(P, dP, L, Lp, scale);
+}
+
+void pack_row8(const float* s, int64_t gw, float* d, int64_t ds) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::pack_row8(s, gw, d, ds);
+#endif
+  isa_base::pack_row8(s, gw, d, ds);
+}
+
+void unpack_row8(const float* s, int64_t ss, int64_t gw, float* d) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::unpack_row8(s, ss, gw, d);
+#endif
+  isa_base::unpack_row8(s, ss, gw, d);
 }
 
 // The grouping of one call. A band is the set of map rows whose groups it holds completely:
@@ -210,6 +228,12 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
       A* d = dst + c * L;
       if (x.sW == 1 && g.long_mode) {  // (I, J): member I * gw + J of group p bw + j % bw
         A* dr = d + (r % g.m) * g.bw * CL + (r / g.m) * g.gw;
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+          if (g.bw == 8) {
+            pack_row8(s, g.gw, dr, CL);
+            continue;
+          }
+        }
         for (int64_t b2 = 0; b2 < g.bw; ++b2) {
           A* db = dr + b2 * CL;
           const T* sb = s + b2;
@@ -242,6 +266,12 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
     const A* s = src + c * L;
     if (y.sW == 1 && g.long_mode) {  // the inverse of pack_band's cases
       const A* sr = s + (r % g.m) * g.bw * CL + (r / g.m) * g.gw;
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+        if (g.bw == 8) {
+          unpack_row8(sr, CL, g.gw, d);
+          continue;
+        }
+      }
       for (int64_t b2 = 0; b2 < g.bw; ++b2) {
         const A* sb = sr + b2 * CL;
         for (int64_t J = 0; J < g.gw; ++J) d[J * g.bw + b2] = static_cast<T>(sb[J]);

@@ -95,6 +95,58 @@ struct Rows : cpu::FASTCTX_ISA_NS::Vec<T, 32 / static_cast<int>(sizeof(T))> {
   }
 };
 
+// Long mode's packing when bw == 8 (float): one map row holds gw runs of the 8 groups' members,
+// s[J * 8 + b] for group b, member J; pack_row8 writes them out group by group,
+// d[b * ds + J] (b < 8, J < gw), transposing 8 x 8 blocks in registers (the last gw % 8 members
+// element by element); unpack_row8 is the inverse, d[J * 8 + b] = s[b * ss + J].
+typedef cpu::FASTCTX_ISA_NS::Vec<float, 8> F8;
+typedef int32_t I8 __attribute__((vector_size(32)));
+
+static inline void transpose8(F8::V* r) {
+  const I8 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const I8 s44 = {0, 1, 8, 9, 4, 5, 12, 13}, sEE = {2, 3, 10, 11, 6, 7, 14, 15};
+  const I8 p20 = {0, 1, 2, 3, 8, 9, 10, 11}, p31 = {4, 5, 6, 7, 12, 13, 14, 15};
+  F8::V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], s44);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], sEE);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], s44);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], sEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shuffle(u[i], u[i + 4], p20);
+    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], p31);
+  }
+}
+
+inline void pack_row8(const float* s, int64_t gw, float* d, int64_t ds) {
+  int64_t J = 0;
+  for (; J + 8 <= gw; J += 8) {
+    F8::V r[8];
+    for (int i = 0; i < 8; ++i) r[i] = F8::load(s + (J + i) * 8);
+    transpose8(r);
+    for (int b = 0; b < 8; ++b) F8::store(d + b * ds + J, r[b]);
+  }
+  for (; J < gw; ++J)
+    for (int b = 0; b < 8; ++b) d[b * ds + J] = s[J * 8 + b];
+}
+
+inline void unpack_row8(const float* s, int64_t ss, int64_t gw, float* d) {
+  int64_t J = 0;
+  for (; J + 8 <= gw; J += 8) {
+    F8::V r[8];
+    for (int b = 0; b < 8; ++b) r[b] = F8::load(s + b * ss + J);
+    transpose8(r);
+    for (int i = 0; i < 8; ++i) F8::store(d + (J + i) * 8, r[i]);
+  }
+  for (; J < gw; ++J)
+    for (int b = 0; b < 8; ++b) d[J * 8 + b] = s[b * ss + J];
+}
+
 // Entry points.
 template <class T>
 void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
