@@ -96,3 +96,25 @@ def test_nan_check_finds_one_bad_value_anywhere(dtype, layout):
                 u[other] = float("-inf") if flat % 2 else float("inf")
                 with pytest.raises(ValueError, match=r"op: x \(shape .*\) contains NaN"):
                     _validate.no_nan("op", allow_inf=True, x=u)
+
+
+def test_triton_extent_check():
+    """The Triton kernels address within a sample with 32-bit offsets: a sample spanning 2**31
+    elements or more (by its shape or its strides) is refused with the op, shape and strides;
+    dense tensors below that (NCHW, channels-last) and strided views within it pass."""
+    from fastctx.triton._common import check_extent
+
+    op = "fastctx.criss_cross_attention"
+    fine = [torch.empty(2, 64, 97, 97, device="meta"),
+            torch.empty(2, 64, 97, 97, device="meta").contiguous(memory_format=torch.channels_last),
+            torch.empty(2, 64, 97, 97, device="meta")[:, ::2, 1:, :-1],
+            torch.empty_strided((1, 1, 2, 2), (8, 8, 2**30 - 2, 1), device="meta")]
+    for t in fine:
+        check_extent(op, t)
+    big = [torch.empty(1, device="meta").expand(1, 2, 2**15, 2**15),  # by its shape
+           torch.empty_strided((1, 1, 2, 2), (8, 8, 2**31, 1), device="meta"),  # by its strides
+           torch.empty(1, 2, 2**15, 2**15, device="meta")]  # dense, 2**31 elements
+    for t in big:
+        with pytest.raises(ValueError, match=r"criss_cross_attention: the Triton backend needs each sample to "
+                           r"span fewer than 2\*\*31 elements, got of shape \(1, .*\), strides"):
+            check_extent(op, t)

@@ -178,3 +178,22 @@ def test_scratch_forward(dtype, case, monkeypatch):
     monkeypatch.setattr(isa, "_config", lambda L, cq, cv, dt: {
         **plain(L, cq, cv, dt), "fwd_mm": _line.mm_blocks(L, 32, 32, 32 if dt != torch.float16 else 64, 4)})
     _check_case(case, dtype)
+
+
+def test_consts_cache():
+    """_line._consts caches per config object, dtype and Cqk: the same answer as computed fresh,
+    one entry per dtype and Cqk, and a new config object (even an equal one) is computed anew."""
+    if not has_triton():
+        pytest.fail("triton is not usable here")
+    from fastctx.triton import _line
+
+    cfg = _line.blocks(97, 64, 512, 64, 32, 128, 8)
+    b16, o16 = _line._consts(cfg, torch.float16, 64)
+    b32, _ = _line._consts(cfg, torch.float32, 64)
+    assert _line._consts(cfg, torch.float16, 64) == (b16, o16)
+    assert b16["DOT_PRECISION"] == "tf32" and b32["DOT_PRECISION"] == cfg["F32_DOT"]
+    assert b16["ONE_CQK"] and not _line._consts(cfg, torch.float16, 256)[0]["ONE_CQK"]
+    assert "ONE_CQK" not in _line._consts(cfg, torch.float16)[0]
+    assert o16 == {"num_warps": 8, "num_stages": 2}
+    other = dict(cfg, num_warps=4)
+    assert _line._consts(other, torch.float16, 64)[1]["num_warps"] == 4

@@ -194,7 +194,11 @@ def next_pow2(n: int) -> int:
 
 def check_extent(op: str, t: torch.Tensor, name: str = "") -> None:
     """Raise unless each sample of ``t`` spans fewer than 2**31 elements: the kernels address
-    within one sample with 32-bit offsets (the batch offset is 64-bit)."""
+    within one sample with 32-bit offsets (the batch offset is 64-bit). A dense tensor (NCHW or
+    channels-last) of fewer than 2**31 elements in all passes without the arithmetic (0.4 vs 3 us
+    a tensor: it runs for every input of every call)."""
+    if t.numel() < 2**31 and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        return
     extent = max(math.prod(t.shape[1:]), sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) + 1)
     if extent >= 2**31:
         raise ValueError(
