@@ -30,9 +30,9 @@ SHAPES = [
     (2, 3, 4, 5, 7, (1, 1)),  # long: one group of every position; short: groups of one member
     (1, 6, 5, 6, 4, (6, 4)),  # long: groups of one member; short: one group of every position
     (2, 24, 40, 12, 20, (4, 4)),  # Cqk != Cv
-    # long mode, bw 8: the cpu kernels' 8 x 8 register transposes (11 = 8 + 3 members per row),
+    # long mode, bw 8: the cpu kernels' 8 x 8 register transposes (17 = 8 + 8 + 1 members a row),
     # bands of two phases (bh even) and of one (bh odd)
-    (1, 6, 10, 16, 88, (8, 8)),
+    (1, 6, 10, 16, 136, (8, 8)),
     (1, 5, 7, 9, 72, (3, 8)),
 ]
 # groups of 12 (long) and 64 (short) members; channels past the cpu kernels' chunk of 128
@@ -114,6 +114,21 @@ def test_strided_inputs(backend, mode, layout):
         q, k, v = (t.transpose(2, 3) for t in _inputs(2, 6, 140, 12, 8, torch.float32, dev))
     assert not q.is_contiguous()
     _check_against_reference(backend, q, k, v, (4, 3), mode, None, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["channel-slice", "row-slice", "column-crop"])
+def test_strided_inputs_long_bw8(layout):
+    """The cpu kernels' 8 x 8 register transposes (long mode, bw 8, float32) on views whose rows
+    are contiguous but not where a contiguous map's would be: every other channel, every other
+    map row, and a crop that starts 3 values into each row (unaligned rows)."""
+    if layout == "channel-slice":
+        q, k, v = (t[:, ::2, :, 3:] for t in _inputs(1, 10, 14, 8, 139, torch.float32, "cpu"))
+    elif layout == "row-slice":
+        q, k, v = (t[:, :, ::2, 3:] for t in _inputs(1, 5, 7, 16, 139, torch.float32, "cpu"))
+    else:
+        q, k, v = (t[..., 3:] for t in _inputs(1, 5, 7, 8, 139, torch.float32, "cpu"))
+    assert q.stride(3) == 1 and not q.is_contiguous() and q.shape[3] == 136  # 17 members a row
+    _check_against_reference("cpu", q, k, v, (2, 8), "long", None, torch.float32)
 
 
 @pytest.mark.parametrize("mode", MODES)
