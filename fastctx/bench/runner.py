@@ -117,7 +117,7 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
     if yard is not None:
         try:
             yard_run = _fwd_bwd(case.candidates[yard], inputs, dout)
-            yard_diff = float((yard_run[0].detach().double() - truth_out.detach().double()).abs().max())
+            yard_diff = _max_diff(yard_run[0], truth_out)
         except Exception:  # run again, and reported, in its turn
             yard_run = None
     for cand, fn in case.candidates.items():
@@ -146,7 +146,7 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
                 problems += [mismatch(g, t, dtype, f"grad{i}", case.tol_scale) for i, (g, t) in enumerate(zip(grads, truth_grads))]
         problems = [p for p in problems if p]
         if problems and yard_diff is not None and len(problems) == 1 and problems[0].startswith("out:"):
-            diff = float((out.detach().double() - truth_out.detach().double()).abs().max())
+            diff = _max_diff(out, truth_out)
             if diff <= 2 * yard_diff:
                 log(f"  {cand:10s} out {diff:.3g} from the truth: over the float32 tolerance, within 2x "
                     f"the {yard} candidate's {yard_diff:.3g} (accepted)")
@@ -196,9 +196,12 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
     return rows
 
 
+def _max_diff(out: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((out.detach().double() - truth.detach().double()).abs().max())
+
+
 def _rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:
-    err = float((out.detach().double() - truth.double()).abs().max())
-    return err / max(float(truth.abs().max()), 1e-300)
+    return _max_diff(out, truth) / max(float(truth.abs().max()), 1e-300)
 
 
 def _ratios(rows: list[dict], case: Case) -> None:
