@@ -205,8 +205,8 @@ def test_cpu_peak_prints_nothing_and_keeps_stderr(capfd):
 
 def test_cpu_peak_counts_every_threads_scratch():
     """The CPU kernels' per-thread scratch is allocated where the CPU peak sees it: with two
-    threads the same call holds one more thread's scratch (a criss-cross forward: one slot of
-    8 * (H + W) * Wp + 2 * Wp floats, Wp = W rounded up to 16)."""
+    threads the same call holds one more thread's scratch (a criss-cross forward over two tiles of
+    16 columns: one slot of 16 * H * (2 * Cqk + 2 * Cv) floats, the packed tile)."""
     from fastctx.bench.measure import peak_mib
 
     cpu = torch.device("cpu")
@@ -224,7 +224,7 @@ def test_cpu_peak_counts_every_threads_scratch():
         two = peak_mib(call, cpu)
     finally:
         torch.set_num_threads(threads)
-    slot = (8 * (16 + 24) * 32 + 2 * 32) * 4
+    slot = 16 * 16 * (2 * 8 + 2 * 8) * 4
     assert (two - one) * 2**20 == slot, (one, two)
 
 

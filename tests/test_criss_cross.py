@@ -102,6 +102,20 @@ def test_strided_inputs(backend, device, layout):
     _check_parity(backend, q, k, v, torch.float32)
 
 
+def test_cpu_image_groups():
+    """The cpu backend takes several images at once when their energy rows fit its 8 MiB buffer:
+    at 65x65 three (2.4 MB each), so B = 4 runs a group of three and a group of one."""
+    q, k, v = _inputs((4, 3, 5, 65, 65), torch.float32, "cpu")
+    _check_parity("cpu", q, k, v, torch.float32, scale=0.7)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.3])
+def test_cpu_scale_zero_and_negative(scale):
+    """The own pixel's column entry is masked after scaling (0 * -inf would be NaN)."""
+    q, k, v = _inputs((2, 3, 5, 13, 9), torch.float32, "cpu")
+    _check_parity("cpu", q, k, v, torch.float32, scale=scale)
+
+
 def test_gradcheck_cpu_float64():
     q, k, v = _inputs((2, 3, 4, 4, 5), torch.float64, "cpu")
     fn = lambda q, k, v: fastctx.criss_cross_attention(q, k, v, 0.9, backend="cpu")  # noqa: E731

@@ -1,20 +1,42 @@
 // Criss-cross attention (CCNet), CPU: launchers and the CPU registration of the ops
-// fastctx::cc_fwd and fastctx::cc_bwd (schemas: csrc/ops/criss_cross.cpp). The per-task kernels
-// and their design notes are in criss_cross_kernels.h.
+// fastctx::cc_fwd and fastctx::cc_bwd (schemas: csrc/ops/criss_cross.cpp). Semantics:
+// shared/docs/OPERATORS.md section 1.
 //
-// Inputs are made NCHW-contiguous in the compute dtype by prepare(): that copy is the only copy,
-// and a no-op for NCHW float32 / float64 input (channels_last or other strided inputs, and
-// float16 / bfloat16 inputs, which are upcast to float32, are copied once). Outputs are
-// NCHW-contiguous in the input dtype; lse and the backward's D are float32 (float64 for float64
-// inputs). Accumulation is float32 for float16 / bfloat16 / float32 and float64 for float64.
-// The backward gathers per key (no atomics): results are deterministic run to run and do not
-// depend on the number of threads.
+// Inputs are made NCHW-contiguous in the compute dtype by prepare(): that copy is the only copy
+// of a whole input, and a no-op for NCHW float32 / float64 input (channels_last or other strided
+// inputs, and float16 / bfloat16 inputs, which are upcast to float32, are copied once). Outputs
+// are NCHW-contiguous in the input dtype; lse is float32 (float64 for float64 inputs).
+// Accumulation is float32 for float16 / bfloat16 / float32 and float64 for float64.
 //
-// Parallelism: at::parallel_for over equal shares of an image's rows (see for_each_row_block),
-// processed in tasks of at most kTR rows; per-thread scratch of O(kTR * (H + W) * W) values.
+// Design: the attention of a pixel is a row part (the W pixels of its row) and a column part (the
+// H pixels of its column), and both are small dense attentions, so all the arithmetic is BLAS
+// GEMMs (gemm() below; torch's BLAS runs single-threaded inside at::parallel_for's workers):
+// - a row i of the NCHW map is a C x W matrix with leading dimension H * W, so the row parts read
+//   q, k, v, dout and write out, dq, dk, dv in place, with no copy: per row, E_row = Q_i^T K_i,
+//   out_i += V_i P_row^T (backward: dP_row = dO_i^T V_i, dq_i += K_i dS_row^T,
+//   dk_i += Q_i dS_row, dv_i += dO_i P_row);
+// - a column has no unit stride, so the column parts work on tiles of kTile columns packed into
+//   per-thread scratch as one C x H matrix per column (pack_cols; only the tile is copied, never
+//   a whole input), and their results are unpacked into the outputs' columns.
+// One image at a time, the energies of every pixel are kept in E [H][W][Ld]: a pixel's H column
+// energies, then its W row energies, padded to Ld (what the reference's torch.cat builds, without
+// the (B, H, W, H + W) tensor for every image at once); the column GEMMs write the first part
+// (rows of stride W * Ld), the row GEMMs the second (stride Ld), and the joint softmax of a pixel
+// is one pass over its Ld values (criss_cross_kernels.h). Per image: row energies (parallel over
+// rows), then per column tile the column energies, the softmax of the tile's pixels and the
+// column part of the output, which is written; then the row parts are added (parallel over rows).
+// The backward recomputes E, and dP in a second buffer G of the same layout, the same way; the
+// weights come out of the same softmax code as the forward's, bit for bit, and D = <dout, out>
+// of a pixel is sum P dP over its row of E and G (so lse and out are checked but not read).
+// Small maps take several images at once (images_per_group).
+// Each output element is written by one GEMM call of one thread and then added to by one other:
+// results are deterministic run to run and do not depend on the number of threads.
+// (Until session 13 the kernels were hand-written, register-blocked loops: ~40 GFLOP/s a thread
+// for the row parts and ~20 for the column parts, against ~80 for MKL's GEMMs at these sizes.)
 //
-// Vector code: the kernels are compiled twice, for the baseline target and (x86-64 with GCC)
-// for AVX2 + FMA; __builtin_cpu_supports picks one at run time, so no -march flag is needed.
+// Vector code: the passes of criss_cross_kernels.h are compiled twice, for the baseline target
+// and (x86-64 with GCC) for AVX2 + FMA; __builtin_cpu_supports picks one at run time, so no
+// -march flag is needed.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -34,7 +56,6 @@
 #include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector types in the baseline build
 #endif
 
@@ -47,16 +68,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define FASTCTX_CC_ISA isa_avx2
-#define FASTCTX_CC_IN_REGISTER(v) __asm__("" : "+x"(v))
 #include "criss_cross_kernels.h"
-#undef FASTCTX_CC_IN_REGISTER
 #undef FASTCTX_CC_ISA
 #pragma GCC pop_options
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 namespace fastctx {
 namespace cc_cpu {
@@ -68,69 +84,102 @@ using cpu::use_avx2;
 
 #define CC_OP "fastctx.criss_cross_attention"
 
+
 template <class T>
-void fwd_task(const FwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch) {
+T softmax_fwd(T* row, int64_t L, int64_t Ld, int64_t self, T scale) {
 #ifdef FASTCTX_CC_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::fwd_rows<T>(a, b, i0, nrows, scratch);
+  if (use_avx2()) return isa_avx2::softmax_fwd<T>(row, L, Ld, self, scale);
 #endif
-  isa_base::fwd_rows<T>(a, b, i0, nrows, scratch);
+  return isa_base::softmax_fwd<T>(row, L, Ld, self, scale);
 }
 
 template <class T>
-void bwd_task(const BwdArgs<T>& a, int64_t b, int64_t i0, int64_t nrows, T* scratch, int pass) {
+void softmax_bwd(const T* P, T* dP, int64_t Ld, T scale) {
 #ifdef FASTCTX_CC_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::bwd_rows<T>(a, b, i0, nrows, scratch, pass);
+  if (use_avx2()) return isa_avx2::softmax_bwd<T>(P, dP, Ld, scale);
 #endif
-  isa_base::bwd_rows<T>(a, b, i0, nrows, scratch, pass);
+  isa_base::softmax_bwd<T>(P, dP, Ld, scale);
+}
+
+
+template <class T>
+void pack_cols(const T* x, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T* d) {
+#ifdef FASTCTX_CC_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::pack_cols<T>(x, C, H, W, j0, tn, d);
+#endif
+  isa_base::pack_cols<T>(x, C, H, W, j0, tn, d);
 }
 
 template <class T>
-void prep_task(const T* dO, const T* O, const T* lse, int64_t Cv, int64_t HW, int64_t W,
-               int64_t Wp, T* D, T* Lp) {
+void unpack_cols(const T* s, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T* x) {
 #ifdef FASTCTX_CC_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::prep_row<T>(dO, O, lse, Cv, HW, W, Wp, D, Lp);
+  if (use_avx2()) return isa_avx2::unpack_cols<T>(s, C, H, W, j0, tn, x);
 #endif
-  isa_base::prep_row<T>(dO, O, lse, Cv, HW, W, Wp, D, Lp);
+  isa_base::unpack_cols<T>(s, C, H, W, j0, tn, x);
 }
 
-// Row stride of the scratch rows: W rounded up to 64 bytes.
+// The GEMMs call the BLAS that torch links (MKL in the x86-64 wheels) through its Fortran entry
+// points, which libtorch_cpu exports: at::mm_out on from_blob views cost 5-10 us of tensor and
+// dispatcher work a call, and the backward makes 10 calls per row and per column (at 32 x 32
+// maps and below that was most of the time). Weak, so that the extension still loads against a
+// torch without them; the op then says so.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
 template <class T>
-int64_t padded_width(int64_t W) {
+bool have_blas() {
+  return std::is_same<T, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+
+// A rows x cols matrix at p with row stride ld and unit column stride (row-major), or, tr, the
+// transpose of the cols x rows matrix stored so.
+template <class T>
+struct Mat {
+  T* p;
+  int64_t rows, cols, ld;
+  bool tr;
+  Mat t() const { return {p, cols, rows, ld, !tr}; }
+};
+
+template <class T>
+Mat<T> mat(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return {const_cast<T*>(p), rows, cols, ld, false};
+}
+
+// C = A B + beta C, C not transposed. In BLAS's column-major terms: C^T = B^T A^T, and a
+// row-major matrix is its transpose (so an operand that is not transposed here is 'N' there).
+template <class T>
+void gemm(const Mat<T>& C, const Mat<T>& A, const Mat<T>& B, T beta) {
+  const char ta = B.tr ? 'T' : 'N', tb = A.tr ? 'T' : 'N';
+  const int m = static_cast<int>(C.cols), n = static_cast<int>(C.rows), k = static_cast<int>(A.cols);
+  const int lda = static_cast<int>(B.ld), ldb = static_cast<int>(A.ld), ldc = static_cast<int>(C.ld);
+  const T one = T(1);
+  if constexpr (std::is_same<T, float>::value)
+    sgemm_(&ta, &tb, &m, &n, &k, &one, B.p, &lda, A.p, &ldb, &beta, C.p, &ldc);
+  else
+    dgemm_(&ta, &tb, &m, &n, &k, &one, B.p, &lda, A.p, &ldb, &beta, C.p, &ldc);
+}
+
+// Ld: H + W rounded up to 64 bytes.
+template <class T>
+int64_t row_len(int64_t H, int64_t W) {
   constexpr int64_t q = 64 / sizeof(T);
-  return (W + q - 1) / q * q;
+  return (H + W + q - 1) / q * q;
 }
 
-// Runs fn(b, i0, nrows, scratch) over every image, in blocks of at most kTR rows.
-// The cost of a block is that of its register blocks of kRB rows, so the work is split into
-// equal shares of those, one per thread. Images go a few at a time: as few as give every thread
-// about 4 register blocks, so that the threads mostly work on one image at once and stream the
-// same k / v / dout planes at about the same time (sharing them in the last-level cache).
-template <class T, class Fn>
-void for_each_row_block(int64_t B, int64_t H, int64_t scratch_elems, const Fn& fn) {
-  const int64_t nrb = (H + kRB - 1) / kRB;  // register blocks per image
-  const int64_t nthr = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t group = std::min<int64_t>(B, std::max<int64_t>(1, (4 * nthr + nrb - 1) / nrb));
-  for (int64_t b0 = 0; b0 < B; b0 += group) {
-    const int64_t g = std::min(group, B - b0);
-    const int64_t units = g * nrb;
-    const int64_t shares = std::min(units, nthr);
-    const int64_t bytes = scratch_elems * static_cast<int64_t>(sizeof(T));
-    const cpu::ScratchSlots slots(shares, bytes);
-    at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
-      T* s = reinterpret_cast<T*>(slots.slot(begin, bytes));
-      for (int64_t p = begin; p < end; ++p) {
-        // Share p: register blocks [u0, u1) of the group, image by image, kTR rows at a time.
-        const int64_t u0 = units * p / shares, u1 = units * (p + 1) / shares;
-        for (int64_t u = u0; u < u1;) {
-          const int64_t b = u / nrb, ub = u % nrb;
-          const int64_t ue = std::min(u1 - u, std::min<int64_t>(kTR / kRB, nrb - ub));
-          const int64_t i0 = ub * kRB;
-          fn(b0 + b, i0, std::min<int64_t>(ue * kRB, H - i0), s);
-          u += ue;
-        }
-      }
-    });
-  }
+// Images processed together: as many as keep one energy buffer ([images][H][W][Ld]) within
+// 8 MiB (one image of 97 x 97 at a time; all of a small batch at once, so that small maps do not
+// pay three parallel regions per image).
+template <class T>
+int64_t images_per_group(int64_t B, int64_t HW, int64_t Ld) {
+  const int64_t per_image = std::max<int64_t>(1, HW * Ld * int64_t(sizeof(T)));
+  return std::clamp<int64_t>((int64_t(8) << 20) / per_image, 1, B);
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
@@ -169,14 +218,56 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
 
   AT_DISPATCH_FLOATING_TYPES(ct, "cc_fwd_cpu", [&] {
     using T = scalar_t;
-    const int64_t Wp = padded_width<T>(W);
-    const FwdArgs<T> a{q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
-                       out.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(), Cqk, Cv, H, W, Wp,
-                       static_cast<T>(scale)};
-    const int64_t scratch = kTR * (H + W) * Wp + 2 * Wp;
-    for_each_row_block<T>(B, H, scratch, [&](int64_t b, int64_t i0, int64_t n, T* s) {
-      fwd_task<T>(a, b, i0, n, s);
-    });
+    TORCH_CHECK(have_blas<T>(), CC_OP ": the cpu backend calls the BLAS of torch (sgemm_ / dgemm_), "
+                "which this torch build does not export; use backend=\"reference\"");
+    const int64_t HW = H * W, L = H + W, Ld = row_len<T>(H, W), NB = images_per_group<T>(B, HW, Ld);
+    at::Tensor E_t = at::empty({NB * HW * Ld}, q.options());
+    T* E = E_t.mutable_data_ptr<T>();
+    const T sc = static_cast<T>(scale);
+    const int64_t ntiles = (W + kTile - 1) / kTile;
+    const int64_t tile_elems = kTile * H * (2 * Cqk + 2 * Cv);
+    const T *q0 = q.const_data_ptr<T>(), *k0 = k.const_data_ptr<T>(), *v0 = v.const_data_ptr<T>();
+    T *o0 = out.mutable_data_ptr<T>(), *l0 = lse.mutable_data_ptr<T>();
+    for (int64_t b0 = 0; b0 < B; b0 += NB) {
+      const int64_t nb = std::min(NB, B - b0);
+      // Row energies: E[i][j][H + x] = <q[:, i, j], k[:, i, x]>. Item: (image, row).
+      cpu::for_each_item_bytes(nb * H, 0, 0, [&](int64_t it, char*) {
+        const int64_t b = b0 + it / H, i = it % H;
+        T* Eb = E + (it / H) * HW * Ld;
+        gemm<T>(mat(Eb + i * W * Ld + H, W, W, Ld), mat(q0 + b * Cqk * HW + i * W, Cqk, W, HW).t(),
+                mat(k0 + b * Cqk * HW + i * W, Cqk, W, HW), T(0));
+      });
+      // Per tile of columns: column energies E[i][j][y] = <q[:, i, j], k[:, y, j]>, the softmax
+      // of its pixels, and the column part of out, written. Item: (image, tile).
+      cpu::for_each_item_bytes(nb * ntiles, tile_elems * int64_t(sizeof(T)), 0, [&](int64_t it, char* s) {
+        const int64_t b = b0 + it / ntiles, j0 = (it % ntiles) * kTile, tn = std::min(kTile, W - j0);
+        T* Eb = E + (it / ntiles) * HW * Ld;
+        T* Qc = reinterpret_cast<T*>(s);
+        T *Kc = Qc + kTile * Cqk * H, *Vc = Kc + kTile * Cqk * H, *Oc = Vc + kTile * Cv * H;
+        pack_cols(q0 + b * Cqk * HW, Cqk, H, W, j0, tn, Qc);
+        pack_cols(k0 + b * Cqk * HW, Cqk, H, W, j0, tn, Kc);
+        for (int64_t t = 0; t < tn; ++t)
+          gemm<T>(mat(Eb + (j0 + t) * Ld, H, H, W * Ld), mat(Qc + t * Cqk * H, Cqk, H, H).t(),
+                  mat(Kc + t * Cqk * H, Cqk, H, H), T(0));
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t t = 0; t < tn; ++t) {
+            const int64_t p = i * W + j0 + t;
+            l0[b * HW + p] = softmax_fwd<T>(Eb + p * Ld, L, Ld, i, sc);
+          }
+        pack_cols(v0 + b * Cv * HW, Cv, H, W, j0, tn, Vc);
+        for (int64_t t = 0; t < tn; ++t)
+          gemm<T>(mat(Oc + t * Cv * H, Cv, H, H), mat(Vc + t * Cv * H, Cv, H, H),
+                  mat(Eb + (j0 + t) * Ld, H, H, W * Ld).t(), T(0));
+        unpack_cols(Oc, Cv, H, W, j0, tn, o0 + b * Cv * HW);
+      });
+      // Row parts: out[:, i, :] += V_i P_row^T.
+      cpu::for_each_item_bytes(nb * H, 0, 0, [&](int64_t it, char*) {
+        const int64_t b = b0 + it / H, i = it % H;
+        const T* Eb = E + (it / H) * HW * Ld;
+        gemm<T>(mat(o0 + b * Cv * HW + i * W, Cv, W, HW), mat(v0 + b * Cv * HW + i * W, Cv, W, HW),
+                mat(Eb + i * W * Ld + H, W, W, Ld).t(), T(1));
+      });
+    }
   });
   if (ct != dt) out = out.to(dt);
   return {out, lse};
@@ -210,10 +301,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
   auto dv = cpu::empty_output({B, Cv, H, W}, v_in.options());
   if (B == 0 || H == 0 || W == 0) return {dq, dk, dv};
 
-  // Zero-width q/k or v/dout: run with one zero channel (energies 0, resp. dA = D = 0) into
-  // scratch gradients that are dropped; the real gradient of that width is empty.
+  // Zero-width q/k or v/dout: run with one zero channel (energies 0, resp. dP = 0) into scratch
+  // gradients that are dropped; the real gradient of that width is empty.
   const auto copts = q_in.options().dtype(ct);
-  at::Tensor q, k, v, dout, out;
+  at::Tensor q, k, v, dout;
   const bool no_qk = Cqk == 0, no_v = Cv == 0;
   if (no_qk) {
     Cqk = 1;
@@ -224,49 +315,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
   }
   if (no_v) {
     Cv = 1;
-    v = dout = out = at::zeros({B, 1, H, W}, copts);
+    v = dout = at::zeros({B, 1, H, W}, copts);
   } else {
     v = prepare(v_in, ct);
     dout = prepare(dout_in, ct);
-    out = prepare(out_in, ct);
   }
-  const at::Tensor lse = lse_in.contiguous();
   at::Tensor dq_c = (ct == dt && !no_qk) ? dq : cpu::empty_output({B, Cqk, H, W}, copts);
   at::Tensor dk_c = (ct == dt && !no_qk) ? dk : cpu::empty_output({B, Cqk, H, W}, copts);
   at::Tensor dv_c = (ct == dt && !no_v) ? dv : cpu::empty_output({B, Cv, H, W}, copts);
 
   AT_DISPATCH_FLOATING_TYPES(ct, "cc_bwd_cpu", [&] {
     using T = scalar_t;
-    const int64_t Wp = padded_width<T>(W), HW = H * W;
-    // D = <dout, out> per pixel and a copy of lse, both with rows padded to Wp.
-    at::Tensor D = at::empty({B, H, Wp}, copts), Lp = at::empty({B, H, Wp}, copts);
-    {
-      const T* dO = dout.const_data_ptr<T>();
-      const T* O = out.const_data_ptr<T>();
-      const T* L = lse.const_data_ptr<T>();
-      T* Dd = D.mutable_data_ptr<T>();
-      T* Ld = Lp.mutable_data_ptr<T>();
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Cv * W));
-      at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t b = t / H, i = t % H;
-          prep_task<T>(dO + b * Cv * HW + i * W, O + b * Cv * HW + i * W, L + t * W, Cv, HW, W,
-                       Wp, Dd + t * Wp, Ld + t * Wp);
+    TORCH_CHECK(have_blas<T>(), CC_OP ": the cpu backend calls the BLAS of torch (sgemm_ / dgemm_), "
+                "which this torch build does not export; use backend=\"reference\"");
+    const int64_t HW = H * W, L = H + W, Ld = row_len<T>(H, W), NB = images_per_group<T>(B, HW, Ld);
+    // E: energies, then weights P; G: dP, then dE * scale. G's padding must be finite (zeros;
+    // the GEMMs never write it).
+    at::Tensor E_t = at::empty({NB * HW * Ld}, copts), G_t = at::zeros({NB * HW * Ld}, copts);
+    T *E = E_t.mutable_data_ptr<T>(), *G = G_t.mutable_data_ptr<T>();
+    const T sc = static_cast<T>(scale);
+    const int64_t ntiles = (W + kTile - 1) / kTile;
+    const int64_t tile_elems = kTile * H * (4 * Cqk + 2 * Cv);
+    const T *q0 = q.const_data_ptr<T>(), *k0 = k.const_data_ptr<T>(), *v0 = v.const_data_ptr<T>(),
+            *do0 = dout.const_data_ptr<T>();
+    T *dq0 = dq_c.mutable_data_ptr<T>(), *dk0 = dk_c.mutable_data_ptr<T>(), *dv0 = dv_c.mutable_data_ptr<T>();
+    for (int64_t b0 = 0; b0 < B; b0 += NB) {
+      const int64_t nb = std::min(NB, B - b0);
+      // Row energies and dP_row[i][j][x] = <dout[:, i, j], v[:, i, x]>. Item: (image, row).
+      cpu::for_each_item_bytes(nb * H, 0, 0, [&](int64_t it, char*) {
+        const int64_t b = b0 + it / H, i = it % H, r = (it / H) * HW * Ld + i * W * Ld + H;
+        const int64_t oq = b * Cqk * HW + i * W, ov = b * Cv * HW + i * W;
+        gemm<T>(mat(E + r, W, W, Ld), mat(q0 + oq, Cqk, W, HW).t(), mat(k0 + oq, Cqk, W, HW), T(0));
+        gemm<T>(mat(G + r, W, W, Ld), mat(do0 + ov, Cv, W, HW).t(), mat(v0 + ov, Cv, W, HW), T(0));
+      });
+      // Per tile of columns: column energies and dP_col[i][j][y] = <dout[:, i, j], v[:, y, j]>,
+      // the tile's pixels' P and dE * scale, and the column parts of dq, dk, dv, written.
+      // Item: (image, tile).
+      cpu::for_each_item_bytes(nb * ntiles, tile_elems * int64_t(sizeof(T)), 0, [&](int64_t it, char* s) {
+        const int64_t b = b0 + it / ntiles, j0 = (it % ntiles) * kTile, tn = std::min(kTile, W - j0);
+        T *Eb = E + (it / ntiles) * HW * Ld, *Gb = G + (it / ntiles) * HW * Ld;
+        const int64_t oq = b * Cqk * HW, ov = b * Cv * HW;
+        T* Qc = reinterpret_cast<T*>(s);
+        T *Kc = Qc + kTile * Cqk * H, *dQc = Kc + kTile * Cqk * H, *dKc = dQc + kTile * Cqk * H;
+        T *Dc = dKc + kTile * Cqk * H, *Vc = Dc + kTile * Cv * H;
+        pack_cols(q0 + oq, Cqk, H, W, j0, tn, Qc);
+        pack_cols(k0 + oq, Cqk, H, W, j0, tn, Kc);
+        pack_cols(do0 + ov, Cv, H, W, j0, tn, Dc);
+        pack_cols(v0 + ov, Cv, H, W, j0, tn, Vc);
+        for (int64_t t = 0; t < tn; ++t) {
+          const int64_t c = (j0 + t) * Ld;
+          gemm<T>(mat(Eb + c, H, H, W * Ld), mat(Qc + t * Cqk * H, Cqk, H, H).t(),
+                  mat(Kc + t * Cqk * H, Cqk, H, H), T(0));
+          gemm<T>(mat(Gb + c, H, H, W * Ld), mat(Dc + t * Cv * H, Cv, H, H).t(),
+                  mat(Vc + t * Cv * H, Cv, H, H), T(0));
         }
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t t = 0; t < tn; ++t) {
+            const int64_t p = (i * W + j0 + t) * Ld;
+            softmax_fwd<T>(Eb + p, L, Ld, i, sc);
+            softmax_bwd<T>(Eb + p, Gb + p, Ld, sc);
+          }
+        // dv[:, y, j] = sum_i dout[:, i, j] P[i][y] (into Vc, no longer needed),
+        // dq[:, i, j] = sum_y k[:, y, j] dS[i][y], dk[:, y, j] = sum_i q[:, i, j] dS[i][y].
+        for (int64_t t = 0; t < tn; ++t) {
+          const Mat<T> Pc = mat(Eb + (j0 + t) * Ld, H, H, W * Ld), dSc = mat(Gb + (j0 + t) * Ld, H, H, W * Ld);
+          gemm<T>(mat(Vc + t * Cv * H, Cv, H, H), mat(Dc + t * Cv * H, Cv, H, H), Pc, T(0));
+          gemm<T>(mat(dQc + t * Cqk * H, Cqk, H, H), mat(Kc + t * Cqk * H, Cqk, H, H), dSc.t(), T(0));
+          gemm<T>(mat(dKc + t * Cqk * H, Cqk, H, H), mat(Qc + t * Cqk * H, Cqk, H, H), dSc, T(0));
+        }
+        unpack_cols(Vc, Cv, H, W, j0, tn, dv0 + ov);
+        unpack_cols(dQc, Cqk, H, W, j0, tn, dq0 + oq);
+        unpack_cols(dKc, Cqk, H, W, j0, tn, dk0 + oq);
+      });
+      // Row parts: dq_i += K_i dS_row^T, dk_i += Q_i dS_row, dv_i += dO_i P_row. Item: (image, row).
+      cpu::for_each_item_bytes(nb * H, 0, 0, [&](int64_t it, char*) {
+        const int64_t b = b0 + it / H, i = it % H, r = (it / H) * HW * Ld + i * W * Ld + H;
+        const int64_t oq = b * Cqk * HW + i * W, ov = b * Cv * HW + i * W;
+        const Mat<T> Pr = mat(E + r, W, W, Ld), dSr = mat(G + r, W, W, Ld);
+        gemm<T>(mat(dq0 + oq, Cqk, W, HW), mat(k0 + oq, Cqk, W, HW), dSr.t(), T(1));
+        gemm<T>(mat(dk0 + oq, Cqk, W, HW), mat(q0 + oq, Cqk, W, HW), dSr, T(1));
+        gemm<T>(mat(dv0 + ov, Cv, W, HW), mat(do0 + ov, Cv, W, HW), Pr, T(1));
       });
     }
-    // The column weights and scores of every query (kernel header: pass 0 writes every row).
-    at::Tensor Pc = cpu::empty_output({B, H, H, Wp}, copts), dSc = cpu::empty_output({B, H, H, Wp}, copts);
-    const BwdArgs<T> a{dout.const_data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-                       v.const_data_ptr<T>(),    Lp.const_data_ptr<T>(), D.const_data_ptr<T>(),
-                       dq_c.mutable_data_ptr<T>(), dk_c.mutable_data_ptr<T>(),
-                       dv_c.mutable_data_ptr<T>(), Pc.mutable_data_ptr<T>(),
-                       dSc.mutable_data_ptr<T>(),  Cqk, Cv, H, W, Wp, static_cast<T>(scale)};
-    const int64_t scratch = 2 * kTR * (H + W) * Wp + W * Wp;
-    for (int pass = 0; pass < 2; ++pass)
-      for_each_row_block<T>(B, H, scratch, [&](int64_t b, int64_t i0, int64_t n, T* s) {
-        bwd_task<T>(a, b, i0, n, s, pass);
-      });
   });
   if (!no_qk && ct != dt) {
     dq = dq_c.to(dt);

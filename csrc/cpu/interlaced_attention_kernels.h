@@ -100,28 +100,7 @@ struct Rows : cpu::FASTCTX_ISA_NS::Vec<T, 32 / static_cast<int>(sizeof(T))> {
 // d[b * ds + J] (b < 8, J < gw), transposing 8 x 8 blocks in registers (the last gw % 8 members
 // element by element); unpack_row8 is the inverse, d[J * 8 + b] = s[b * ss + J].
 typedef cpu::FASTCTX_ISA_NS::Vec<float, 8> F8;
-typedef int32_t I8 __attribute__((vector_size(32)));
-
-static inline void transpose8(F8::V* r) {
-  const I8 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-  const I8 s44 = {0, 1, 8, 9, 4, 5, 12, 13}, sEE = {2, 3, 10, 11, 6, 7, 14, 15};
-  const I8 p20 = {0, 1, 2, 3, 8, 9, 10, 11}, p31 = {4, 5, 6, 7, 12, 13, 14, 15};
-  F8::V t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
-    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = __builtin_shuffle(t[i], t[i + 2], s44);
-    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], sEE);
-    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], s44);
-    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], sEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = __builtin_shuffle(u[i], u[i + 4], p20);
-    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], p31);
-  }
-}
+using cpu::FASTCTX_ISA_NS::transpose8;
 
 inline void pack_row8(const float* s, int64_t gw, float* d, int64_t ds) {
   int64_t J = 0;

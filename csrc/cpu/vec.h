@@ -1,5 +1,6 @@
 // Vector helpers of the CPU kernels: GCC vector types of VL lanes with loads, stores, broadcast
-// and a vectorised exp (Vec<T, VL>), and register-blocked GEMM kernels (RegGemm). Kernels derive
+// and a vectorised exp (Vec<T, VL>), register-blocked GEMM kernels (RegGemm) and an 8 x 8
+// transpose of floats (transpose8). Kernels derive
 // from one of them.
 //
 // NO INCLUDE GUARD, on purpose: a kernels header includes this file once per instruction set,
@@ -170,6 +171,31 @@ struct RegGemm : Vec<T, VL> {
   // 12 accumulators for nr = 3 or 2 (with NR = 3, MR = 4), MRmax rows for nr = 1.
   static int rows_for(int nr) { return nr == NR ? MR : nr == 2 ? 6 : MRmax; }
 };
+
+// An 8 x 8 block of floats in eight 8-lane vectors, transposed in registers: r[i][l] becomes
+// r[l][i].
+typedef int32_t I8 __attribute__((vector_size(32)));
+static inline void transpose8(typename Vec<float, 8>::V* r) {
+  typedef typename Vec<float, 8>::V F;
+  const I8 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const I8 s44 = {0, 1, 8, 9, 4, 5, 12, 13}, sEE = {2, 3, 10, 11, 6, 7, 14, 15};
+  const I8 p20 = {0, 1, 2, 3, 8, 9, 10, 11}, p31 = {4, 5, 6, 7, 12, 13, 14, 15};
+  F t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], s44);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], sEE);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], s44);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], sEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shuffle(u[i], u[i + 4], p20);
+    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], p31);
+  }
+}
 
 }  // namespace FASTCTX_VEC_ISA
 }  // namespace cpu
