@@ -1,5 +1,6 @@
 // What every CPU launcher shares: the compute dtype, the one input copy, argument checks,
-// zeroed per-thread scratch, the run-time AVX2 test and the work loop over independent items.
+// zeroed per-thread scratch, the run-time AVX2 test, the work loop over independent items and
+// GEMMs on raw pointers.
 // The vector helpers used inside the kernels are in vec.h.
 #pragma once
 
@@ -13,13 +14,70 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+// GEMMs on raw pointers (criss-cross and interlaced attention): the BLAS that torch links (MKL in
+// the x86-64 wheels) through its Fortran entry points, which libtorch_cpu exports. at::mm_out on
+// from_blob views costs 5-10 us of tensor and dispatcher work a call, and these kernels make
+// thousands of small calls (criss-cross: 10 per row and per column in the backward; at 32 x 32
+// maps and below that was most of the time). Weak, so that the extension still loads against a
+// torch without them; the ops then say so (check_blas). Inside at::parallel_for's workers the
+// BLAS runs single-threaded.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+
 namespace fastctx {
 namespace cpu {
+
+// The ops that call gemm() check this first.
+template <class T>
+void check_blas(const char* op_name) {
+  const bool ok = std::is_same<T, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
+  TORCH_CHECK(ok, op_name,
+              ": the cpu backend calls torch's BLAS (sgemm_ / dgemm_), which this torch build does "
+              "not export; use backend=\"reference\"");
+}
+
+// A rows x cols matrix at p with row stride ld and unit column stride (row-major), or, tr, the
+// transpose of the cols x rows matrix stored so.
+template <class T>
+struct Mat {
+  T* p;
+  int64_t rows, cols, ld;
+  bool tr;
+  Mat t() const { return {p, cols, rows, ld, !tr}; }
+};
+
+template <class T>
+Mat<T> mat(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return {const_cast<T*>(p), rows, cols, ld, false};
+}
+
+// C = A B + beta C, C not transposed. In BLAS's column-major terms: C^T = B^T A^T, and a
+// row-major matrix is its transpose (so an operand that is not transposed here is 'N' there).
+template <class T>
+void gemm(const Mat<T>& C, const Mat<T>& A, const Mat<T>& B, T beta) {
+  const char ta = B.tr ? 'T' : 'N', tb = A.tr ? 'T' : 'N';
+  const int m = static_cast<int>(C.cols), n = static_cast<int>(C.rows), k = static_cast<int>(A.cols);
+  const int lda = static_cast<int>(B.ld), ldb = static_cast<int>(A.ld), ldc = static_cast<int>(C.ld);
+  const T one = T(1);
+  if constexpr (std::is_same<T, float>::value)
+    sgemm_(&ta, &tb, &m, &n, &k, &one, B.p, &lda, A.p, &ldb, &beta, C.p, &ldc);
+  else
+    dgemm_(&ta, &tb, &m, &n, &k, &one, B.p, &lda, A.p, &ldb, &beta, C.p, &ldc);
+}
+
 
 // float32 for float16 / bfloat16 / float32 inputs, float64 for float64.
 inline at::ScalarType compute_dtype(at::ScalarType t) {

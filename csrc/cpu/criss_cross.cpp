@@ -79,6 +79,9 @@ namespace cc_cpu {
 namespace {
 
 using cpu::compute_dtype;
+using cpu::gemm;
+using cpu::Mat;
+using cpu::mat;
 using cpu::prepare;
 using cpu::use_avx2;
 
@@ -116,54 +119,6 @@ void unpack_cols(const T* s, int64_t C, int64_t H, int64_t W, int64_t j0, int64_
   if (use_avx2()) return isa_avx2::unpack_cols<T>(s, C, H, W, j0, tn, x);
 #endif
   isa_base::unpack_cols<T>(s, C, H, W, j0, tn, x);
-}
-
-// The GEMMs call the BLAS that torch links (MKL in the x86-64 wheels) through its Fortran entry
-// points, which libtorch_cpu exports: at::mm_out on from_blob views cost 5-10 us of tensor and
-// dispatcher work a call, and the backward makes 10 calls per row and per column (at 32 x 32
-// maps and below that was most of the time). Weak, so that the extension still loads against a
-// torch without them; the op then says so.
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
-}
-
-template <class T>
-bool have_blas() {
-  return std::is_same<T, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
-}
-
-// A rows x cols matrix at p with row stride ld and unit column stride (row-major), or, tr, the
-// transpose of the cols x rows matrix stored so.
-template <class T>
-struct Mat {
-  T* p;
-  int64_t rows, cols, ld;
-  bool tr;
-  Mat t() const { return {p, cols, rows, ld, !tr}; }
-};
-
-template <class T>
-Mat<T> mat(const T* p, int64_t rows, int64_t cols, int64_t ld) {
-  return {const_cast<T*>(p), rows, cols, ld, false};
-}
-
-// C = A B + beta C, C not transposed. In BLAS's column-major terms: C^T = B^T A^T, and a
-// row-major matrix is its transpose (so an operand that is not transposed here is 'N' there).
-template <class T>
-void gemm(const Mat<T>& C, const Mat<T>& A, const Mat<T>& B, T beta) {
-  const char ta = B.tr ? 'T' : 'N', tb = A.tr ? 'T' : 'N';
-  const int m = static_cast<int>(C.cols), n = static_cast<int>(C.rows), k = static_cast<int>(A.cols);
-  const int lda = static_cast<int>(B.ld), ldb = static_cast<int>(A.ld), ldc = static_cast<int>(C.ld);
-  const T one = T(1);
-  if constexpr (std::is_same<T, float>::value)
-    sgemm_(&ta, &tb, &m, &n, &k, &one, B.p, &lda, A.p, &ldb, &beta, C.p, &ldc);
-  else
-    dgemm_(&ta, &tb, &m, &n, &k, &one, B.p, &lda, A.p, &ldb, &beta, C.p, &ldc);
 }
 
 // Ld: H + W rounded up to 64 bytes.
@@ -218,8 +173,7 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
 
   AT_DISPATCH_FLOATING_TYPES(ct, "cc_fwd_cpu", [&] {
     using T = scalar_t;
-    TORCH_CHECK(have_blas<T>(), CC_OP ": the cpu backend calls the BLAS of torch (sgemm_ / dgemm_), "
-                "which this torch build does not export; use backend=\"reference\"");
+    cpu::check_blas<T>(CC_OP);
     const int64_t HW = H * W, L = H + W, Ld = row_len<T>(H, W), NB = images_per_group<T>(B, HW, Ld);
     at::Tensor E_t = at::empty({NB * HW * Ld}, q.options());
     T* E = E_t.mutable_data_ptr<T>();
@@ -326,8 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(ct, "cc_bwd_cpu", [&] {
     using T = scalar_t;
-    TORCH_CHECK(have_blas<T>(), CC_OP ": the cpu backend calls the BLAS of torch (sgemm_ / dgemm_), "
-                "which this torch build does not export; use backend=\"reference\"");
+    cpu::check_blas<T>(CC_OP);
     const int64_t HW = H * W, L = H + W, Ld = row_len<T>(H, W), NB = images_per_group<T>(B, HW, Ld);
     // E: energies, then weights P; G: dP, then dE * scale. G's padding must be finite (zeros;
     // the GEMMs never write it).

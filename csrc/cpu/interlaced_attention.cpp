@@ -19,7 +19,7 @@
 //   block) in float32: a row's 8 x 8 blocks of (member, group) are transposed in registers
 //   (pack_row8 / unpack_row8); element by element, packing ran at ~2.7 GB/s and took as long as
 //   the forward's GEMMs (one thread, 64x128); transposed, the forward measured 15-20% faster.
-// - GEMMs with at::mm_out / addmm_ on the scratch (BLAS; ATen runs it single-threaded inside
+// - GEMMs with cpu::gemm (common.h: torch's BLAS, single-threaded inside
 //   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
 //   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
 //   When a backward will follow (keep_p), the forward also stores every group's P in p
@@ -40,8 +40,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -375,6 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(ct, "isa_fwd_cpu_compute", [&] {
       using A = scalar_t;
+      cpu::check_blas<A>(ISA_OP);
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
       const Layout y = layout(g, false, Cqk, Cv);
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
@@ -386,8 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
       A* lse_p = lse.mutable_data_ptr<A>();
       A* p_p = keep_p ? p.mutable_data_ptr<A>() : nullptr;
       const int64_t Lp = g.Lp, LL = L * Lp;
-      const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
-      auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
+      auto mat = [&](A* p, int64_t rows) { return cpu::mat<A>(p, rows, L, L); };
       // Scratch: the layout y; its L x L matrices (before y.lse) zeroed: the padding columns of
       // the dP rows must be finite (kernels header). Every slot is 64-byte aligned, so the
       // BLAS results do not depend on which thread ran an item.
@@ -396,17 +394,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
         A *S = base + y.s, *lg = base + y.lse, *xq = base + y.x0, *xk = base + y.x1, *yo = base + y.y0;
-        auto Smat = [&](int64_t u) { return at::from_blob(S + u * LL, {L, L}, {Lp, 1}, opts); };
+        auto Smat = [&](int64_t u) { return cpu::mat<A>(S + u * LL, L, L, Lp); };
         // S_u = Q_u^T K_u, summed over chunks of channels.
         for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cqk - c0);
           pack_band(mq, b, t, c0, cn, g, pu, pl, xq, cn * L);
           pack_band(mk, b, t, c0, cn, g, pu, pl, xk, cn * L);
           for (int64_t u = 0; u < g.U; ++u) {
-            at::Tensor Su = Smat(u);
-            const at::Tensor Qt = mat(xq + u * cn * L, cn).t(), Kc = mat(xk + u * cn * L, cn);
-            if (c0 == 0) at::mm_out(Su, Qt, Kc);
-            else Su.addmm_(Qt, Kc);
+            auto Su = Smat(u);
+            const auto Qt = mat(xq + u * cn * L, cn).t(), Kc = mat(xk + u * cn * L, cn);
+            cpu::gemm<A>(Su, Qt, Kc, A(c0 == 0 ? 0 : 1));
           }
         }
         if (Cqk == 0) std::fill(S, S + g.U * LL, A(0));
@@ -422,8 +419,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
           const int64_t cn = std::min(kChunk, Cv - c0);
           pack_band(mv, b, t, c0, cn, g, pu, pl, xq, cn * L);
           for (int64_t u = 0; u < g.U; ++u) {
-            at::Tensor Ou = mat(yo + u * cn * L, cn);
-            at::mm_out(Ou, mat(xq + u * cn * L, cn), Smat(u).t());
+            auto Ou = mat(yo + u * cn * L, cn);
+            cpu::gemm<A>(Ou, mat(xq + u * cn * L, cn), Smat(u).t(), A(0));
           }
           unpack_band(mo, b, t, c0, cn, g, pu, pl, yo, cn * L);
         }
@@ -472,6 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(ct, "isa_bwd_cpu_compute", [&] {
       using A = scalar_t;
+      cpu::check_blas<A>(ISA_OP);
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
       const Layout y = layout(g, true, Cqk, Cv);
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
@@ -482,8 +480,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       band_members(g, pu, pl);
       const A* p_p = p.const_data_ptr<A>();
       const int64_t Lp = g.Lp, LL = L * Lp;
-      const auto opts = at::TensorOptions().dtype(ct).device(at::kCPU);
-      auto mat = [&](A* p, int64_t rows) { return at::from_blob(p, {rows, L}, opts); };
+      auto mat = [&](A* p, int64_t rows) { return cpu::mat<A>(p, rows, L, L); };
       // Scratch: as in the forward.
       cpu::for_each_item_bytes(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)),
                                [&](int64_t item, char* scratch) {
@@ -492,8 +489,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         A *S = base + y.s, *dP = base + y.dp;
         A *xq = base + y.x0, *xk = base + y.x1, *xd = base + y.xd, *xv = base + y.xv;
         A *y0 = base + y.y0, *y1 = base + y.y1;
-        auto Smat = [&](int64_t u) { return at::from_blob(S + u * LL, {L, L}, {Lp, 1}, opts); };
-        auto dPmat = [&](int64_t u) { return at::from_blob(dP + u * LL, {L, L}, {Lp, 1}, opts); };
+        auto Smat = [&](int64_t u) { return cpu::mat<A>(S + u * LL, L, L, Lp); };
+        auto dPmat = [&](int64_t u) { return cpu::mat<A>(dP + u * LL, L, L, Lp); };
         const int64_t uq = Cqk * L, ud = Cv * L;  // group strides of the whole packed inputs
         // P_u from the forward, into rows of Lp with zero padding; q and k packed whole (for dQ
         // and dK).
@@ -512,10 +509,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
           pack_band(mdo, b, t, c0, cn, g, pu, pl, xd + c0 * L, ud);
           pack_band(mv, b, t, c0, cn, g, pu, pl, xv, cn * L);
           for (int64_t u = 0; u < g.U; ++u) {
-            at::Tensor dPu = dPmat(u);
-            const at::Tensor dOt = mat(xd + u * ud + c0 * L, cn).t(), Vc = mat(xv + u * cn * L, cn);
-            if (c0 == 0) at::mm_out(dPu, dOt, Vc);
-            else dPu.addmm_(dOt, Vc);
+            auto dPu = dPmat(u);
+            const auto dOt = mat(xd + u * ud + c0 * L, cn).t(), Vc = mat(xv + u * cn * L, cn);
+            cpu::gemm<A>(dPu, dOt, Vc, A(c0 == 0 ? 0 : 1));
           }
         }
         if (Cv == 0) std::fill(dP, dP + g.U * LL, A(0));
@@ -525,8 +521,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
           for (int64_t u = 0; u < g.U; ++u) {
-            at::Tensor dVu = mat(y0 + u * cn * L, cn);
-            at::mm_out(dVu, mat(xd + u * ud + c0 * L, cn), Smat(u));
+            auto dVu = mat(y0 + u * cn * L, cn);
+            cpu::gemm<A>(dVu, mat(xd + u * ud + c0 * L, cn), Smat(u), A(0));
           }
           unpack_band(mdv, b, t, c0, cn, g, pu, pl, y0, cn * L);
         }
@@ -534,10 +530,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cqk - c0);
           for (int64_t u = 0; u < g.U; ++u) {
-            at::Tensor dQu = mat(y0 + u * cn * L, cn), dKu = mat(y1 + u * cn * L, cn);
-            const at::Tensor dSu = dPmat(u);
-            at::mm_out(dQu, mat(xk + u * uq + c0 * L, cn), dSu.t());
-            at::mm_out(dKu, mat(xq + u * uq + c0 * L, cn), dSu);
+            auto dQu = mat(y0 + u * cn * L, cn), dKu = mat(y1 + u * cn * L, cn);
+            const auto dSu = dPmat(u);
+            cpu::gemm<A>(dQu, mat(xk + u * uq + c0 * L, cn), dSu.t(), A(0));
+            cpu::gemm<A>(dKu, mat(xq + u * uq + c0 * L, cn), dSu, A(0));
           }
           unpack_band(mdq, b, t, c0, cn, g, pu, pl, y0, cn * L);
           unpack_band(mdk, b, t, c0, cn, g, pu, pl, y1, cn * L);
