@@ -32,69 +32,6 @@ namespace fastctx {
 namespace isa_cpu {
 namespace FASTCTX_ISA_NS {
 
-template <class T>
-struct Rows : cpu::FASTCTX_ISA_NS::Vec<T, 32 / static_cast<int>(sizeof(T))> {
-  static constexpr int VL = 32 / static_cast<int>(sizeof(T));  // 8 floats, 4 doubles
-  typedef cpu::FASTCTX_ISA_NS::Vec<T, VL> Base;
-  typedef typename Base::V V;
-  using Base::bcast;
-  using Base::load;
-  using Base::store;
-  using Base::vexp;
-  using Base::vmax;
-
-  static inline T hmax(V v) {
-    T m = v[0];
-    for (int l = 1; l < VL; ++l) m = v[l] > m ? v[l] : m;
-    return m;
-  }
-  static inline T hsum(V v) {  // fixed order: deterministic
-    T s = T(0);
-    for (int l = 0; l < VL; ++l) s += v[l];
-    return s;
-  }
-
-  // Forward: S (L rows of Lp, energies) -> P = softmax(scale * S) per row; lse[l] the row's
-  // log-sum-exp of scale * S.
-  static void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
-    const T ninf = -std::numeric_limits<T>::infinity();
-    const V sc = bcast(scale);
-    for (int64_t l = 0; l < L; ++l) {
-      T* row = S + l * Lp;
-      for (int64_t m = 0; m < Lp; m += VL) store(row + m, sc * load(row + m));
-      for (int64_t m = L; m < Lp; ++m) row[m] = ninf;
-      V mx = bcast(ninf);
-      for (int64_t m = 0; m < Lp; m += VL) mx = vmax(mx, load(row + m));
-      const V mv = bcast(hmax(mx));
-      V sum = bcast(T(0));
-      for (int64_t m = 0; m < Lp; m += VL) {
-        const V p = vexp(load(row + m) - mv);
-        store(row + m, p);
-        sum += p;
-      }
-      const T s = hsum(sum);
-      const V inv = bcast(T(1) / s);
-      for (int64_t m = 0; m < Lp; m += VL) store(row + m, load(row + m) * inv);
-      lse[l] = mv[0] + std::log(s);
-    }
-  }
-
-  // Backward: dP -> scale * P * (dP - D) with D = sum_m P dP (= <dout, out> of the row's
-  // query), P the forward's weights (padding columns 0).
-  static void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
-    const V sc = bcast(scale);
-    for (int64_t l = 0; l < L; ++l) {
-      const T* row = P + l * Lp;
-      T* drow = dP + l * Lp;
-      V d = bcast(T(0));
-      for (int64_t m = 0; m < Lp; m += VL) d += load(row + m) * load(drow + m);
-      const V dv = bcast(hsum(d));
-      for (int64_t m = 0; m < Lp; m += VL)
-        store(drow + m, sc * load(row + m) * (load(drow + m) - dv));
-    }
-  }
-};
-
 // Long mode's packing when bw == 8 (float): one map row holds gw runs of the 8 groups' members,
 // s[J * 8 + b] for group b, member J; pack_row8 writes them out group by group,
 // d[b * ds + J] (b < 8, J < gw), transposing 8 x 8 blocks in registers (the last gw % 8 members
@@ -126,14 +63,17 @@ inline void unpack_row8(const float* s, int64_t ss, int64_t gw, float* d) {
     for (int b = 0; b < 8; ++b) d[J * 8 + b] = s[b * ss + J];
 }
 
-// Entry points.
+// Entry points. The row passes (vec.h's SoftmaxRow), over a group's L x L matrix: row l holds
+// the L energies of query l against the group's keys, then Lp - L padding columns.
+// Forward: S -> P = softmax(scale * S) per row; lse[l] the row's log-sum-exp of scale * S.
 template <class T>
 void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
-  Rows<T>::softmax_fwd(S, L, Lp, scale, lse);
+  for (int64_t l = 0; l < L; ++l) lse[l] = cpu::FASTCTX_ISA_NS::SoftmaxRow<T>::fwd(S + l * Lp, L, Lp, -1, scale);
 }
+// Backward: dP -> scale * P * (dP - D), D = sum_m P dP, P the forward's weights.
 template <class T>
 void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
-  Rows<T>::softmax_bwd(P, dP, L, Lp, scale);
+  for (int64_t l = 0; l < L; ++l) cpu::FASTCTX_ISA_NS::SoftmaxRow<T>::bwd(P + l * Lp, dP + l * Lp, Lp, scale);
 }
 
 }  // namespace FASTCTX_ISA_NS

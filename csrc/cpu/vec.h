@@ -1,6 +1,7 @@
 // Vector helpers of the CPU kernels: GCC vector types of VL lanes with loads, stores, broadcast
-// and a vectorised exp (Vec<T, VL>), register-blocked GEMM kernels (RegGemm) and an 8 x 8
-// transpose of floats (transpose8). Kernels derive
+// and a vectorised exp (Vec<T, VL>), register-blocked GEMM kernels (RegGemm), the softmax of one
+// row of attention energies and its backward (SoftmaxRow) and an 8 x 8 transpose of floats
+// (transpose8). Kernels derive
 // from one of them.
 //
 // NO INCLUDE GUARD, on purpose: a kernels header includes this file once per instruction set,
@@ -15,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -170,6 +172,66 @@ struct RegGemm : Vec<T, VL> {
   }
   // 12 accumulators for nr = 3 or 2 (with NR = 3, MR = 4), MRmax rows for nr = 1.
   static int rows_for(int nr) { return nr == NR ? MR : nr == 2 ? 6 : MRmax; }
+};
+
+// One row of attention energies (criss-cross's [column | row] of a pixel, an interlaced group's
+// row): Ld values, a whole number of 32-byte vectors, of which the first L are real.
+template <class T>
+struct SoftmaxRow : Vec<T, 32 / static_cast<int>(sizeof(T))> {
+  static constexpr int VL = 32 / static_cast<int>(sizeof(T));  // 8 floats, 4 doubles
+  typedef Vec<T, VL> Base;
+  typedef typename Base::V V;
+  using Base::bcast;
+  using Base::load;
+  using Base::store;
+  using Base::vexp;
+  using Base::vmax;
+
+  static inline T hmax(V v) {
+    T m = v[0];
+    for (int l = 1; l < VL; ++l) m = v[l] > m ? v[l] : m;
+    return m;
+  }
+  static inline T hsum(V v) {  // fixed order: deterministic
+    T s = T(0);
+    for (int l = 0; l < VL; ++l) s += v[l];
+    return s;
+  }
+
+  // Energies -> weights, in place: e = scale * row, e[masked] = -inf if masked >= 0 (set after
+  // the scaling: 0 * -inf would be NaN), the padding -inf, P = softmax(e). Returns the
+  // log-sum-exp of e. The row must hold a finite energy.
+  static T fwd(T* row, int64_t L, int64_t Ld, int64_t masked, T scale) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const V sc = bcast(scale);
+    for (int64_t m = 0; m < Ld; m += VL) store(row + m, sc * load(row + m));
+    if (masked >= 0) row[masked] = ninf;
+    for (int64_t m = L; m < Ld; ++m) row[m] = ninf;
+    V mx = bcast(ninf);
+    for (int64_t m = 0; m < Ld; m += VL) mx = vmax(mx, load(row + m));
+    const V mv = bcast(hmax(mx));
+    V sum = bcast(T(0));
+    for (int64_t m = 0; m < Ld; m += VL) {
+      const V p = vexp(load(row + m) - mv);
+      store(row + m, p);
+      sum += p;
+    }
+    const T s = hsum(sum);
+    const V inv = bcast(T(1) / s);
+    for (int64_t m = 0; m < Ld; m += VL) store(row + m, load(row + m) * inv);
+    return mv[0] + std::log(s);
+  }
+
+  // dP -> dE * scale = scale * P * (dP - D), in place, with D = sum P dP (= <dout, out> of the
+  // row's query). P from fwd (0 at the masked entry and the padding); the padding of dP must be
+  // finite.
+  static void bwd(const T* P, T* dP, int64_t Ld, T scale) {
+    const V sc = bcast(scale);
+    V d = bcast(T(0));
+    for (int64_t m = 0; m < Ld; m += VL) d += load(P + m) * load(dP + m);
+    const V dv = bcast(hsum(d));
+    for (int64_t m = 0; m < Ld; m += VL) store(dP + m, sc * load(P + m) * (load(dP + m) - dv));
+  }
 };
 
 // An 8 x 8 block of floats in eight 8-lane vectors, transposed in registers: r[i][l] becomes
