@@ -137,6 +137,14 @@ int64_t images_per_group(int64_t B, int64_t HW, int64_t Ld) {
   return std::clamp<int64_t>((int64_t(8) << 20) / per_image, 1, B);
 }
 
+// BLAS takes 32-bit sizes: the leading dimensions of the row GEMMs (H * W) and of the column
+// energies (W * Ld) must fit.
+inline void check_blas_strides(int64_t HW, int64_t WLd, int64_t H, int64_t W) {
+  TORCH_CHECK(HW <= std::numeric_limits<int>::max() && WLd <= std::numeric_limits<int>::max(),
+              CC_OP ": the cpu backend's BLAS calls take 32-bit strides; a ", H, " x ", W,
+              " map is too large for them");
+}
+
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
   cpu::check_tensor(CC_OP, op, q, "q", 4, "[B, Cqk, H, W]", q);
   cpu::check_float(CC_OP, op, q, "q");
@@ -175,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
     using T = scalar_t;
     cpu::check_blas<T>(CC_OP);
     const int64_t HW = H * W, L = H + W, Ld = row_len<T>(H, W), NB = images_per_group<T>(B, HW, Ld);
+    check_blas_strides(HW, W * Ld, H, W);
     at::Tensor E_t = at::empty({NB * HW * Ld}, q.options());
     T* E = E_t.mutable_data_ptr<T>();
     const T sc = static_cast<T>(scale);
@@ -282,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
     using T = scalar_t;
     cpu::check_blas<T>(CC_OP);
     const int64_t HW = H * W, L = H + W, Ld = row_len<T>(H, W), NB = images_per_group<T>(B, HW, Ld);
+    check_blas_strides(HW, W * Ld, H, W);
     // E: energies, then weights P; G: dP, then dE * scale. G's padding must be finite (zeros;
     // the GEMMs never write it).
     at::Tensor E_t = at::empty({NB * HW * Ld}, copts), G_t = at::zeros({NB * HW * Ld}, copts);
