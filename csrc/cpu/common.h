@@ -36,7 +36,6 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
-
 namespace fastctx {
 namespace cpu {
 
@@ -77,7 +76,6 @@ void gemm(const Mat<T>& C, const Mat<T>& A, const Mat<T>& B, T beta) {
   else
     dgemm_(&ta, &tb, &m, &n, &k, &one, B.p, &lda, A.p, &ldb, &beta, C.p, &ldc);
 }
-
 
 // float32 for float16 / bfloat16 / float32 inputs, float64 for float64.
 inline at::ScalarType compute_dtype(at::ScalarType t) {

@@ -104,21 +104,22 @@ void softmax_bwd(const T* P, T* dP, int64_t Ld, T scale) {
   isa_base::softmax_bwd<T>(P, dP, Ld, scale);
 }
 
-
-template <class T>
-void pack_cols(const T* x, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T* d) {
+template <bool Pack, class T>
+void move_cols(T* x, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T* d) {
 #ifdef FASTCTX_CC_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::pack_cols<T>(x, C, H, W, j0, tn, d);
+  if (use_avx2()) return isa_avx2::move_cols<Pack, T>(x, C, H, W, j0, tn, d);
 #endif
-  isa_base::pack_cols<T>(x, C, H, W, j0, tn, d);
+  isa_base::move_cols<Pack, T>(x, C, H, W, j0, tn, d);
 }
 
+// A tile of columns of an image into its packed copy, and back (move_cols, kernels header).
+template <class T>
+void pack_cols(const T* x, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T* d) {
+  move_cols<true>(const_cast<T*>(x), C, H, W, j0, tn, d);  // x is only read
+}
 template <class T>
 void unpack_cols(const T* s, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T* x) {
-#ifdef FASTCTX_CC_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::unpack_cols<T>(s, C, H, W, j0, tn, x);
-#endif
-  isa_base::unpack_cols<T>(s, C, H, W, j0, tn, x);
+  move_cols<false>(x, C, H, W, j0, tn, const_cast<T*>(s));  // s is only read
 }
 
 // Ld: H + W rounded up to 64 bytes.

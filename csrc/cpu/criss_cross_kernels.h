@@ -50,7 +50,6 @@ void move_cols(T* x, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T*
   const int64_t HW = H * W, CH = C * H;
   int64_t y8 = 0, t8 = 0;  // rows and columns done by the blocks
   if constexpr (std::is_same<T, float>::value) {
-    typedef cpu::FASTCTX_CC_ISA::Vec<float, 8> F8;
     y8 = H / 8 * 8;
     t8 = tn / 8 * 8;
     for (int64_t c = 0; c < C; ++c)
@@ -58,13 +57,8 @@ void move_cols(T* x, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T*
         for (int64_t tb = 0; tb < t8; tb += 8) {
           float* m = x + c * HW + y0 * W + j0 + tb;  // 8 rows of 8 columns, stride W
           float* p = d + tb * CH + c * H + y0;      // 8 columns of 8 rows, stride CH
-          const float* src = Pack ? m : p;
-          float* dst = Pack ? p : m;
-          const int64_t ss = Pack ? W : CH, ds = Pack ? CH : W;
-          F8::V r[8];
-          for (int i = 0; i < 8; ++i) r[i] = F8::load(src + i * ss);
-          cpu::FASTCTX_CC_ISA::transpose8(r);
-          for (int i = 0; i < 8; ++i) F8::store(dst + i * ds, r[i]);
+          if (Pack) cpu::FASTCTX_CC_ISA::transpose8_move(m, W, p, CH);
+          else cpu::FASTCTX_CC_ISA::transpose8_move(p, CH, m, W);
         }
   }
   for (int64_t c = 0; c < C; ++c)
@@ -76,15 +70,6 @@ void move_cols(T* x, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T*
         else m[y * W] = p[y];
       }
     }
-}
-
-template <class T>
-void pack_cols(const T* x, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T* d) {
-  move_cols<true>(const_cast<T*>(x), C, H, W, j0, tn, d);  // x is only read
-}
-template <class T>
-void unpack_cols(const T* s, int64_t C, int64_t H, int64_t W, int64_t j0, int64_t tn, T* x) {
-  move_cols<false>(x, C, H, W, j0, tn, const_cast<T*>(s));  // s is only read
 }
 
 // A pixel's joint softmax (vec.h's SoftmaxRow): the own pixel is counted once, in its row, so

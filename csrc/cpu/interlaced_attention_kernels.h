@@ -36,29 +36,18 @@ namespace FASTCTX_ISA_NS {
 // s[J * 8 + b] for group b, member J; pack_row8 writes them out group by group,
 // d[b * ds + J] (b < 8, J < gw), transposing 8 x 8 blocks in registers (the last gw % 8 members
 // element by element); unpack_row8 is the inverse, d[J * 8 + b] = s[b * ss + J].
-typedef cpu::FASTCTX_ISA_NS::Vec<float, 8> F8;
-using cpu::FASTCTX_ISA_NS::transpose8;
+using cpu::FASTCTX_ISA_NS::transpose8_move;
 
 inline void pack_row8(const float* s, int64_t gw, float* d, int64_t ds) {
   int64_t J = 0;
-  for (; J + 8 <= gw; J += 8) {
-    F8::V r[8];
-    for (int i = 0; i < 8; ++i) r[i] = F8::load(s + (J + i) * 8);
-    transpose8(r);
-    for (int b = 0; b < 8; ++b) F8::store(d + b * ds + J, r[b]);
-  }
+  for (; J + 8 <= gw; J += 8) transpose8_move(s + J * 8, 8, d + J, ds);
   for (; J < gw; ++J)
     for (int b = 0; b < 8; ++b) d[b * ds + J] = s[J * 8 + b];
 }
 
 inline void unpack_row8(const float* s, int64_t ss, int64_t gw, float* d) {
   int64_t J = 0;
-  for (; J + 8 <= gw; J += 8) {
-    F8::V r[8];
-    for (int b = 0; b < 8; ++b) r[b] = F8::load(s + b * ss + J);
-    transpose8(r);
-    for (int i = 0; i < 8; ++i) F8::store(d + (J + i) * 8, r[i]);
-  }
+  for (; J + 8 <= gw; J += 8) transpose8_move(s + J, ss, d + J * 8, 8);
   for (; J < gw; ++J)
     for (int b = 0; b < 8; ++b) d[J * 8 + b] = s[b * ss + J];
 }

@@ -1,7 +1,7 @@
 // Vector helpers of the CPU kernels: GCC vector types of VL lanes with loads, stores, broadcast
 // and a vectorised exp (Vec<T, VL>), register-blocked GEMM kernels (RegGemm), the softmax of one
 // row of attention energies and its backward (SoftmaxRow) and an 8 x 8 transpose of floats
-// (transpose8). Kernels derive
+// (transpose8, transpose8_move). Kernels derive
 // from one of them.
 //
 // NO INCLUDE GUARD, on purpose: a kernels header includes this file once per instruction set,
@@ -257,6 +257,15 @@ static inline void transpose8(typename Vec<float, 8>::V* r) {
     r[i] = __builtin_shuffle(u[i], u[i + 4], p20);
     r[i + 4] = __builtin_shuffle(u[i], u[i + 4], p31);
   }
+}
+
+// Moves an 8 x 8 block of floats and transposes it: dst[j * ds + i] = src[i * ss + j] (8 rows
+// of src, ss apart, become 8 columns of dst, whose rows are ds apart).
+static inline void transpose8_move(const float* src, int64_t ss, float* dst, int64_t ds) {
+  typename Vec<float, 8>::V r[8];
+  for (int i = 0; i < 8; ++i) r[i] = Vec<float, 8>::load(src + i * ss);
+  transpose8(r);
+  for (int i = 0; i < 8; ++i) Vec<float, 8>::store(dst + i * ds, r[i]);
 }
 
 }  // namespace FASTCTX_VEC_ISA
