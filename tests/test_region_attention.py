@@ -219,3 +219,29 @@ def test_backward_allocates_no_zero_gradients_for_lse_and_p():
     sizes = allocations(lambda: fwd_bwd(k[:, :, :S], v[:, :, :S]))
     assert sizes.count(4 * B * S * H * W) == 0, sizes
     assert sizes.count(4 * B * H * W) == 1, sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("cq,cv,S", [(300, 5, 7), (6, 300, 7), (6, 5, 300)], ids=["Cqk300", "Cv300", "S300"])
+def test_cpu_long_reductions_on_every_block_tail(dtype, cq, cv, S):
+    """The CPU kernels split a reduction longer than 256 (over Cqk, Cv or S) into chunks whose
+    sums add up in the output, and cover a pixel block whose size is not a multiple of the vector
+    width by shifting its last vector window back to overlap the one before. Every tail of a
+    block (1 x N maps, N = 1..40: one block; 97x97: 98 blocks, the last of 97 pixels) must give
+    the reference's output and gradients. (Until session 14 an overlapped column took the later
+    chunks twice when its two windows were in different register panels: 5x6 and 97x97 maps with
+    S, Cqk or Cv over 256 came out wrong.)"""
+    maps = [(1, n) for n in range(1, 41)] + [(97, 97)]
+    for H, W in maps:
+        q = torch.randn(1, cq, H, W, dtype=dtype).mul_(cq**-0.25).requires_grad_(True)
+        k = torch.randn(1, cq, S, dtype=dtype).mul_(cq**-0.25).requires_grad_(True)
+        v = torch.randn(1, cv, S, dtype=dtype, requires_grad=True)
+        out = fastctx.region_attention(q, k, v, 0.8, backend="cpu")
+        dout = torch.randn_like(out)
+        out.backward(dout)
+        l64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        ref = python_ref.region_attention(*l64, 0.8)
+        ref.backward(dout.double())
+        assert_close(out, ref, dtype, f"out ({H}x{W})")
+        for name, t, t64 in zip(("dq", "dk", "dv"), (q, k, v), l64):
+            assert_close(t.grad, t64.grad, dtype, f"{name} ({H}x{W})")

@@ -217,3 +217,23 @@ def test_compiled_op_checks(call, pattern):
     """The compiled ops check their inputs themselves (they are reachable as torch.ops)."""
     with pytest.raises(RuntimeError, match="fastctx.spatial_gather .*" + pattern):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("C,K", [(300, 5), (6, 150)], ids=["C300", "K150"])
+def test_cpu_long_reductions_on_every_block_tail(dtype, C, K):
+    """The CPU backward splits its reductions over the channels (dlogits, chunks of 256) and over
+    the classes (dfeats, chunks of 128) and covers a pixel block whose size is not a multiple of
+    the vector width by shifting its last vector window back to overlap the one before: every
+    tail of a block (1 x N maps, N = 1..40; 97x97, 13 blocks) must give the reference's
+    gradients. (Until session 14 an overlapped column took the later chunks twice when its two
+    windows were in different register panels: OCR's C = 512 and ADE20K's K = 150 on 97x97 maps
+    came out wrong.)"""
+    maps = [(1, n) for n in range(1, 41)] + [(97, 97)]
+    for H, W in maps:
+        feats = torch.randn(1, C, H, W, dtype=dtype, requires_grad=True)
+        logits = _make_logits("finite", 1, K, H, W, dtype, "cpu")
+        out = fastctx.spatial_gather(feats, logits, SCALE, backend="cpu")
+        dout = torch.randn_like(out)
+        out.backward(dout)
+        _check(feats, logits, out, dout, dtype)

@@ -183,10 +183,20 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   // then written in one go (panels outer measured slower there: the scattered stores into C
   // evict the panel of B from L1). Partial sums over the chunks go through C. K == 0 stores
   // zeros.
+  // Windows may overlap (windows(): a block's last one is shifted back). With K in several
+  // chunks, a column of two windows in different panels would take the later chunks twice (each
+  // panel loads C, adds its chunk, stores), so an overlapping last window gets its own pass over
+  // the whole K after the others: it stores the column's full sum again. Callers that
+  // accumulate into C pass windows that do not overlap.
   static void gemm(const T* A, int64_t ams, const T* B, int64_t bks, int64_t M, int64_t K,
                    const int64_t* col, int64_t nw, T* C, int64_t cms, bool accumulate,
                    int64_t kmax, bool rows_outer) {
     const int64_t nchunk = std::max<int64_t>(1, (K + kmax - 1) / kmax);
+    if (nchunk > 1 && nw > 1 && col[nw - 1] < col[nw - 2] + VL) {
+      gemm(A, ams, B, bks, M, K, col, nw - 1, C, cms, accumulate, kmax, rows_outer);
+      gemm(A, ams, B, bks, M, K, col + nw - 1, 1, C, cms, accumulate, K, rows_outer);
+      return;
+    }
     for (int64_t ch = 0; ch < nchunk; ++ch) {
       const int64_t k0 = K * ch / nchunk, kn = K * (ch + 1) / nchunk - k0;
       const bool acc_in = accumulate || ch > 0;
