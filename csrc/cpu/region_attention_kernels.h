@@ -166,86 +166,18 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   typedef cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> Base;
   typedef typename Base::V V;
   using Base::bcast;
+  using Base::gemm;
   using Base::lane;
   using Base::load;
-  using Base::pick;
-  using Base::rows_for;
+  using Base::pack;
   using Base::store;
   using Base::vexp;
   using Base::vmax;
+  using Base::windows;
   using Base::zero;
 
-  // C[m * cms + col[w]] (= or +=) sum_{kk < K} A[m * ams + kk] * B[kk * bks + col[w]] for m < M
-  // and the nw vectors w. K is split into equal chunks of at most kmax. Loop order within a
-  // chunk: panels of kNR vectors, blocks of rows (the chunk x kNR panel of B stays in L1 while
-  // the rows of A stream past it; a last panel of fewer vectors takes more rows per block), or
-  // with rows_outer, blocks of kMR rows, panels: used when C is the NCHW output, whose rows are
-  // then written in one go (panels outer measured slower there: the scattered stores into C
-  // evict the panel of B from L1). Partial sums over the chunks go through C. K == 0 stores
-  // zeros.
-  // Windows may overlap (windows(): a block's last one is shifted back). With K in several
-  // chunks, a column of two windows in different panels would take the later chunks twice (each
-  // panel loads C, adds its chunk, stores), so an overlapping last window gets its own pass over
-  // the whole K after the others: it stores the column's full sum again. Callers that
-  // accumulate into C pass windows that do not overlap.
-  static void gemm(const T* A, int64_t ams, const T* B, int64_t bks, int64_t M, int64_t K,
-                   const int64_t* col, int64_t nw, T* C, int64_t cms, bool accumulate,
-                   int64_t kmax, bool rows_outer) {
-    const int64_t nchunk = std::max<int64_t>(1, (K + kmax - 1) / kmax);
-    if (nchunk > 1 && nw > 1 && col[nw - 1] < col[nw - 2] + VL) {
-      gemm(A, ams, B, bks, M, K, col, nw - 1, C, cms, accumulate, kmax, rows_outer);
-      gemm(A, ams, B, bks, M, K, col + nw - 1, 1, C, cms, accumulate, K, rows_outer);
-      return;
-    }
-    for (int64_t ch = 0; ch < nchunk; ++ch) {
-      const int64_t k0 = K * ch / nchunk, kn = K * (ch + 1) / nchunk - k0;
-      const bool acc_in = accumulate || ch > 0;
-      auto block = [&](int64_t m0, int mr, int64_t w0, int nr) {
-        pick(mr, nr)(A + m0 * ams + k0, ams, B + k0 * bks, bks, col + w0, kn, C + m0 * cms, cms,
-                     acc_in);
-      };
-      if (rows_outer) {
-        for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-          for (int64_t w0 = 0; w0 < nw; w0 += kNR)
-            block(m0, mr, w0, static_cast<int>(std::min<int64_t>(kNR, nw - w0)));
-        }
-      } else {
-        for (int64_t w0 = 0; w0 < nw; w0 += kNR) {
-          const int nr = static_cast<int>(std::min<int64_t>(kNR, nw - w0));
-          const int rows = rows_for(nr);
-          for (int64_t m0 = 0; m0 < M; m0 += rows)
-            block(m0, static_cast<int>(std::min<int64_t>(rows, M - m0)), w0, nr);
-        }
-      }
-    }
-  }
 
-  // Windows of a block of nb pixels: columns w * VL, the last one shifted to end at nb.
-  static int64_t windows(int64_t nb, int64_t* col) {
-    const int64_t nw = (nb + VL - 1) / VL;
-    for (int64_t w = 0; w < nw; ++w) col[w] = std::min<int64_t>(w * VL, nb - VL);
-    return nw;
-  }
 
-  // dst[c * NBcap + j] = src[c * N + j] for c < C, j < nb. The rows of src are short and N
-  // apart; the lines of row c + kAhead are requested while row c is copied, so several rows are
-  // in flight from memory at once (measured: the packing ran 10-30 % faster).
-  static void pack(const T* __restrict src, int64_t C, int64_t N, int64_t nb, T* __restrict dst,
-                   int64_t NBcap) {
-    constexpr int64_t kAhead = 8;
-    const int64_t bytes = nb * static_cast<int64_t>(sizeof(T));
-    auto prefetch_row = [&](int64_t c) {
-      const uintptr_t a = reinterpret_cast<uintptr_t>(src + c * N);
-      for (uintptr_t l = a & ~uintptr_t(63); l < a + bytes; l += 64)
-        __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
-    };
-    for (int64_t c = 0; c < std::min(kAhead, C); ++c) prefetch_row(c);
-    for (int64_t c = 0; c < C; ++c) {
-      if (c + kAhead < C) prefetch_row(c + kAhead);
-      std::memcpy(dst + c * NBcap, src + c * N, bytes);
-    }
-  }
 
   // dst[n * Sp + s] = src[s * NBcap + n] for s < S, n < nb (columns [S, Sp) of dst untouched).
   static void transpose(const T* __restrict src, int64_t S, int64_t NBcap, int64_t nb,

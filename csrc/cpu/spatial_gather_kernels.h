@@ -148,90 +148,19 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   typedef cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> Base;
   typedef typename Base::V V;
   using Base::bcast;
+  using Base::gemm;
   using Base::lane;
   using Base::load;
-  using Base::pick;
-  using Base::rows_for;
+  using Base::pack;
   using Base::store;
   using Base::vexp;
   using Base::vmax;
+  using Base::windows;
   using Base::zero;
 
-  // Prefetch rows [r0, r1) of A (row stride ams), columns [0, K).
-  static void prefetch_rows(const T* A, int64_t ams, int64_t r0, int64_t r1, int64_t K) {
-    const int64_t bytes = K * static_cast<int64_t>(sizeof(T));
-    for (int64_t r = r0; r < r1; ++r) {
-      const uintptr_t a = reinterpret_cast<uintptr_t>(A + r * ams);
-      for (uintptr_t l = a & ~uintptr_t(63); l < a + bytes; l += 64)
-        __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
-    }
-  }
 
-  // C[m * cms + col[w]] (= or +=) sum_{kk < K} A[m * ams + kk] * B[kk * bks + col[w]] for m < M
-  // and the nw vectors w. K is split into equal chunks of at most kmax. Loop order within a
-  // chunk: panels of kNR vectors, blocks of rows (the chunk x kNR panel of B stays in L1 while
-  // the rows of A stream past it; a last panel of fewer vectors takes more rows per block), or
-  // with rows_outer, blocks of kMR rows, panels (each block of rows of A is read once, from
-  // memory, while B stays in L2; the rows two blocks ahead are prefetched). K == 0 stores zeros
-  // (or leaves C as it is when accumulating).
-  // Windows may overlap (windows(): a block's last one is shifted back). With K in several
-  // chunks, a column of two windows in different panels would take the later chunks twice (each
-  // panel loads C, adds its chunk, stores), so an overlapping last window gets its own pass over
-  // the whole K after the others: it stores the column's full sum again. Callers that
-  // accumulate into C pass windows that do not overlap.
-  static void gemm(const T* A, int64_t ams, const T* B, int64_t bks, int64_t M, int64_t K,
-                   const int64_t* col, int64_t nw, T* C, int64_t cms, bool accumulate,
-                   int64_t kmax, bool rows_outer) {
-    const int64_t nchunk = std::max<int64_t>(1, (K + kmax - 1) / kmax);
-    if (nchunk > 1 && nw > 1 && col[nw - 1] < col[nw - 2] + VL) {
-      gemm(A, ams, B, bks, M, K, col, nw - 1, C, cms, accumulate, kmax, rows_outer);
-      gemm(A, ams, B, bks, M, K, col + nw - 1, 1, C, cms, accumulate, K, rows_outer);
-      return;
-    }
-    for (int64_t ch = 0; ch < nchunk; ++ch) {
-      const int64_t k0 = K * ch / nchunk, kn = K * (ch + 1) / nchunk - k0;
-      const bool acc_in = accumulate || ch > 0;
-      auto block = [&](int64_t m0, int mr, int64_t w0, int nr) {
-        pick(mr, nr)(A + m0 * ams + k0, ams, B + k0 * bks, bks, col + w0, kn, C + m0 * cms, cms,
-                     acc_in);
-      };
-      if (rows_outer) {
-        prefetch_rows(A + k0, ams, 0, std::min<int64_t>(2 * kMR, M), kn);
-        for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-          prefetch_rows(A + k0, ams, std::min(M, m0 + 2 * kMR), std::min(M, m0 + 3 * kMR), kn);
-          for (int64_t w0 = 0; w0 < nw; w0 += kNR)
-            block(m0, mr, w0, static_cast<int>(std::min<int64_t>(kNR, nw - w0)));
-        }
-      } else {
-        for (int64_t w0 = 0; w0 < nw; w0 += kNR) {
-          const int nr = static_cast<int>(std::min<int64_t>(kNR, nw - w0));
-          const int rows = rows_for(nr);
-          for (int64_t m0 = 0; m0 < M; m0 += rows)
-            block(m0, static_cast<int>(std::min<int64_t>(rows, M - m0)), w0, nr);
-        }
-      }
-    }
-  }
 
-  // Windows of a block of nb pixels: columns w * VL, the last one shifted to end at nb.
-  static int64_t windows(int64_t nb, int64_t* col) {
-    const int64_t nw = (nb + VL - 1) / VL;
-    for (int64_t w = 0; w < nw; ++w) col[w] = std::min<int64_t>(w * VL, nb - VL);
-    return nw;
-  }
 
-  // dst[c * NBcap + j] = src[c * N + j] for c < C, j < nb, prefetching kAhead rows ahead.
-  static void pack(const T* __restrict src, int64_t C, int64_t N, int64_t nb, T* __restrict dst,
-                   int64_t NBcap) {
-    constexpr int64_t kAhead = 8;
-    const int64_t bytes = nb * static_cast<int64_t>(sizeof(T));
-    prefetch_rows(src, N, 0, std::min(kAhead, C), nb);
-    for (int64_t c = 0; c < C; ++c) {
-      if (c + kAhead < C) prefetch_rows(src, N, c + kAhead, c + kAhead + 1, nb);
-      std::memcpy(dst + c * NBcap, src + c * N, bytes);
-    }
-  }
 
   static T hmax(V v) {
     T r = lane(v, 0);
@@ -324,7 +253,7 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
         for (int64_t r = 0; r < C; ++r)
           for (int64_t k = 0; k < Kp; k += VL) store(R + r * Kp + k, load(R + r * Kp + k) * load(alpha + k));
       }
-      gemm(F + n0, N, Pt, Kp, C, nb, col.data(), nkv, R, Kp, true, kFwdNB, true);
+      gemm(F + n0, N, Pt, Kp, C, nb, col.data(), nkv, R, Kp, true, kFwdNB, true, true);
     }
   }
 
@@ -362,7 +291,7 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
       for (; j < nb; ++j) dst[j] = a.scale * w[j] * (gk[j] - D[k]);
     }
     gemm(a.dR + b * C * K, K, W, NBcap, C, K, col, nw, a.df + b * C * N + n0, N, false, kKS,
-         true);
+         true, true);
   }
 };
 

@@ -12,6 +12,7 @@
 #error "vec.h: define FASTCTX_VEC_ISA (a namespace name) before including"
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -115,11 +116,13 @@ struct Vec {
   }
 };
 
-// The register-blocked GEMM kernels of the CPU attention kernels (each op drives them with its own
-// loop order). Register block kernel<R, NV>: C[r * cms + col[t]] (= or +=)
-// sum_{kk < K} A[r * ams + kk] * B[kk * bks + col[t]] for r < R, t < NV (col[t]: column of vector
-// t, in B and in C alike; A broadcast, B and C vectors of VL lanes). pick(mr, nr) returns
-// kernel<mr, nr> for mr <= MRmax, nr <= NR; rows_for(nr) the rows of a block of nr vectors.
+// The register-blocked GEMM kernels of the CPU attention kernels, and gemm(), the loop over
+// chunks of K, panels and rows that region attention and spatial gather drive them with (over
+// the pixel windows of windows(), in blocks packed by pack()). Register block kernel<R, NV>:
+// C[r * cms + col[t]] (= or +=) sum_{kk < K} A[r * ams + kk] * B[kk * bks + col[t]] for r < R,
+// t < NV (col[t]: column of vector t, in B and in C alike; A broadcast, B and C vectors of VL
+// lanes). pick(mr, nr) returns kernel<mr, nr> for mr <= MRmax, nr <= NR; rows_for(nr) the rows
+// of a block of nr vectors.
 template <class T, int VL, int MR, int NR, int MRmax>
 struct RegGemm : Vec<T, VL> {
   typedef Vec<T, VL> Base;
@@ -172,6 +175,83 @@ struct RegGemm : Vec<T, VL> {
   }
   // 12 accumulators for nr = 3 or 2 (with NR = 3, MR = 4), MRmax rows for nr = 1.
   static int rows_for(int nr) { return nr == NR ? MR : nr == 2 ? 6 : MRmax; }
+
+  // Prefetch rows [r0, r1) of A (row stride ams), columns [0, K).
+  static void prefetch_rows(const T* A, int64_t ams, int64_t r0, int64_t r1, int64_t K) {
+    const int64_t bytes = K * static_cast<int64_t>(sizeof(T));
+    for (int64_t r = r0; r < r1; ++r) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(A + r * ams);
+      for (uintptr_t l = a & ~uintptr_t(63); l < a + bytes; l += 64)
+        __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+    }
+  }
+
+  // C[m * cms + col[w]] (= or +=) sum_{kk < K} A[m * ams + kk] * B[kk * bks + col[w]] for m < M
+  // and the nw vectors w. K is split into equal chunks of at most kmax. Loop order within a
+  // chunk: panels of NR vectors, blocks of rows (the chunk x NR panel of B stays in L1 while
+  // the rows of A stream past it; a last panel of fewer vectors takes more rows per block), or
+  // with rows_outer, blocks of MR rows, panels (each block of rows of A is read once, from
+  // memory, while B stays in L2; with prefetch_a the rows two blocks ahead are prefetched).
+  // K == 0 stores zeros (or leaves C as it is when accumulating).
+  // Windows may overlap (windows(): a block's last one is shifted back). With K in several
+  // chunks, a column of two windows in different panels would take the later chunks twice (each
+  // panel loads C, adds its chunk, stores), so an overlapping last window gets its own pass over
+  // the whole K after the others: it stores the column's full sum again. Callers that
+  // accumulate into C pass windows that do not overlap.
+  static void gemm(const T* A, int64_t ams, const T* B, int64_t bks, int64_t M, int64_t K,
+                   const int64_t* col, int64_t nw, T* C, int64_t cms, bool accumulate,
+                   int64_t kmax, bool rows_outer, bool prefetch_a = false) {
+    const int64_t nchunk = std::max<int64_t>(1, (K + kmax - 1) / kmax);
+    if (nchunk > 1 && nw > 1 && col[nw - 1] < col[nw - 2] + VL) {
+      gemm(A, ams, B, bks, M, K, col, nw - 1, C, cms, accumulate, kmax, rows_outer, prefetch_a);
+      gemm(A, ams, B, bks, M, K, col + nw - 1, 1, C, cms, accumulate, K, rows_outer, prefetch_a);
+      return;
+    }
+    for (int64_t ch = 0; ch < nchunk; ++ch) {
+      const int64_t k0 = K * ch / nchunk, kn = K * (ch + 1) / nchunk - k0;
+      const bool acc_in = accumulate || ch > 0;
+      auto block = [&](int64_t m0, int mr, int64_t w0, int nr) {
+        pick(mr, nr)(A + m0 * ams + k0, ams, B + k0 * bks, bks, col + w0, kn, C + m0 * cms, cms,
+                     acc_in);
+      };
+      if (rows_outer) {
+        if (prefetch_a) prefetch_rows(A + k0, ams, 0, std::min<int64_t>(2 * MR, M), kn);
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+          if (prefetch_a)
+            prefetch_rows(A + k0, ams, std::min(M, m0 + 2 * MR), std::min(M, m0 + 3 * MR), kn);
+          for (int64_t w0 = 0; w0 < nw; w0 += NR)
+            block(m0, mr, w0, static_cast<int>(std::min<int64_t>(NR, nw - w0)));
+        }
+      } else {
+        for (int64_t w0 = 0; w0 < nw; w0 += NR) {
+          const int nr = static_cast<int>(std::min<int64_t>(NR, nw - w0));
+          const int rows = rows_for(nr);
+          for (int64_t m0 = 0; m0 < M; m0 += rows)
+            block(m0, static_cast<int>(std::min<int64_t>(rows, M - m0)), w0, nr);
+        }
+      }
+    }
+  }
+
+  // Windows of a block of nb pixels: columns w * VL, the last one shifted to end at nb.
+  static int64_t windows(int64_t nb, int64_t* col) {
+    const int64_t nw = (nb + VL - 1) / VL;
+    for (int64_t w = 0; w < nw; ++w) col[w] = std::min<int64_t>(w * VL, nb - VL);
+    return nw;
+  }
+
+  // dst[c * NBcap + j] = src[c * N + j] for c < C, j < nb, prefetching kAhead rows ahead.
+  static void pack(const T* __restrict src, int64_t C, int64_t N, int64_t nb, T* __restrict dst,
+                   int64_t NBcap) {
+    constexpr int64_t kAhead = 8;
+    const int64_t bytes = nb * static_cast<int64_t>(sizeof(T));
+    prefetch_rows(src, N, 0, std::min(kAhead, C), nb);
+    for (int64_t c = 0; c < C; ++c) {
+      if (c + kAhead < C) prefetch_rows(src, N, c + kAhead, c + kAhead + 1, nb);
+      std::memcpy(dst + c * NBcap, src + c * N, bytes);
+    }
+  }
 };
 
 // One row of attention energies (criss-cross's [column | row] of a pixel, an interlaced group's
