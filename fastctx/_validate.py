@@ -100,13 +100,20 @@ def no_nan(op: str, allow_inf: bool = False, **tensors: Tensor) -> None:
     if not check_nan_enabled():
         return
     for n, t in tensors.items():
-        if t.numel() == 0:
+        if t.numel() == 0 or t.device.type == "meta":  # meta tensors have no values to check
             continue
         extremes = torch.stack(torch.aminmax(t))
         bad = torch.isnan(extremes) if allow_inf else ~torch.isfinite(extremes)
         if bool(bad.any()):
             what = "NaN" if allow_inf else "NaN or infinite values"
             raise ValueError(f"fastctx.{op}: {n} (shape {_shape(t)}) contains {what}")
+
+
+def no_posinf(op: str, name: str, t: Tensor, why: str) -> None:
+    """No ``+inf`` in ``t`` (where ``-inf`` is meaningful: a masked key, an absent class); skipped
+    with the NaN checks, and for meta tensors."""
+    if check_nan_enabled() and t.device.type != "meta" and bool(torch.isposinf(t).any()):
+        raise ValueError(f"fastctx.{op}: {name} (shape {_shape(t)}) contains +inf; {why}")
 
 
 def scale(op: str, value: object, default: float | None = None) -> float:

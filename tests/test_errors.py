@@ -32,6 +32,8 @@ CASES = {
     "isa-mode": (lambda: fastctx.interlaced_attention(r(1, 4, 8, 8), r(1, 4, 8, 8), r(1, 8, 8, 8), mode="mid"), ValueError, "mode must be 'long' or 'short'"),
     # pyramid
     "pool-scales": (lambda: fastctx.pyramid_pool(r(1, 4, 8, 8), pool_scales=(1, 0)), ValueError, "pool_scales must be a non-empty sequence of positive ints"),
+    "pool-too-many-keys": (lambda: fastctx.pyramid_pool(r(1, 4, 7, 5), pool_scales=(1, 100000)), ValueError, r"pyramid_pool: pool_scales \(1, 100000\) give S = 10000000001 pooled keys; at most 2147483647 are supported"),
+    "pa-too-many-keys": (lambda: fastctx.pyramid_attention(r(1, 4, 3, 3), r(1, 4, 7, 5), r(1, 6, 7, 5), pool_scales=(46341,)), ValueError, r"pyramid_attention: pool_scales \(46341,\) give S = 2147488281 pooled keys"),
     "pool-rank": (lambda: fastctx.pyramid_pool(r(4, 8, 8)), ValueError, r"pyramid_pool: x must be a 4-D tensor"),
     "pa-channels": (lambda: fastctx.pyramid_attention(r(1, 4, 3, 3), r(1, 5, 8, 8), r(1, 6, 8, 8)), ValueError, r"q and k must agree in batch and channels, got q \(1, 4, 3, 3\) and k \(1, 5, 8, 8\)"),
     "pa-v": (lambda: fastctx.pyramid_attention(r(1, 4, 3, 3), r(1, 4, 8, 8), r(1, 6, 8, 7)), ValueError, "v must match k in batch and spatial size"),
@@ -45,6 +47,8 @@ CASES = {
     "ra-bias-posinf": (lambda: fastctx.region_attention(r(1, 4, 5, 6), r(1, 4, 3), r(1, 8, 3), bias=torch.tensor([[0.0, float("inf"), 0.0]])), ValueError, r"contains \+inf"),
     # ISNet
     "sp-size": (lambda: fastctx.semantic_pool(r(2, 4, 8, 8), r(1, 3, 8, 8)), ValueError, "feats and logits must agree in batch and spatial size"),
+    "sp-meta": (lambda: fastctx.semantic_pool(meta, meta[:, :3]), ValueError, r"semantic_pool: meta tensors are not supported"),
+    "spr-meta": (lambda: fastctx.semantic_pool_regions(meta, meta[:, :3]), ValueError, r"semantic_pool_regions: meta tensors are not supported"),
     "spr-dtype": (lambda: fastctx.semantic_pool_regions(r(1, 4, 8, 8), r(1, 3, 8, 8).half()), TypeError, "logits is torch.float16 but feats is torch.float32"),
 }
 
@@ -118,3 +122,37 @@ def test_triton_extent_check():
         with pytest.raises(ValueError, match=r"criss_cross_attention: the Triton backend needs each sample to "
                            r"span fewer than 2\*\*31 elements, got of shape \(1, .*\), strides"):
             check_extent(op, t)
+
+
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, e.g. a model built on the meta device) go through the checks
+    (no values to test for NaN or +inf) to the reference, which gives the output's shape; a
+    compiled backend named for them says it cannot run them."""
+    m = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    assert fastctx.criss_cross_attention(m(1, 4, 5, 6), m(1, 4, 5, 6), m(1, 8, 5, 6)).shape == (1, 8, 5, 6)
+    assert fastctx.last_backend("criss_cross_attention") == "reference"
+    assert fastctx.interlaced_attention(m(1, 4, 8, 8), m(1, 4, 8, 8), m(1, 8, 8, 8)).shape == (1, 8, 8, 8)
+    assert fastctx.pyramid_pool(m(2, 4, 5, 6)).shape == (2, 4, 110)
+    assert fastctx.pyramid_attention(m(1, 4, 5, 6), m(1, 4, 9, 9), m(1, 8, 9, 9)).shape == (1, 8, 5, 6)
+    assert fastctx.spatial_gather(m(1, 4, 5, 6), m(1, 3, 5, 6)).shape == (1, 4, 3)
+    assert fastctx.region_attention(m(1, 4, 5, 6), m(1, 4, 3), m(1, 8, 3), bias=m(1, 3)).shape == (1, 8, 5, 6)
+    with pytest.raises(fastctx.BackendUnavailableError, match="criss_cross_attention: backend 'cpu' cannot run this call"):
+        fastctx.criss_cross_attention(m(1, 4, 5, 6), m(1, 4, 5, 6), m(1, 8, 5, 6), backend="cpu")
+
+
+def test_triton_pyramid_bins():
+    """The Triton pyramid pool's bin table (built on the host with tensor ops, not a Python loop
+    over the keys): adaptive_avg_pool2d's bins, and a refusal past the kernels' 32-bit offsets."""
+    from fastctx.triton.pyramid_pool import _bins
+
+    H, W = 7, 5
+    bins, inv = _bins((1, 3, 9), H, W, torch.device("cpu"))
+    assert bins.dtype == torch.int32 and bins.shape == (4, 1 + 9 + 81)
+    x = torch.randn(1, 1, H, W, dtype=torch.float64)
+    want = torch.cat([torch.nn.functional.adaptive_avg_pool2d(x, s).flatten() for s in (1, 3, 9)])
+    got = torch.stack([x[0, 0, r0:r1, c0:c1].mean() for r0, r1, c0, c1 in bins.t().tolist()])
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    areas = (bins[1] - bins[0]) * (bins[3] - bins[2])
+    assert torch.equal(inv, (1.0 / areas.double()).float())
+    with pytest.raises(ValueError, match=r"pyramid_pool: the Triton backend takes fewer than 2\*\*29 pooled keys, got S = 536895241"):
+        _bins((23171,), H, W, torch.device("cpu"))

@@ -40,8 +40,7 @@ def spatial_gather(feats: Tensor, logits: Tensor, scale: float = 1.0, *, backend
     """
     op = "spatial_gather"
     _validate.feats_logits(op, feats, logits)
-    if _validate.check_nan_enabled() and bool(torch.isposinf(logits).any()):
-        raise ValueError(f"fastctx.{op}: logits (shape {tuple(logits.shape)}) contains +inf; only -inf is allowed")
+    _validate.no_posinf(op, "logits", logits, "only -inf is allowed")
     scale = _validate.scale(op, scale)
     if scale <= 0:
         raise ValueError(f"fastctx.{op}: scale must be positive (it multiplies logits that may be -inf), got {scale}")
@@ -139,8 +138,7 @@ def region_attention(
         if tuple(bias.shape) != (k.shape[0], k.shape[2]):
             raise ValueError(f"fastctx.{op}: bias must be [B, S] = {(k.shape[0], k.shape[2])}, got {tuple(bias.shape)}")
         _validate.no_nan(op, allow_inf=True, bias=bias)
-        if _validate.check_nan_enabled() and bool(torch.isposinf(bias).any()):
-            raise ValueError(f"fastctx.{op}: bias (shape {tuple(bias.shape)}) contains +inf; only -inf masks a key")
+        _validate.no_posinf(op, "bias", bias, "only -inf masks a key")
     scale = _validate.scale(op, scale, q.shape[1] ** -0.5)
     _validate.no_nan(op, q=q, k=k, v=v)
     q, k, v = _validate.autocast(q, k, v)

@@ -22,6 +22,10 @@ register_op("pyramid_pool", OpSupport(compiled="pp_fwd", triton=True))
 register_op("pyramid_attention", OpSupport(compiled="pp_fwd", triton=True))
 
 
+#: pooled keys per call at most (the kernels index keys with 32-bit ints)
+_MAX_KEYS = 2**31 - 1
+
+
 def _scales(op: str, pool_scales: Sequence[int]) -> tuple[int, ...]:
     if (
         not isinstance(pool_scales, (tuple, list))
@@ -29,6 +33,9 @@ def _scales(op: str, pool_scales: Sequence[int]) -> tuple[int, ...]:
         or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pool_scales)
     ):
         raise ValueError(f"fastctx.{op}: pool_scales must be a non-empty sequence of positive ints, got {pool_scales!r}")
+    S = sum(s * s for s in pool_scales)
+    if S > _MAX_KEYS:
+        raise ValueError(f"fastctx.{op}: pool_scales {tuple(pool_scales)} give S = {S} pooled keys; at most {_MAX_KEYS} are supported")
     return tuple(pool_scales)
 
 

@@ -32,10 +32,9 @@ _TRITON = "fastctx.triton.semantic_pool"
 
 def _check(op: str, feats: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     _validate.feats_logits(op, feats, logits)
-    if _validate.check_nan_enabled() and bool(torch.isposinf(logits).any()):
-        raise ValueError(
-            f"fastctx.{op}: logits (shape {tuple(logits.shape)}) contains +inf; only -inf is allowed"
-        )
+    if feats.device.type == "meta":  # its output is shaped by the data: which classes are present
+        raise ValueError(f"fastctx.{op}: meta tensors are not supported (the per-class pooling reads the logits' values)")
+    _validate.no_posinf(op, "logits", logits, "only -inf is allowed")
     return _validate.autocast(feats, logits)
 
 

@@ -162,17 +162,19 @@ def _bins(scales: tuple[int, ...], H: int, W: int, device: torch.device) -> tupl
         raise ValueError(f"{_OP}: scales must be positive and the map non-empty, got scales {scales}, map {H}x{W}")
     if max(H, W) >= 2**31:
         raise ValueError(f"{_OP}: the Triton backend needs H, W < 2**31, got {H}x{W}")
-    rows, area = [[], [], [], []], []
+    S = sum(s * s for s in scales)
+    if 4 * S >= 2**31:  # the kernels read the table at 32-bit offsets up to 4 * S
+        raise ValueError(f"{_OP}: the Triton backend takes fewer than 2**29 pooled keys, got S = {S} from scales {scales}")
+    parts = []  # per scale: first row, end row, first column, end column of its s * s keys
     for s in scales:
-        rb = [(i * H // s, -(-(i + 1) * H // s)) for i in range(s)]
-        cb = [(j * W // s, -(-(j + 1) * W // s)) for j in range(s)]
-        for a0, a1 in rb:
-            for b0, b1 in cb:
-                for lst, val in zip(rows, (a0, a1, b0, b1)):
-                    lst.append(val)
-                area.append((a1 - a0) * (b1 - b0))
-    bins = torch.tensor(rows, dtype=torch.int32).to(device)
-    inv = (1.0 / torch.tensor(area, dtype=torch.float64)).to(device, torch.float32)
+        i = torch.arange(s, dtype=torch.int64)
+        r0, r1 = i * H // s, -(-(i + 1) * H // s)
+        c0, c1 = i * W // s, -(-(i + 1) * W // s)
+        parts.append(torch.stack([r0.repeat_interleave(s), r1.repeat_interleave(s), c0.repeat(s), c1.repeat(s)]))
+    b = torch.cat(parts, dim=1)  # [4, S], rows of keys row-major per scale
+    area = (b[1] - b[0]) * (b[3] - b[2])
+    bins = b.to(torch.int32).to(device)
+    inv = (1.0 / area.to(torch.float64)).to(device, torch.float32)
     return bins, inv
 
 
