@@ -47,13 +47,9 @@
 #include "common.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
-#include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector types in the baseline build
@@ -73,7 +69,6 @@
 #pragma GCC pop_options
 #endif
 
-
 namespace fastctx {
 namespace cc_cpu {
 namespace {
@@ -86,7 +81,6 @@ using cpu::prepare;
 using cpu::use_avx2;
 
 #define CC_OP "fastctx.criss_cross_attention"
-
 
 template <class T>
 T softmax_fwd(T* row, int64_t L, int64_t Ld, int64_t self, T scale) {

@@ -57,12 +57,14 @@ inline void unpack_row8(const float* s, int64_t ss, int64_t gw, float* d) {
 // Forward: S -> P = softmax(scale * S) per row; lse[l] the row's log-sum-exp of scale * S.
 template <class T>
 void softmax_fwd(T* S, int64_t L, int64_t Lp, T scale, T* lse) {
-  for (int64_t l = 0; l < L; ++l) lse[l] = cpu::FASTCTX_ISA_NS::SoftmaxRow<T>::fwd(S + l * Lp, L, Lp, -1, scale);
+  for (int64_t l = 0; l < L; ++l)
+    lse[l] = cpu::FASTCTX_ISA_NS::SoftmaxRow<T>::fwd(S + l * Lp, L, Lp, -1, scale);
 }
 // Backward: dP -> scale * P * (dP - D), D = sum_m P dP, P the forward's weights.
 template <class T>
 void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
-  for (int64_t l = 0; l < L; ++l) cpu::FASTCTX_ISA_NS::SoftmaxRow<T>::bwd(P + l * Lp, dP + l * Lp, Lp, scale);
+  for (int64_t l = 0; l < L; ++l)
+    cpu::FASTCTX_ISA_NS::SoftmaxRow<T>::bwd(P + l * Lp, dP + l * Lp, Lp, scale);
 }
 
 }  // namespace FASTCTX_ISA_NS

@@ -1,7 +1,7 @@
 // Vector helpers of the CPU kernels: GCC vector types of VL lanes with loads, stores, broadcast
-// and a vectorised exp (Vec<T, VL>), register-blocked GEMM kernels (RegGemm), the softmax of one
-// row of attention energies and its backward (SoftmaxRow) and an 8 x 8 transpose of floats
-// (transpose8, transpose8_move). Kernels derive
+// and a vectorised exp (Vec<T, VL>), register-blocked GEMM kernels and the loop that drives them
+// over pixel windows (RegGemm), the softmax of one row of attention energies and its backward
+// (SoftmaxRow) and an 8 x 8 transpose of floats (transpose8, transpose8_move). Kernels derive
 // from one of them.
 //
 // NO INCLUDE GUARD, on purpose: a kernels header includes this file once per instruction set,
