@@ -174,7 +174,7 @@ def main() -> None:
                            "ref_fwd_ms": ref_f, "ref_fwd_bwd_ms": ref_fb}
                     if "sdpa" in times:
                         row.update(sdpa_fwd_ms=times["sdpa"][0], sdpa_fwd_bwd_ms=times["sdpa"][1])
-                    cl = overrides.get("channels_last")  # None: the op's default
+                    cl = overrides.get("channels_last", True)  # the ops read channels-last copies by default
 
                     def fwd(cfg=cfg, cl=cl):
                         return pb["fwd"](q, k, v, cfg, cl)

@@ -15,8 +15,10 @@ The criss-cross of a pixel is the union of two lines: its column without itself,
   the gradients is an ordinary attention backward: the column pass writes float32 partial
   gradients, the row pass adds them in its epilogue.
 
-Both passes read channels-last copies of the inputs (``_CHANNELS_LAST``: each pixel's channel
-vector contiguous for the dots; reading NCHW directly measured 1.5-2.3x slower on an H200).
+Both passes read channels-last copies of the inputs by default (``channels_last=True``: one read
+and write of q, k, v, and of dout in the backward, unless they are channels-last already; each
+pixel's channel vector contiguous for the dots; reading NCHW directly measured 1.5-2.3x slower
+on an H200).
 float32 dots use ``F32_DOT`` ("tf32x3": three TF32 products, float32's accuracy).
 """
 
@@ -28,11 +30,6 @@ import torch
 
 from fastctx.triton import _line
 from fastctx.triton._common import bwd_delta, check_extent
-
-#: the kernels read channels-last copies of their inputs (one read and write of q, k, v, and of
-#: dout in the backward, unless they are channels-last already): contiguous channel vectors
-_CHANNELS_LAST = True
-
 
 def _check_dtype(t: torch.Tensor) -> None:
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -88,12 +85,12 @@ def _partial(B: int, C: int, H: int, W: int, device) -> torch.Tensor:
     return torch.empty((B, H, W, C), dtype=torch.float32, device=device).permute(0, 3, 1, 2)
 
 
-def _fwd(q, k, v, scale: float, cfg: dict | None = None, channels_last: bool | None = None):
+def _fwd(q, k, v, scale: float, cfg: dict | None = None, channels_last: bool = True):
     _check_dtype(q)
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     _check_inputs(q, k, v)
-    if _CHANNELS_LAST if channels_last is None else channels_last:
+    if channels_last:
         q, k, v = _line.channels_last(q, k, v)
     out = torch.empty((B, Cv, H, W), dtype=v.dtype, device=v.device)
     lse = torch.empty((B, H, W), dtype=torch.float32, device=v.device)
@@ -109,7 +106,7 @@ def _fwd(q, k, v, scale: float, cfg: dict | None = None, channels_last: bool | N
 
 
 def _bwd(dout, q, k, v, out, lse, scale: float, cfg: dict | None = None,
-         channels_last: bool | None = None):
+         channels_last: bool = True):
     _check_dtype(q)
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
@@ -120,7 +117,7 @@ def _bwd(dout, q, k, v, out, lse, scale: float, cfg: dict | None = None,
     delta = bwd_delta(dout, out)
 
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    if _CHANNELS_LAST if channels_last is None else channels_last:
+    if channels_last:
         q, k, v, dout = _line.channels_last(q, k, v, dout)
     parts = None
     if H > 1:

@@ -11,7 +11,8 @@ group g has its origin at row ``(g // GW) * G_SH``, column ``(g % GW) * G_SW``, 
 ``(m // MW) * M_SH`` rows and ``(m % MW) * M_SW`` columns from it (long: GW = bw, G_S* = 1,
 MW = W / bw, M_S* = (bh, bw); short: GW = W / bw, G_S* = (bh, bw), MW = bw, M_S* = 1); the
 kernels read q, k, v and dout through their strides, channels-last copies of them by default
-(``_CHANNELS_LAST``). Outputs are allocated NCHW-contiguous.
+(``channels_last=True``, :func:`fastctx.triton._line.channels_last`). Outputs are allocated
+NCHW-contiguous.
 A key is only ever attended by its own group, so one pass writes the final gradients (no
 partial sums, no atomics). The backward is the engine's scratch form (:func:`_config`): each
 group's [L, L] weights and their gradient are stored once and dv, dk, dq are products with them.
@@ -31,8 +32,6 @@ from fastctx.triton import _line
 from fastctx.triton._common import bwd_delta, check_extent
 
 _OP = "fastctx.interlaced_attention"
-#: the kernels read channels-last copies of q, k, v (and dout): _line.channels_last
-_CHANNELS_LAST = True
 
 
 def _geometry(H: int, W: int, bh: int, bw: int, long_mode: bool) -> tuple[int, ...]:
@@ -83,12 +82,12 @@ def _config(L: int, Cqk: int, Cv: int, dtype: torch.dtype) -> dict:
 
 
 def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
-         channels_last: bool | None = None):
+         channels_last: bool = True):
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     for t in (q, k, v):
         check_extent(_OP, t)
-    if _CHANNELS_LAST if channels_last is None else channels_last:
+    if channels_last:
         q, k, v = _line.channels_last(q, k, v)
     out = torch.empty((B, Cv, H, W), dtype=q.dtype, device=q.device)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -103,13 +102,13 @@ def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
 
 
 def _bwd(dout, q, k, v, out, lse, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
-         channels_last: bool | None = None):
+         channels_last: bool = True):
     B, Cqk, H, W = q.shape
     if dout.dtype != v.dtype:
         dout = dout.to(v.dtype)
     for t in (q, k, v, dout, out):
         check_extent(_OP, t)
-    if _CHANNELS_LAST if channels_last is None else channels_last:
+    if channels_last:
         q, k, v, dout = _line.channels_last(q, k, v, dout)
     lse = lse.contiguous()
     if q.dtype == torch.float64:  # the shared delta kernel accumulates in float32
