@@ -185,6 +185,16 @@ Map<T> map_of(const at::Tensor& t) {
 constexpr int64_t kAhead = 8;   // pack: rows requested ahead
 constexpr int64_t kChunk = 128;  // channels packed at a time
 
+// The stride of the groups of a packed band, for `elems` elements per group: whole 64-byte lines,
+// an odd number of them. Packing writes every group of the band at once (a map row holds members
+// of all of them); with a stride of a power of two lines (e.g. 16 members x 128 channels = 8 KiB)
+// the groups' lines all fall in one L1 set and evict each other between stores.
+template <class A>
+int64_t group_stride(int64_t elems) {
+  const int64_t line = 64 / int64_t(sizeof(A)), n = (elems + line - 1) / line;
+  return (n | 1) * line;
+}
+
 // Requests the cache lines of a row of n elements at stride sw (contiguous rows only).
 template <class T>
 inline void prefetch_row(const T* p, int64_t n, int64_t sw) {
@@ -329,8 +339,9 @@ struct Layout {  // s and dp first: the zeroed prefix [0, lse)
   int64_t s, dp, lse, x0, x1, xd, xv, y0, y1, total;
 };
 
+template <class A>
 Layout layout(const Geom& g, bool backward, int64_t Cqk, int64_t Cv) {
-  const int64_t LL = g.U * g.L * g.Lp, X = kChunk * g.N;
+  const int64_t LL = g.U * g.L * g.Lp, X = g.U * group_stride<A>(kChunk * g.L);
   Layout y;
   int64_t n = 0;
   auto take = [&](int64_t elems) {
@@ -341,9 +352,9 @@ Layout layout(const Geom& g, bool backward, int64_t Cqk, int64_t Cv) {
   y.s = take(LL);
   y.dp = take(backward ? LL : 0);
   y.lse = take(backward ? 0 : g.N);
-  y.x0 = take(backward ? Cqk * g.N : X);
-  y.x1 = take(backward ? Cqk * g.N : X);
-  y.xd = take(backward ? Cv * g.N : 0);
+  y.x0 = take(backward ? g.U * group_stride<A>(Cqk * g.L) : X);
+  y.x1 = take(backward ? g.U * group_stride<A>(Cqk * g.L) : X);
+  y.xd = take(backward ? g.U * group_stride<A>(Cv * g.L) : 0);
   y.xv = take(backward ? X : 0);
   y.y0 = take(X);
   y.y1 = take(backward ? X : 0);
@@ -375,7 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
       using A = scalar_t;
       cpu::check_blas<A>(ISA_OP);
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
-      const Layout y = layout(g, false, Cqk, Cv);
+      const Layout y = layout<A>(g, false, Cqk, Cv);
+      const int64_t uc = group_stride<A>(kChunk * L);  // group stride of a packed chunk
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in);
       const Map<T> mo = map_of<T>(out);
@@ -398,11 +410,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
         // S_u = Q_u^T K_u, summed over chunks of channels.
         for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cqk - c0);
-          pack_band(mq, b, t, c0, cn, g, pu, pl, xq, cn * L);
-          pack_band(mk, b, t, c0, cn, g, pu, pl, xk, cn * L);
+          pack_band(mq, b, t, c0, cn, g, pu, pl, xq, uc);
+          pack_band(mk, b, t, c0, cn, g, pu, pl, xk, uc);
           for (int64_t u = 0; u < g.U; ++u) {
             auto Su = Smat(u);
-            const auto Qt = mat(xq + u * cn * L, cn).t(), Kc = mat(xk + u * cn * L, cn);
+            const auto Qt = mat(xq + u * uc, cn).t(), Kc = mat(xk + u * uc, cn);
             cpu::gemm<A>(Su, Qt, Kc, A(c0 == 0 ? 0 : 1));
           }
         }
@@ -417,12 +429,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
         // O_u = V_u P_u^T, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
-          pack_band(mv, b, t, c0, cn, g, pu, pl, xq, cn * L);
+          pack_band(mv, b, t, c0, cn, g, pu, pl, xq, uc);
           for (int64_t u = 0; u < g.U; ++u) {
-            auto Ou = mat(yo + u * cn * L, cn);
-            cpu::gemm<A>(Ou, mat(xq + u * cn * L, cn), Smat(u).t(), A(0));
+            auto Ou = mat(yo + u * uc, cn);
+            cpu::gemm<A>(Ou, mat(xq + u * uc, cn), Smat(u).t(), A(0));
           }
-          unpack_band(mo, b, t, c0, cn, g, pu, pl, yo, cn * L);
+          unpack_band(mo, b, t, c0, cn, g, pu, pl, yo, uc);
         }
         A* lb = lse_p + b * H * W;
         for (int64_t r = 0; r < g.R; ++r) {
@@ -471,7 +483,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       using A = scalar_t;
       cpu::check_blas<A>(ISA_OP);
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
-      const Layout y = layout(g, true, Cqk, Cv);
+      const Layout y = layout<A>(g, true, Cqk, Cv);
+      const int64_t uc = group_stride<A>(kChunk * L);  // group stride of a packed chunk
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in), mdo = map_of<const T>(dout_in);
       const Map<T> mdq = map_of<T>(dq), mdk = map_of<T>(dk), mdv = map_of<T>(dv);
@@ -491,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         A *y0 = base + y.y0, *y1 = base + y.y1;
         auto Smat = [&](int64_t u) { return cpu::mat<A>(S + u * LL, L, L, Lp); };
         auto dPmat = [&](int64_t u) { return cpu::mat<A>(dP + u * LL, L, L, Lp); };
-        const int64_t uq = Cqk * L, ud = Cv * L;  // group strides of the whole packed inputs
+        const int64_t uq = group_stride<A>(Cqk * L), ud = group_stride<A>(Cv * L);  // whole inputs
         // P_u from the forward, into rows of Lp with zero padding; q and k packed whole (for dQ
         // and dK).
         const A* pb = p_p + (b * g.nbands + t) * g.U * L * L;
@@ -507,10 +520,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
           pack_band(mdo, b, t, c0, cn, g, pu, pl, xd + c0 * L, ud);
-          pack_band(mv, b, t, c0, cn, g, pu, pl, xv, cn * L);
+          pack_band(mv, b, t, c0, cn, g, pu, pl, xv, uc);
           for (int64_t u = 0; u < g.U; ++u) {
             auto dPu = dPmat(u);
-            const auto dOt = mat(xd + u * ud + c0 * L, cn).t(), Vc = mat(xv + u * cn * L, cn);
+            const auto dOt = mat(xd + u * ud + c0 * L, cn).t(), Vc = mat(xv + u * uc, cn);
             cpu::gemm<A>(dPu, dOt, Vc, A(c0 == 0 ? 0 : 1));
           }
         }
@@ -521,22 +534,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
           for (int64_t u = 0; u < g.U; ++u) {
-            auto dVu = mat(y0 + u * cn * L, cn);
+            auto dVu = mat(y0 + u * uc, cn);
             cpu::gemm<A>(dVu, mat(xd + u * ud + c0 * L, cn), Smat(u), A(0));
           }
-          unpack_band(mdv, b, t, c0, cn, g, pu, pl, y0, cn * L);
+          unpack_band(mdv, b, t, c0, cn, g, pu, pl, y0, uc);
         }
         // dQ_u = K_u dS_u^T and dK_u = Q_u dS_u, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cqk - c0);
           for (int64_t u = 0; u < g.U; ++u) {
-            auto dQu = mat(y0 + u * cn * L, cn), dKu = mat(y1 + u * cn * L, cn);
+            auto dQu = mat(y0 + u * uc, cn), dKu = mat(y1 + u * uc, cn);
             const auto dSu = dPmat(u);
             cpu::gemm<A>(dQu, mat(xk + u * uq + c0 * L, cn), dSu.t(), A(0));
             cpu::gemm<A>(dKu, mat(xq + u * uq + c0 * L, cn), dSu, A(0));
           }
-          unpack_band(mdq, b, t, c0, cn, g, pu, pl, y0, cn * L);
-          unpack_band(mdk, b, t, c0, cn, g, pu, pl, y1, cn * L);
+          unpack_band(mdq, b, t, c0, cn, g, pu, pl, y0, uc);
+          unpack_band(mdk, b, t, c0, cn, g, pu, pl, y1, uc);
         }
       });
     });
