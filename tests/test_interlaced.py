@@ -34,6 +34,9 @@ SHAPES = [
     # bands of two phases (bh even) and of one (bh odd)
     (1, 6, 10, 16, 136, (8, 8)),
     (1, 5, 7, 9, 72, (3, 8)),
+    # long mode, bw 8 on maps narrower than 64: 4 members a row, each block of 8 members spans
+    # two map rows (32x32: 16 members, no tail)
+    (1, 6, 10, 32, 32, (8, 8)),
 ]
 # groups of 12 (long) and 64 (short) members; channels past the cpu kernels' chunk of 128
 LARGE = [(1, 130, 260, 24, 32, (8, 8))]

@@ -16,9 +16,12 @@
 //   scattered into per-thread scratch, group by group [u][chunk][L]. No permuted copy of a whole
 //   tensor is made. (Gathering group by group instead reads every cache line of the band once per
 //   group: measured 3x slower than the GEMMs at ISANet's sizes.) Long mode with bw = 8 (ISANet's
-//   block) in float32: a row's 8 x 8 blocks of (member, group) are transposed in registers
-//   (pack_row8 / unpack_row8); element by element, packing ran at ~2.7 GB/s and took as long as
-//   the forward's GEMMs (one thread, 64x128); transposed, the forward measured 15-20% faster.
+//   block) in float32: blocks of 8 members x the 8 groups of a phase are transposed in registers
+//   (pack_members8 / unpack_members8); element by element, packing ran at ~2.7 GB/s and took as
+//   long as the forward's GEMMs (one thread, 64x128); transposed, the forward measured 15-20%
+//   faster. The blocks step over members, not map rows: a row of a map narrower than 64 holds
+//   fewer than 8 members of a group (session 15: 48x48, 6 a row, forward+backward 1.7x faster
+//   than transposing within rows, whose partial blocks went element by element).
 // - GEMMs with cpu::gemm (common.h: torch's BLAS, single-threaded inside
 //   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
 //   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
@@ -98,18 +101,18 @@ void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
   isa_base::softmax_bwd<T>(P, dP, L, Lp, scale);
 }
 
-void pack_row8(const float* s, int64_t gw, float* d, int64_t ds) {
+void pack_members8(const float* s, const int64_t* off, int64_t gw, int64_t L, float* d, int64_t ds) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::pack_row8(s, gw, d, ds);
+  if (use_avx2()) return isa_avx2::pack_members8(s, off, gw, L, d, ds);
 #endif
-  isa_base::pack_row8(s, gw, d, ds);
+  isa_base::pack_members8(s, off, gw, L, d, ds);
 }
 
-void unpack_row8(const float* s, int64_t ss, int64_t gw, float* d) {
+void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L, float* d) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::unpack_row8(s, ss, gw, d);
+  if (use_avx2()) return isa_avx2::unpack_members8(s, ss, off, gw, L, d);
 #endif
-  isa_base::unpack_row8(s, ss, gw, d);
+  isa_base::unpack_members8(s, ss, off, gw, L, d);
 }
 
 // The grouping of one call. A band is the set of map rows whose groups it holds completely:
@@ -155,6 +158,15 @@ Geom make_geom(int64_t H, int64_t W, int64_t bh, int64_t bw, bool long_mode, int
 // Map row of row r of band t. Long mode: row r = I m + p is row I of phase t m + p.
 inline int64_t band_row(const Geom& g, int64_t t, int64_t r) {
   return g.long_mode ? (r / g.m) * g.bh + t * g.m + r % g.m : t * g.bh + r;
+}
+
+// Long mode: the offsets (map row times sH) of the rows of band t, phase by phase: entry
+// p * gh + I is row I of the band's phase p (row r = I m + p of the band).
+std::vector<int64_t> phase_rows(const Geom& g, int64_t t, int64_t sH) {
+  std::vector<int64_t> off(g.R);
+  for (int64_t p = 0; p < g.m; ++p)
+    for (int64_t I = 0; I < g.gh; ++I) off[p * g.gh + I] = band_row(g, t, I * g.m + p) * sH;
+  return off;
 }
 
 // Group pu[n] (within the band) and member pl[n] of position n = r * W + j of any band. Long
@@ -213,6 +225,20 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
                const int64_t* pu, const int64_t* pl, A* dst, int64_t us) {
   const T* base = x.p + b * x.sB + c0 * x.sC;
   const int64_t L = g.L, CL = us, W = g.W;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    if (x.sW == 1 && g.long_mode && g.bw == 8 && std::abs(x.sC) >= std::abs(x.sW)) {
+      // Channel by channel, phase by phase, 8 members at a time; the next channel's rows are
+      // requested while this one is copied.
+      std::vector<int64_t> off = phase_rows(g, t, x.sH);
+      for (int64_t c = 0; c < cn; ++c) {
+        if (c + 1 < cn)
+          for (int64_t r = 0; r < g.R; ++r) prefetch_row(base + (c + 1) * x.sC + off[r], W, 1);
+        for (int64_t p = 0; p < g.m; ++p)
+          pack_members8(base + c * x.sC, off.data() + p * g.gh, g.gw, L, dst + p * 8 * CL + c * L, CL);
+      }
+      return;
+    }
+  }
   if (std::abs(x.sC) < std::abs(x.sW)) {
     for (int64_t r = 0; r < g.R; ++r) {
       const T* row = base + band_row(g, t, r) * x.sH;
@@ -236,12 +262,6 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
       A* d = dst + c * L;
       if (x.sW == 1 && g.long_mode) {  // (I, J): member I * gw + J of group p bw + j % bw
         A* dr = d + (r % g.m) * g.bw * CL + (r / g.m) * g.gw;
-        if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-          if (g.bw == 8) {
-            pack_row8(s, g.gw, dr, CL);
-            continue;
-          }
-        }
         for (int64_t b2 = 0; b2 < g.bw; ++b2) {
           A* db = dr + b2 * CL;
           const T* sb = s + b2;
@@ -268,18 +288,21 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
                  const int64_t* pu, const int64_t* pl, const A* src, int64_t us) {
   T* base = y.p + b * y.sB + c0 * y.sC;
   const int64_t L = g.L, CL = us, W = g.W, nrows = cn * g.R;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    if (y.sW == 1 && g.long_mode && g.bw == 8) {
+      std::vector<int64_t> off = phase_rows(g, t, y.sH);
+      for (int64_t c = 0; c < cn; ++c)
+        for (int64_t p = 0; p < g.m; ++p)
+          unpack_members8(src + p * 8 * CL + c * L, CL, off.data() + p * g.gh, g.gw, L, base + c * y.sC);
+      return;
+    }
+  }
   for (int64_t it = 0; it < nrows; ++it) {
     const int64_t c = it / g.R, r = it % g.R;
     T* d = base + c * y.sC + band_row(g, t, r) * y.sH;
     const A* s = src + c * L;
     if (y.sW == 1 && g.long_mode) {  // the inverse of pack_band's cases
       const A* sr = s + (r % g.m) * g.bw * CL + (r / g.m) * g.gw;
-      if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-        if (g.bw == 8) {
-          unpack_row8(sr, CL, g.gw, d);
-          continue;
-        }
-      }
       for (int64_t b2 = 0; b2 < g.bw; ++b2) {
         const A* sb = sr + b2 * CL;
         for (int64_t J = 0; J < g.gw; ++J) d[J * g.bw + b2] = static_cast<T>(sb[J]);

@@ -32,24 +32,57 @@ namespace fastctx {
 namespace isa_cpu {
 namespace FASTCTX_ISA_NS {
 
-// Long mode's packing when bw == 8 (float): one map row holds gw runs of the 8 groups' members,
-// s[J * 8 + b] for group b, member J; pack_row8 writes them out group by group,
-// d[b * ds + J] (b < 8, J < gw), transposing 8 x 8 blocks in registers (the last gw % 8 members
-// element by element); unpack_row8 is the inverse, d[J * 8 + b] = s[b * ss + J].
-using cpu::FASTCTX_ISA_NS::transpose8_move;
+// Long mode's packing when bw == 8 (float), for one channel and one phase of a band: member
+// l = I * gw + J of the phase's 8 groups has its 8 values, one per group, at s + off[I] + J * 8
+// (row I of the phase, off[I] its offset); pack_members8 writes them out group by group,
+// d[b * ds + l] (b < 8, l < L), transposing 8 members at a time in registers (the last L % 8
+// element by element); unpack_members8 is the inverse. Stepping over members, not map rows,
+// keeps the stores (loads) to the packed groups whole vectors for any gw: a row holds only gw
+// members per group, fewer than 8 for maps below 64 columns.
+using cpu::FASTCTX_ISA_NS::transpose8;
+typedef cpu::FASTCTX_ISA_NS::Vec<float, 8> V8;
 
-inline void pack_row8(const float* s, int64_t gw, float* d, int64_t ds) {
-  int64_t J = 0;
-  for (; J + 8 <= gw; J += 8) transpose8_move(s + J * 8, 8, d + J, ds);
-  for (; J < gw; ++J)
-    for (int b = 0; b < 8; ++b) d[b * ds + J] = s[J * 8 + b];
+// The members' addresses in order: I, J with l = I * gw + J.
+struct Members {
+  const int64_t* off;
+  int64_t gw, I = 0, J = 0;
+  int64_t next() {
+    const int64_t o = off[I] + J * 8;
+    if (++J == gw) J = 0, ++I;
+    return o;
+  }
+};
+
+inline void pack_members8(const float* s, const int64_t* off, int64_t gw, int64_t L, float* d,
+                          int64_t ds) {
+  Members m{off, gw};
+  V8::V r[8];
+  int64_t l = 0;
+  for (; l + 8 <= L; l += 8) {
+    for (int i = 0; i < 8; ++i) r[i] = V8::load(s + m.next());
+    transpose8(r);
+    for (int b = 0; b < 8; ++b) V8::store(d + b * ds + l, r[b]);
+  }
+  for (; l < L; ++l) {
+    const float* sl = s + m.next();
+    for (int b = 0; b < 8; ++b) d[b * ds + l] = sl[b];
+  }
 }
 
-inline void unpack_row8(const float* s, int64_t ss, int64_t gw, float* d) {
-  int64_t J = 0;
-  for (; J + 8 <= gw; J += 8) transpose8_move(s + J, ss, d + J * 8, 8);
-  for (; J < gw; ++J)
-    for (int b = 0; b < 8; ++b) d[J * 8 + b] = s[b * ss + J];
+inline void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L,
+                            float* d) {
+  Members m{off, gw};
+  V8::V r[8];
+  int64_t l = 0;
+  for (; l + 8 <= L; l += 8) {
+    for (int b = 0; b < 8; ++b) r[b] = V8::load(s + b * ss + l);
+    transpose8(r);
+    for (int i = 0; i < 8; ++i) V8::store(d + m.next(), r[i]);
+  }
+  for (; l < L; ++l) {
+    float* dl = d + m.next();
+    for (int b = 0; b < 8; ++b) dl[b] = s[b * ss + l];
+  }
 }
 
 // Entry points. The row passes (vec.h's SoftmaxRow), over a group's L x L matrix: row l holds
