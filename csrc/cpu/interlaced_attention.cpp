@@ -115,6 +115,20 @@ void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw,
   isa_base::unpack_members8(s, ss, off, gw, L, d);
 }
 
+void pack_runs8(const float* s, int64_t n, float* d, int64_t ds) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::pack_runs8(s, n, d, ds);
+#endif
+  isa_base::pack_runs8(s, n, d, ds);
+}
+
+void unpack_runs8(const float* s, int64_t ss, int64_t n, float* d) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::unpack_runs8(s, ss, n, d);
+#endif
+  isa_base::unpack_runs8(s, ss, n, d);
+}
+
 // The grouping of one call. A band is the set of map rows whose groups it holds completely:
 // long mode, band t = the rows of the m adjacent phases i % bh in [t m, t m + m) (its m bw groups
 // are those phases times the columns' phases); short mode, band t = the rows of block row t (its
@@ -268,6 +282,12 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
           for (int64_t J = 0; J < g.gw; ++J) db[J] = static_cast<A>(sb[J * g.bw]);
         }
       } else if (x.sW == 1) {  // (a, b) = (r, j % bw): member r * bw + b of group j / bw
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+          if (g.bw == 8) {
+            pack_runs8(s, g.gw, d + r * 8, CL);
+            continue;
+          }
+        }
         for (int64_t J = 0; J < g.gw; ++J) {
           A* dj = d + J * CL + r * g.bw;
           const T* sj = s + J * g.bw;
@@ -308,6 +328,12 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
         for (int64_t J = 0; J < g.gw; ++J) d[J * g.bw + b2] = static_cast<T>(sb[J]);
       }
     } else if (y.sW == 1) {
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+        if (g.bw == 8) {
+          unpack_runs8(s + r * 8, CL, g.gw, d);
+          continue;
+        }
+      }
       for (int64_t J = 0; J < g.gw; ++J) {
         const A* sj = s + J * CL + r * g.bw;
         T* dj = d + J * g.bw;

@@ -85,6 +85,16 @@ inline void unpack_members8(const float* s, int64_t ss, const int64_t* off, int6
   }
 }
 
+// Short mode's packing when bw == 8 (float): the runs of 8 members that one map row holds of
+// n groups, s[J * 8 + b] for group J, to d[J * ds + b]; unpack_runs8 is the inverse.
+inline void pack_runs8(const float* s, int64_t n, float* d, int64_t ds) {
+  for (int64_t J = 0; J < n; ++J) V8::store(d + J * ds, V8::load(s + J * 8));
+}
+
+inline void unpack_runs8(const float* s, int64_t ss, int64_t n, float* d) {
+  for (int64_t J = 0; J < n; ++J) V8::store(d + J * 8, V8::load(s + J * ss));
+}
+
 // Entry points. The row passes (vec.h's SoftmaxRow), over a group's L x L matrix: row l holds
 // the L energies of query l against the group's keys, then Lp - L padding columns.
 // Forward: S -> P = softmax(scale * S) per row; lse[l] the row's log-sum-exp of scale * S.
