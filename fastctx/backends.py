@@ -12,7 +12,8 @@ triton     the Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTER
 
 ``backend=None`` picks the first backend of :data:`ORDER` for the tensors' device that can run
 the op (on CUDA tensors the reference first for the ops and dtypes of
-:data:`REFERENCE_FIRST_ON_CUDA`);
+:data:`REFERENCE_FIRST_ON_CUDA`, and never "cuda" for the ops of
+:data:`CUDA_SLOWER_THAN_REFERENCE`);
 :func:`explain` says why each of the others declined. An explicitly named backend (the
 ``backend=`` argument, :func:`use_backend` or ``FASTCTX_BACKEND``) that cannot run raises
 :class:`BackendUnavailableError`: it never falls back. :func:`last_backend` tells which backend
@@ -61,6 +62,17 @@ REFERENCE_FIRST_ON_CUDA: dict[str, tuple[tuple[torch.dtype, ...], str]] = {
         "bfloat16 not timed; float16 through the op 1.13-1.56x"),
     "pyramid_pool": (_ALL, "triton 0.76-0.91x the reference's speed in float32, 0.63-0.82x in float16"),
     "pyramid_attention": (_ALL, "triton 0.41-0.45x the reference's speed in float32, 0.94-0.96x in float16"),
+}
+
+
+#: Ops whose compiled CUDA kernels (the "cuda" backend) measured slower than the reference,
+#: forward+backward at the models' sizes, in every dtype timed (op -> what was measured):
+#: ``backend=None`` never takes "cuda" for them, so a machine without Triton gets the reference,
+#: not these. Name ``backend="cuda"`` to run them.
+CUDA_SLOWER_THAN_REFERENCE: dict[str, str] = {
+    "criss_cross_attention": (
+        "the CUDA C++ kernels 0.07-0.10x the reference's speed at 65x129 and 97x97, float32 and "
+        "float16 (H100, session 11; H200 sessions 9-10: 0.06-0.16x)"),
 }
 
 
@@ -173,6 +185,8 @@ def default_backend() -> str | None:
 
 def _order(op: str, device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
     order = ORDER.get(device_type, ("reference",))
+    if device_type == "cuda" and op in CUDA_SLOWER_THAN_REFERENCE:
+        order = tuple(b for b in order if b != "cuda")
     if reference_first(op, device_type, dtype) is not None:
         order = ("reference",) + tuple(b for b in order if b != "reference")
     return order

@@ -32,7 +32,13 @@ def _bench(args: argparse.Namespace) -> int:
 def _info(_: argparse.Namespace) -> int:
     import fastctx
     from fastctx import _ext
-    from fastctx.backends import _OPS, BackendUnavailableError, choose_backend, reference_first
+    from fastctx.backends import (
+        _OPS,
+        CUDA_SLOWER_THAN_REFERENCE,
+        BackendUnavailableError,
+        choose_backend,
+        reference_first,
+    )
 
     ok, why = _ext.available()
     print(f"fastctx {fastctx.__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
@@ -48,6 +54,8 @@ def _info(_: argparse.Namespace) -> int:
                 auto = f"nothing: {e}"
             slower = reference_first(op, dev, x.dtype)
             print(f"  {op}: backend=None takes {auto}" + (f" (the kernels measured slower on an H200: {slower})" if slower else ""))
+            if dev == "cuda" and op in CUDA_SLOWER_THAN_REFERENCE:
+                print(f"    (never 'cuda' automatically: {CUDA_SLOWER_THAN_REFERENCE[op]})")
             for name, reason in fastctx.explain(op, x).items():
                 print(f"    {name:10s} {reason}")
     return 0

@@ -100,6 +100,26 @@ def test_reference_first_on_cuda_where_the_kernels_measured_slower(op):
     assert backends._choose(op, "cpu", torch.float32, None) == ("cpu" if _ext.available()[0] else "reference")
 
 
+def test_slower_cuda_kernels_never_chosen_automatically(monkeypatch):
+    # without Triton, backend=None on CUDA tensors skips the CUDA C++ criss-cross kernels (measured
+    # slower than the reference in every dtype) for the reference; named, they still run
+    assert set(backends.CUDA_SLOWER_THAN_REFERENCE) <= set(backends._OPS)
+    real = backends.why_not
+
+    def why_not(op, backend, device_type, dtype):  # Triton missing, the CUDA kernels built
+        if backend == "triton":
+            return "triton is not installed (test)"
+        return None if backend == "cuda" else real(op, backend, device_type, dtype)
+
+    monkeypatch.setattr(backends, "why_not", why_not)
+    for dtype in (torch.float16, torch.float32):
+        assert backends._choose("criss_cross_attention", "cuda", dtype, None) == "reference"
+        assert backends._choose("criss_cross_attention", "cuda", dtype, "cuda") == "cuda"
+    # an op without an entry would take the CUDA kernels (none other has compiled ones today)
+    assert "spatial_gather" not in backends.CUDA_SLOWER_THAN_REFERENCE
+    assert backends._choose("spatial_gather", "cuda", torch.float16, None) == "cuda"
+
+
 def test_triton_first_on_cuda_for_the_other_ops():
     for op in ("spatial_gather", "semantic_pool", "semantic_pool_regions"):
         assert op not in backends.REFERENCE_FIRST_ON_CUDA
