@@ -4,9 +4,10 @@ on a grid of smaller and odd sizes (B = 1 inference, 12x12-64x64 maps, 97x97 and
 many keys or classes). The report (``python -m fastctx bench``) times the models' sizes; this
 finds the sizes where the fused kernels lose, if any.
 
-Usage: python bench/cpu_sweep.py [--threads 2] [--ops cc,isa,ra,pa,pp,sg,sp] [--reps 7]
-Prints one line per case: best-of-reps milliseconds of each candidate and their ratio (reference
-time / cpu time: above 1, the kernels are faster). NaN input checks stay on, as by default (both
+Usage: python bench/cpu_sweep.py [--threads 2] [--ops cc,isa,ra,pa,pp,sg,sp] [--min-time 0.5]
+Prints one line per case: the median milliseconds of each candidate, timed in turns as the report
+times them (:func:`fastctx.bench.measure.time_ms_side_by_side`), and their ratio (reference time /
+cpu time: above 1, the kernels are faster). NaN input checks stay on, as by default (both
 candidates pay them). Timings drift 10-40% over minutes on a shared machine: the ratio of the
 same line is the figure to read.
 """
@@ -23,6 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fastctx  # noqa: E402
+from fastctx.bench.measure import time_ms_side_by_side  # noqa: E402
+
+CPU = torch.device("cpu")
 
 F = fastctx
 # op key -> list of (label, function, input shapes, keyword arguments)
@@ -63,21 +67,11 @@ CASES = {
 }
 
 
-def best_ms(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
-def run_case(label, op, shapes, kwargs, reps: int) -> str:
+def run_case(label, op, shapes, kwargs, min_time: float) -> str:
     inputs = [torch.randn(*s, requires_grad=True) for s in shapes]
     cells = []
     for mode in ("fwd", "fwd+bwd"):
-        ms = {}
+        calls = {}
         for backend in ("reference", "cpu"):
             if mode == "fwd":
                 def call(backend=backend):
@@ -87,7 +81,8 @@ def run_case(label, op, shapes, kwargs, reps: int) -> str:
                 def call(backend=backend):
                     out = op(*inputs, backend=backend, **kwargs)
                     torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
-            ms[backend] = best_ms(call, reps)
+            calls[backend] = call
+        ms = {k: med for k, (med, _, _) in time_ms_side_by_side(calls, CPU, min_time).items()}
         cells.append(f"{mode} ref {ms['reference']:.2f} cpu {ms['cpu']:.2f} ms "
                      f"= {ms['reference'] / ms['cpu']:.2f}x")
     return f"{label:55s} | " + " | ".join(cells)
@@ -98,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--ops", default=",".join(CASES),
                         help=f"comma-separated, of {','.join(CASES)}")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--min-time", type=float, default=0.5,
+                        help="seconds of calls per candidate and mode (default 0.5)")
     args = parser.parse_args(argv)
     ops = args.ops.split(",")
     unknown = [o for o in ops if o not in CASES]
@@ -107,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"fastctx CPU sweep: torch {torch.__version__}, {args.threads} threads, "
-          f"best of {args.reps}")
+          f"medians of >= {args.min_time} s per candidate, in turns")
     for key in ops:
         for case in CASES[key]:
-            print(run_case(*case, args.reps), flush=True)
+            print(run_case(*case, args.min_time), flush=True)
     return 0
 
 
