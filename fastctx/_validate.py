@@ -102,11 +102,23 @@ def no_nan(op: str, allow_inf: bool = False, **tensors: Tensor) -> None:
     for n, t in tensors.items():
         if t.numel() == 0 or t.device.type == "meta":  # meta tensors have no values to check
             continue
-        extremes = torch.stack(torch.aminmax(t))
+        extremes = _extremes(t)
         bad = torch.isnan(extremes) if allow_inf else ~torch.isfinite(extremes)
         if bool(bad.any()):
             what = "NaN" if allow_inf else "NaN or infinite values"
             raise ValueError(f"fastctx.{op}: {n} (shape {_shape(t)}) contains {what}")
+
+
+def _extremes(t: Tensor) -> Tensor:
+    """[min, max] of ``t`` (NaN if it holds one), without a copy of ``t``. ``aminmax`` copies a
+    non-contiguous input first: on CPU, 34 ms for a channels_last 2 x 512 x 65 x 129 float32
+    map against 0.48 ms contiguous, and 13.8 ms for a channel slice (session 15). Its dims
+    ordered by stride, a channels_last map (any dense permutation) is contiguous; other strided
+    views take ``amin`` and ``amax``, which read the strides (1.3 ms for that slice)."""
+    view = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    if view.is_contiguous():
+        return torch.stack(torch.aminmax(view))
+    return torch.stack((t.amin(), t.amax()))
 
 
 def no_posinf(op: str, name: str, t: Tensor, why: str) -> None:

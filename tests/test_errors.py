@@ -83,12 +83,18 @@ def test_nan_check_finds_one_bad_value_anywhere(dtype, layout):
     base = torch.randn(2, 24, 45, 61, generator=g).to(dtype)  # 131760 values: a parallel reduction
     if layout == "channels_last":
         base = base.to(memory_format=torch.channels_last)
-    t = base[:, 1:22:2] if layout == "sliced" else base
+
+    def view(x):  # the checked tensor: channels_last and sliced ones are read in place
+        return x[:, 1:22:2] if layout == "sliced" else x
+
+    t = view(base)
+    assert t.is_contiguous() == (layout == "contiguous")
     _validate.no_nan("op", x=t)
     for flat in torch.randint(0, t.numel(), (6,), generator=g).tolist() + [0, t.numel() - 1]:
         idx = torch.unravel_index(torch.tensor(flat), t.shape)
         for bad, allowed in ((float("nan"), False), (float("inf"), True), (float("-inf"), True)):
-            u = t.clone(memory_format=torch.preserve_format)
+            u = view(base.clone(memory_format=torch.preserve_format))
+            assert u.stride() == t.stride()
             u[idx] = bad
             with pytest.raises(ValueError, match=r"op: x \(shape .*\) contains NaN"):
                 _validate.no_nan("op", x=u)
