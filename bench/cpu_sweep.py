@@ -5,6 +5,7 @@ many keys or classes). The report (``python -m fastctx bench``) times the models
 finds the sizes where the fused kernels lose, if any.
 
 Usage: python bench/cpu_sweep.py [--threads 2] [--ops cc,isa,ra,pa,pp,sg,sp] [--min-time 0.5]
+       [--channels-last]
 Prints one line per case: the median milliseconds of each candidate, timed in turns as the report
 times them (:func:`fastctx.bench.measure.time_ms_side_by_side`), and their ratio (reference time /
 cpu time: above 1, the kernels are faster). NaN input checks stay on, as by default (both
@@ -67,8 +68,12 @@ CASES = {
 }
 
 
-def run_case(label, op, shapes, kwargs, min_time: float) -> str:
-    inputs = [torch.randn(*s, requires_grad=True) for s in shapes]
+def run_case(label, op, shapes, kwargs, min_time: float, channels_last: bool = False) -> str:
+    inputs = [torch.randn(*s) for s in shapes]
+    if channels_last:  # the 4-D inputs (maps); keys and values [B, C, S] stay as they are
+        inputs = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                  for t in inputs]
+    inputs = [t.requires_grad_() for t in inputs]
     cells = []
     for mode in ("fwd", "fwd+bwd"):
         calls = {}
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--ops", default=",".join(CASES),
                         help=f"comma-separated, of {','.join(CASES)}")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="4-D inputs in channels_last memory (as under channels_last training)")
     parser.add_argument("--min-time", type=float, default=0.5,
                         help="seconds of calls per candidate and mode (default 0.5)")
     args = parser.parse_args(argv)
@@ -103,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"fastctx CPU sweep: torch {torch.__version__}, {args.threads} threads, "
-          f"medians of >= {args.min_time} s per candidate, in turns")
+          f"medians of >= {args.min_time} s per candidate, in turns"
+          + (", channels_last inputs" if args.channels_last else ""))
     for key in ops:
         for case in CASES[key]:
-            print(run_case(*case, args.min_time), flush=True)
+            print(run_case(*case, args.min_time, args.channels_last), flush=True)
     return 0
 
 
