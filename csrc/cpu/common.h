@@ -4,7 +4,6 @@
 // The vector helpers used inside the kernels are in vec.h.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -110,44 +109,21 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   return t;
 }
 
-// A channels-last-contiguous [B, C, H, W] map s (positions N = H * W, each a row of C values) into
-// the NCHW-contiguous d, in tiles of 16 positions x 16 channels, whole 64-byte lines of float
-// (the 16 source rows of a tile, C apart, stay in L1 even at power-of-two C, where they share
-// two cache sets), in parallel over (image, 16 positions).
-template <class T>
-void nhwc_to_nchw(const T* s, T* d, int64_t B, int64_t C, int64_t N) {
-  constexpr int64_t kT = 16;
-  const int64_t nt = (N + kT - 1) / kT;
-  at::parallel_for(0, B * nt, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / nt, n0 = (i % nt) * kT, nn = std::min(kT, N - n0);
-      const T* sb = s + (b * N + n0) * C;
-      T* db = d + b * C * N + n0;
-      for (int64_t c0 = 0; c0 < C; c0 += kT) {
-        const int64_t cn = std::min(kT, C - c0);
-        for (int64_t c = c0; c < c0 + cn; ++c)
-          for (int64_t n = 0; n < nn; ++n) db[c * N + n] = sb[n * C + c];
-      }
-    }
-  });
-}
+// A channels-last-contiguous float32 / float64 [B, C, H, W] map into the NCHW-contiguous dst of
+// the same shape and dtype (layout.cpp).
+void nhwc_to_nchw(const at::Tensor& src, const at::Tensor& dst);
 
 // The one copy of an input: contiguous in the compute dtype (no copy for a contiguous tensor of
 // that dtype), allocated as empty_output() allocates. (Not Tensor::to(dtype, ...,
 // MemoryFormat::Contiguous): that aliases any tensor whose suggest_memory_format() is Contiguous,
 // e.g. a permuted one, without making it contiguous.) A channels_last map of the compute dtype is
-// transposed by nhwc_to_nchw: torch's copy_ ran that at ~2 GB/s here (session 15: 21 ms for a
-// [2, 512, 65, 129] float map, 1.7 ms for the NCHW copy of the same size).
-
+// transposed by nhwc_to_nchw (layout.cpp), faster than torch's copy_.
 inline at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
   if (t.scalar_type() == ct && t.is_contiguous()) return t;
   at::Tensor r = empty_output(t.sizes(), t.options().dtype(ct));
   if (t.scalar_type() == ct && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
       (ct == at::kFloat || ct == at::kDouble)) {
-    const int64_t B = t.size(0), C = t.size(1), N = t.size(2) * t.size(3);
-    AT_DISPATCH_FLOATING_TYPES(ct, "fastctx_prepare", [&] {
-      nhwc_to_nchw<scalar_t>(t.const_data_ptr<scalar_t>(), r.mutable_data_ptr<scalar_t>(), B, C, N);
-    });
+    nhwc_to_nchw(t, r);
   } else {
     r.copy_(t);
   }
