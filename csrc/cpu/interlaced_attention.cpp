@@ -101,14 +101,16 @@ void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
   isa_base::softmax_bwd<T>(P, dP, L, Lp, scale);
 }
 
-void pack_members8(const float* s, const int64_t* off, int64_t gw, int64_t L, float* d, int64_t ds) {
+void pack_members8(const float* s, const int64_t* off, int64_t gw, int64_t L, float* d,
+                   int64_t ds) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
   if (use_avx2()) return isa_avx2::pack_members8(s, off, gw, L, d, ds);
 #endif
   isa_base::pack_members8(s, off, gw, L, d, ds);
 }
 
-void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L, float* d) {
+void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L,
+                     float* d) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
   if (use_avx2()) return isa_avx2::unpack_members8(s, ss, off, gw, L, d);
 #endif
@@ -248,7 +250,8 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
         if (c + 1 < cn)
           for (int64_t r = 0; r < g.R; ++r) prefetch_row(base + (c + 1) * x.sC + off[r], W, 1);
         for (int64_t p = 0; p < g.m; ++p)
-          pack_members8(base + c * x.sC, off.data() + p * g.gh, g.gw, L, dst + p * 8 * CL + c * L, CL);
+          pack_members8(base + c * x.sC, off.data() + p * g.gh, g.gw, L, dst + p * 8 * CL + c * L,
+                        CL);
       }
       return;
     }
@@ -313,7 +316,8 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
       std::vector<int64_t> off = phase_rows(g, t, y.sH);
       for (int64_t c = 0; c < cn; ++c)
         for (int64_t p = 0; p < g.m; ++p)
-          unpack_members8(src + p * 8 * CL + c * L, CL, off.data() + p * g.gh, g.gw, L, base + c * y.sC);
+          unpack_members8(src + p * 8 * CL + c * L, CL, off.data() + p * g.gh, g.gw, L,
+                          base + c * y.sC);
       return;
     }
   }
