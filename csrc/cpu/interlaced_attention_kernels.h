@@ -1,6 +1,7 @@
-// Interlaced sparse self-attention (ISANet), CPU: the element-wise row passes of one group's
-// L x L attention matrix (softmax forward, softmax backward from the kept weights P). The launcher, the packing of a
-// group and the GEMMs are in interlaced_attention.cpp.
+// Interlaced sparse self-attention (ISANet), CPU: the vector code of the packing of bands with
+// 8-wide blocks (float32), and the element-wise row passes of one group's L x L attention matrix
+// (softmax forward, softmax backward from the kept weights P). The launcher, the rest of the
+// packing and the GEMMs are in interlaced_attention.cpp.
 //
 // NO INCLUDE GUARD, on purpose: interlaced_attention.cpp includes this file once per instruction
 // set, each time with FASTCTX_ISA_NS naming a namespace (and, for AVX2, under
