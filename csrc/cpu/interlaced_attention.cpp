@@ -117,18 +117,18 @@ void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw,
   isa_base::unpack_members8(s, ss, off, gw, L, d);
 }
 
-void pack_runs8(const float* s, int64_t n, float* d, int64_t ds) {
+void pack_runs8(const float* s, int64_t sH, int64_t rows, int64_t n, float* d, int64_t ds) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::pack_runs8(s, n, d, ds);
+  if (use_avx2()) return isa_avx2::pack_runs8(s, sH, rows, n, d, ds);
 #endif
-  isa_base::pack_runs8(s, n, d, ds);
+  isa_base::pack_runs8(s, sH, rows, n, d, ds);
 }
 
-void unpack_runs8(const float* s, int64_t ss, int64_t n, float* d) {
+void unpack_runs8(const float* s, int64_t ss, int64_t rows, int64_t n, float* d, int64_t dH) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::unpack_runs8(s, ss, n, d);
+  if (use_avx2()) return isa_avx2::unpack_runs8(s, ss, rows, n, d, dH);
 #endif
-  isa_base::unpack_runs8(s, ss, n, d);
+  isa_base::unpack_runs8(s, ss, rows, n, d, dH);
 }
 
 // The grouping of one call. A band is the set of map rows whose groups it holds completely:
@@ -255,6 +255,17 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
       }
       return;
     }
+    if (x.sW == 1 && !g.long_mode && g.bw == 8 && std::abs(x.sC) >= std::abs(x.sW)) {
+      // Channel by channel: the band's bh map rows (block row t), their runs of 8 members.
+      const int64_t r0 = t * g.bh * x.sH;
+      for (int64_t c = 0; c < cn; ++c) {
+        if (c + 1 < cn)
+          for (int64_t r = 0; r < g.bh; ++r)
+            prefetch_row(base + (c + 1) * x.sC + r0 + r * x.sH, W, 1);
+        pack_runs8(base + c * x.sC + r0, x.sH, g.bh, g.gw, dst + c * L, CL);
+      }
+      return;
+    }
   }
   if (std::abs(x.sC) < std::abs(x.sW)) {
     for (int64_t r = 0; r < g.R; ++r) {
@@ -285,12 +296,6 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
           for (int64_t J = 0; J < g.gw; ++J) db[J] = static_cast<A>(sb[J * g.bw]);
         }
       } else if (x.sW == 1) {  // (a, b) = (r, j % bw): member r * bw + b of group j / bw
-        if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-          if (g.bw == 8) {
-            pack_runs8(s, g.gw, d + r * 8, CL);
-            continue;
-          }
-        }
         for (int64_t J = 0; J < g.gw; ++J) {
           A* dj = d + J * CL + r * g.bw;
           const T* sj = s + J * g.bw;
@@ -320,6 +325,12 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
                           base + c * y.sC);
       return;
     }
+    if (y.sW == 1 && !g.long_mode && g.bw == 8) {
+      const int64_t r0 = t * g.bh * y.sH;
+      for (int64_t c = 0; c < cn; ++c)
+        unpack_runs8(src + c * L, CL, g.bh, g.gw, base + c * y.sC + r0, y.sH);
+      return;
+    }
   }
   for (int64_t it = 0; it < nrows; ++it) {
     const int64_t c = it / g.R, r = it % g.R;
@@ -332,12 +343,6 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
         for (int64_t J = 0; J < g.gw; ++J) d[J * g.bw + b2] = static_cast<T>(sb[J]);
       }
     } else if (y.sW == 1) {
-      if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-        if (g.bw == 8) {
-          unpack_runs8(s + r * 8, CL, g.gw, d);
-          continue;
-        }
-      }
       for (int64_t J = 0; J < g.gw; ++J) {
         const A* sj = s + J * CL + r * g.bw;
         T* dj = d + J * g.bw;

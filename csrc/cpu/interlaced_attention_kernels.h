@@ -86,14 +86,19 @@ inline void unpack_members8(const float* s, int64_t ss, const int64_t* off, int6
   }
 }
 
-// Short mode's packing when bw == 8 (float): the runs of 8 members that one map row holds of
-// n groups, s[J * 8 + b] for group J, to d[J * ds + b]; unpack_runs8 is the inverse.
-inline void pack_runs8(const float* s, int64_t n, float* d, int64_t ds) {
-  for (int64_t J = 0; J < n; ++J) V8::store(d + J * ds, V8::load(s + J * 8));
+// Short mode's packing when bw == 8 (float), for one channel of a band: its `rows` map rows
+// (sH apart) hold the runs of 8 members of n groups, s[r * sH + J * 8 + b] for group J, member
+// r * 8 + b, written to d[J * ds + r * 8 + b]; unpack_runs8 is the inverse. One call per channel
+// and band (a call per map row cost more than its two or four vector copies on 16x16 maps).
+inline void pack_runs8(const float* s, int64_t sH, int64_t rows, int64_t n, float* d, int64_t ds) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t J = 0; J < n; ++J) V8::store(d + J * ds + r * 8, V8::load(s + r * sH + J * 8));
 }
 
-inline void unpack_runs8(const float* s, int64_t ss, int64_t n, float* d) {
-  for (int64_t J = 0; J < n; ++J) V8::store(d + J * 8, V8::load(s + J * ss));
+inline void unpack_runs8(const float* s, int64_t ss, int64_t rows, int64_t n, float* d,
+                         int64_t dH) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t J = 0; J < n; ++J) V8::store(d + r * dH + J * 8, V8::load(s + J * ss + r * 8));
 }
 
 // Entry points. The row passes (vec.h's SoftmaxRow), over a group's L x L matrix: row l holds
