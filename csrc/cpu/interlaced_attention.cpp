@@ -395,12 +395,16 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& v, cons
 // chunks (xv); two result chunks (y0, y1).
 struct Layout {  // s and dp first: the zeroed prefix [0, lse)
   int64_t s, dp, lse, x0, x1, xd, xv, y0, y1, total;
+  int64_t uc, uq, ud;  // group strides (group_stride) of a packed chunk, of whole q / k, of dout
 };
 
 template <class A>
 Layout layout(const Geom& g, bool backward, int64_t Cqk, int64_t Cv) {
-  const int64_t LL = g.U * g.L * g.Lp, X = g.U * group_stride<A>(kChunk * g.L);
   Layout y;
+  y.uc = group_stride<A>(kChunk * g.L);
+  y.uq = group_stride<A>(Cqk * g.L);
+  y.ud = group_stride<A>(Cv * g.L);
+  const int64_t LL = g.U * g.L * g.Lp, X = g.U * y.uc;
   int64_t n = 0;
   auto take = [&](int64_t elems) {
     const int64_t at = n;
@@ -410,9 +414,9 @@ Layout layout(const Geom& g, bool backward, int64_t Cqk, int64_t Cv) {
   y.s = take(LL);
   y.dp = take(backward ? LL : 0);
   y.lse = take(backward ? 0 : g.N);
-  y.x0 = take(backward ? g.U * group_stride<A>(Cqk * g.L) : X);
-  y.x1 = take(backward ? g.U * group_stride<A>(Cqk * g.L) : X);
-  y.xd = take(backward ? g.U * group_stride<A>(Cv * g.L) : 0);
+  y.x0 = take(backward ? g.U * y.uq : X);
+  y.x1 = take(backward ? g.U * y.uq : X);
+  y.xd = take(backward ? g.U * y.ud : 0);
   y.xv = take(backward ? X : 0);
   y.y0 = take(X);
   y.y1 = take(backward ? X : 0);
@@ -445,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
       cpu::check_blas<A>(ISA_OP);
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
       const Layout y = layout<A>(g, false, Cqk, Cv);
-      const int64_t uc = group_stride<A>(kChunk * L);  // group stride of a packed chunk
+      const int64_t uc = y.uc;
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in);
       const Map<T> mo = map_of<T>(out);
@@ -542,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       cpu::check_blas<A>(ISA_OP);
       const Geom g = make_geom(H, W, bh, bw, long_mode, 32 / int64_t(sizeof(A)));
       const Layout y = layout<A>(g, true, Cqk, Cv);
-      const int64_t uc = group_stride<A>(kChunk * L);  // group stride of a packed chunk
+      const int64_t uc = y.uc, uq = y.uq, ud = y.ud;  // group strides of the packed buffers
       const Map<const T> mq = map_of<const T>(q_in), mk = map_of<const T>(k_in),
                          mv = map_of<const T>(v_in), mdo = map_of<const T>(dout_in);
       const Map<T> mdq = map_of<T>(dq), mdk = map_of<T>(dk), mdv = map_of<T>(dv);
@@ -562,7 +566,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         A *y0 = base + y.y0, *y1 = base + y.y1;
         auto Smat = [&](int64_t u) { return cpu::mat<A>(S + u * LL, L, L, Lp); };
         auto dPmat = [&](int64_t u) { return cpu::mat<A>(dP + u * LL, L, L, Lp); };
-        const int64_t uq = group_stride<A>(Cqk * L), ud = group_stride<A>(Cv * L);  // whole inputs
         // P_u from the forward, into rows of Lp with zero padding; q and k packed whole (for dQ
         // and dK).
         const A* pb = p_p + (b * g.nbands + t) * g.U * L * L;
