@@ -176,9 +176,6 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   using Base::windows;
   using Base::zero;
 
-
-
-
   // dst[n * Sp + s] = src[s * NBcap + n] for s < S, n < nb (columns [S, Sp) of dst untouched).
   static void transpose(const T* __restrict src, int64_t S, int64_t NBcap, int64_t nb,
                         T* __restrict dst, int64_t Sp) {

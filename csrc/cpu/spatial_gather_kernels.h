@@ -158,10 +158,6 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   using Base::windows;
   using Base::zero;
 
-
-
-
-
   static T hmax(V v) {
     T r = lane(v, 0);
     for (int l = 1; l < VL; ++l) r = std::max(r, lane(v, l));
