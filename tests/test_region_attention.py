@@ -87,6 +87,43 @@ def test_strided_pixels(backend, device):
         assert_close(t.grad, t64.grad, torch.float32, name)
 
 
+# (B, Cqk, Cv, H, W, S): channels and pixel blocks with and without tails of the 8 x 8 transposes;
+# weights recomputed (S < 32) and kept; several pixel blocks, the last one merged
+CL_SHAPES = [(2, 13, 9, 7, 11, 19), (2, 20, 24, 13, 9, 40), (1, 64, 16, 16, 16, 19), (1, 17, 5, 33, 65, 33)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("shape", CL_SHAPES, ids=_id)
+def test_cpu_channels_last_q_read_in_place(dtype, shape):
+    """A channels-last float32 / float64 q is read as it is: the CPU kernels transpose each pixel
+    block's columns themselves (pack_q), so the one q-sized tensor of a forward and backward is
+    dq (before: a transposed copy in each too), and the output and every gradient match the
+    reference."""
+    B, cq, cv, H, W, S = shape
+    q = torch.randn(B, cq, H, W, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    k = torch.randn(B, cq, S, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, cv, S, dtype=dtype, requires_grad=True)
+    bias = _make_bias("masked", B, S, dtype, "cpu")
+    dout = torch.randn(B, cv, H, W, dtype=dtype)
+    got = {}
+
+    def fwd_bwd():
+        out = fastctx.region_attention(q, k, v, 0.7, bias, backend="cpu")
+        got["out"] = out
+        got["grads"] = torch.autograd.grad(out, (q, k, v, bias), dout)
+
+    sizes = allocations(fwd_bwd)
+    assert fastctx.last_backend("region_attention") == "cpu"
+    assert q.is_contiguous(memory_format=torch.channels_last) and not q.is_contiguous()
+    assert sizes.count(q.numel() * q.element_size()) == 1, sizes  # dq's; no copy of q
+    l64 = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
+    ref = python_ref.region_attention(l64[0], l64[1], l64[2], 0.7, l64[3])
+    ref.backward(dout.double())
+    assert_close(got["out"], ref, dtype, "out")
+    for name, g, t64 in zip(("dq", "dk", "dv", "dbias"), got["grads"], l64):
+        assert_close(g, t64.grad, dtype, name)
+
+
 @pytest.mark.parametrize("S", [6, 33])  # the weights recomputed (S < 32) and kept
 def test_gradcheck_cpu_float64(S):
     q = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
@@ -97,6 +134,8 @@ def test_gradcheck_cpu_float64(S):
     bias.requires_grad_(True)
     fn = lambda q, k, v, b: fastctx.region_attention(q, k, v, 0.9, b, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v, bias), eps=1e-6, atol=1e-6)
+    q_cl = q.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (q_cl, k, v, bias), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("S", [19, 40])

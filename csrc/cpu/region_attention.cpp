@@ -4,8 +4,9 @@
 // region_attention_kernels.h.
 //
 // Inputs are made contiguous in the compute dtype by prepare(): that copy is the only copy of the
-// big operands (q, dout), and a no-op for NCHW float32 / float64 input (channels_last or other
-// strided inputs, and float16 / bfloat16 inputs, which are upcast to float32, are copied once).
+// big operands (q, dout), and a no-op for NCHW float32 / float64 input (other strided inputs,
+// and float16 / bfloat16 inputs, which are upcast to float32, are copied once). A channels-last
+// float32 / float64 q is not copied: the kernels transpose it block by block (prepare_q).
 // k and v ([B, C, S], small) are also packed transposed once. Outputs are contiguous in the
 // input dtype; lse and p are float32 (float64 for float64 inputs). Accumulation is float32 for
 // float16 / bfloat16 / float32 and float64 for float64. The only tensor of size B x S x N is
@@ -115,6 +116,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // [B, C, S] -> [B, S, C] contiguous (small: no pixel axis).
 at::Tensor transposed(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
 
+// q as the kernels read it: a channels-last map of the compute dtype as it is (nhwc set: the
+// blocks transpose their columns, pack_q), anything else through prepare()'s NCHW copy.
+at::Tensor prepare_q(const at::Tensor& q, at::ScalarType ct, bool& nhwc) {
+  nhwc = q.scalar_type() == ct && !q.is_contiguous() &&
+         q.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return nhwc ? q : prepare(q, ct);
+}
+
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in,
                                                           const at::Tensor& k_in,
@@ -131,7 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in
                   : at::empty({0}, q_in.options().dtype(ct));
   if (B == 0 || N == 0) return {out, lse, p};
 
-  const at::Tensor q = prepare(q_in, ct), v = prepare(v_in, ct), bias = prepare(bias_in, ct);
+  bool q_nhwc = false;
+  const at::Tensor q = prepare_q(q_in, ct, q_nhwc);
+  const at::Tensor v = prepare(v_in, ct), bias = prepare(bias_in, ct);
   const at::Tensor kT = transposed(prepare(k_in, ct));
   at::Tensor out_c = ct == dt ? out : cpu::empty_output({B, Cv, H, W}, q_in.options().dtype(ct));
 
@@ -142,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in
                        v.const_data_ptr<T>(),    bias.const_data_ptr<T>(),
                        out_c.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
                        keep_p ? p.mutable_data_ptr<T>() : nullptr,
-                       Cqk, Cv, S, N, static_cast<T>(scale)};
+                       Cqk, Cv, S, N, static_cast<T>(scale), q_nhwc};
     const int64_t scratch = fwd_scratch(g, Cqk, S);
     cpu::for_each_item<T>(B * g.nblocks, scratch, [&](int64_t u, T* s) {
       fwd_block<T>(a, g, u / g.nblocks, u % g.nblocks, s);
@@ -198,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
   at::Tensor dk_c = at::zeros({B, Cqk, S}, copts), dv_c = at::zeros({B, Cv, S}, copts),
              db_c = at::zeros({B, S}, copts);
   if (N > 0) {
-    const at::Tensor q = prepare(q_in, ct), k = prepare(k_in, ct);
+    bool q_nhwc = false;
+    const at::Tensor q = prepare_q(q_in, ct, q_nhwc), k = prepare(k_in, ct);
     const at::Tensor dout = prepare(dout_in, ct), vT = transposed(prepare(v_in, ct));
     const at::Tensor p = have_p ? p_in.contiguous() : at::Tensor();
     const at::Tensor kT = have_p ? at::Tensor() : transposed(k);
@@ -218,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
                          have_p ? nullptr : lse.const_data_ptr<T>(),
                          have_p ? p.const_data_ptr<T>() : nullptr,
                          dq_c.mutable_data_ptr<T>(),
-                         Cqk, Cv, S, N, static_cast<T>(scale)};
+                         Cqk, Cv, S, N, static_cast<T>(scale), q_nhwc};
       // Tasks: tpi per image, each a fixed range of about kTaskBlocks blocks (independent of the
       // thread count). Waves of G tasks, up to four per thread (claimed dynamically, so a wave
       // waits for at most about one task at its end) while their partial sums stay under

@@ -30,7 +30,9 @@
 //     dk [c][s] += sum_n qb[c][n] * dEst[n][s]        (backward, vectors along s: dEs and P are
 //     dv [c][s] += sum_n dob[c][n] * Pt[n][s]          transposed per block, S x nb values)
 //   qb / dob: the block's q / dout columns packed contiguously ([C][NBcap]; N is often a power of
-//   two, and 512 rows at a 32 KiB stride would all fall into the same cache sets).
+//   two, and 512 rows at a 32 KiB stride would all fall into the same cache sets). A
+//   channels-last q (N x Cqk per image) is read as it is and transposed into qb block by block
+//   (pack_q), instead of a transposed copy of the whole map first.
 // - Softmax: vectorised over the pixels of a block (one lane per pixel), three passes over s.
 //   When asked (keep_p), the forward also stores the weights P ([B, S, N], S rows of nb values
 //   per block) and the backward reads them back instead of recomputing them: that saves the
@@ -126,7 +128,7 @@ inline int64_t partial_size(const Geom& g, int64_t Cqk, int64_t Cv) {
 // Forward arguments (pointers at image 0; every tensor contiguous).
 template <class T>
 struct FwdArgs {
-  const T* q;     // [B, Cqk, N]
+  const T* q;     // [B, Cqk, N], or [B, N, Cqk] when q_nhwc
   const T* kT;    // [B, S, Cqk]  (k transposed)
   const T* v;     // [B, Cv, S]
   const T* bias;  // [B, S]
@@ -135,13 +137,14 @@ struct FwdArgs {
   T* p;           // [B, S, N], or null: the weights, kept for the backward
   int64_t Cqk, Cv, S, N;
   T scale;
+  bool q_nhwc;    // q is a channels-last map, read as it is (pack_q)
 };
 
 // Backward arguments. dk / dv / dbias go to a per-task partial buffer, see bwd_task.
 template <class T>
 struct BwdArgs {
   const T* dout;  // [B, Cv, N]
-  const T* q;     // [B, Cqk, N]
+  const T* q;     // [B, Cqk, N], or [B, N, Cqk] when q_nhwc
   const T* k;     // [B, Cqk, S]
   const T* kT;    // [B, S, Cqk]  (k transposed; read only when p is null)
   const T* vT;    // [B, S, Cv]
@@ -151,6 +154,7 @@ struct BwdArgs {
   T* dq;          // [B, Cqk, N]
   int64_t Cqk, Cv, S, N;
   T scale;
+  bool q_nhwc;    // q is a channels-last map, read as it is (pack_q)
 };
 
 }  // namespace ra_cpu
@@ -176,6 +180,25 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   using Base::windows;
   using Base::zero;
 
+  // The q columns of pixels [n0, n0 + nb) of one image into qb ([C][NBcap]): from NCHW (C rows
+  // of N pixels: pack) or, nhwc, from a channels-last image (N rows of C channels), transposed:
+  // floats in 8 x 8 blocks in registers (transpose8_move), the rest element by element.
+  static void pack_q(const T* __restrict img, bool nhwc, int64_t C, int64_t N, int64_t n0,
+                     int64_t nb, T* __restrict qb, int64_t NBcap) {
+    if (!nhwc) return pack(img + n0, C, N, nb, qb, NBcap);
+    const T* src = img + n0 * C;
+    int64_t n8 = 0, c8 = 0;  // pixels and channels done by the blocks
+    if constexpr (std::is_same<T, float>::value) {
+      n8 = nb / 8 * 8;
+      c8 = C / 8 * 8;
+      for (int64_t n = 0; n < n8; n += 8)
+        for (int64_t c = 0; c < c8; c += 8)
+          cpu::FASTCTX_RA_ISA::transpose8_move(src + n * C + c, C, qb + c * NBcap + n, NBcap);
+    }
+    for (int64_t n = 0; n < nb; ++n)
+      for (int64_t c = n < n8 ? c8 : 0; c < C; ++c) qb[c * NBcap + n] = src[n * C + c];
+  }
+
   // dst[n * Sp + s] = src[s * NBcap + n] for s < S, n < nb (columns [S, Sp) of dst untouched).
   static void transpose(const T* __restrict src, int64_t S, int64_t NBcap, int64_t nb,
                         T* __restrict dst, int64_t Sp) {
@@ -199,7 +222,7 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
     int64_t col[kNBW + 1];
     const int64_t nw = windows(nb, col);
 
-    pack(a.q + b * Cqk * N + n0, Cqk, N, nb, qb, NBcap);
+    pack_q(a.q + b * Cqk * N, a.q_nhwc, Cqk, N, n0, nb, qb, NBcap);
     gemm(a.kT + b * S * Cqk, Cqk, qb, NBcap, S, Cqk, col, nw, E, NBcap, false, kKC, false);
 
     // Softmax over s, one lane per pixel, over whole vectors of columns [0, ncol).
@@ -279,7 +302,7 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
       const int64_t nw = windows(nb, col);
       const int64_t ncol = (nb + VL - 1) / VL * VL;
 
-      pack(Q + n0, Cqk, N, nb, qb, NBcap);
+      pack_q(Q, a.q_nhwc, Cqk, N, n0, nb, qb, NBcap);
       pack(dO + n0, Cv, N, nb, dob, NBcap);
       if (Pg) {
         pack(Pg + n0, S, N, nb, E, NBcap);
