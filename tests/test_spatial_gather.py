@@ -7,7 +7,7 @@ import torch
 
 import fastctx
 import python_ref
-from tests._utils import DTYPE_NAMES, assert_close, has_triton
+from tests._utils import DTYPE_NAMES, allocations, assert_close, has_triton
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -128,6 +128,45 @@ def test_triton_split_and_class_blocks(dtype):
     assert_close(dlogits, l64.grad, dtype, "dlogits")
 
 
+# (B, C, K, H, W): channels and pixels with and without tails of the 8 x 8 transposes; several
+# forward chunks and panels, backward blocks with a merged tail (45x50); K above 128
+CL_SHAPES = [(2, 13, 5, 7, 11), (1, 64, 19, 33, 65), (2, 20, 150, 45, 50), (1, 9, 3, 1, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("which", ["feats", "logits", "both"])
+@pytest.mark.parametrize("shape", CL_SHAPES, ids=_id)
+def test_cpu_channels_last_read_in_place(dtype, which, shape):
+    """Channels-last float32 / float64 feats and logits are read as they are: the CPU kernels
+    transpose each block themselves (vec.h's pack_nhwc), so the only feats- and logits-sized
+    tensors of a forward and backward are the gradients (before: a transposed copy in each
+    pass too), and the regions and both gradients match the reference."""
+    B, C, K, H, W = shape
+    feats = torch.randn(B, C, H, W, dtype=dtype)
+    logits = _make_logits("masked", B, K, H, W, dtype, "cpu").detach()
+    if which in ("feats", "both"):
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    if which in ("logits", "both"):
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    feats.requires_grad_(True)
+    logits.requires_grad_(True)
+    dout = torch.randn(B, C, K, dtype=dtype)
+    got = {}
+
+    def fwd_bwd():
+        got["out"] = fastctx.spatial_gather(feats, logits, SCALE, backend="cpu")
+        feats.grad, logits.grad = torch.autograd.grad(got["out"], (feats, logits), dout)
+
+    sizes = allocations(fwd_bwd)
+    assert fastctx.last_backend("spatial_gather") == "cpu"
+    for name, t in (("feats", feats), ("logits", logits)):
+        cl = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+        assert cl == (which in (name, "both")), name
+    for t in (feats, logits):
+        assert sizes.count(t.numel() * t.element_size()) == 1, sizes  # its gradient; no copy
+    _check(feats, logits, got["out"], dout, dtype)
+
+
 def test_gradcheck_cpu_float64():
     feats = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(2, 4, 3, 4, dtype=torch.float64)
@@ -136,12 +175,16 @@ def test_gradcheck_cpu_float64():
     logits.requires_grad_(True)
     fn = lambda f, lg: fastctx.spatial_gather(f, lg, 0.9, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (feats, logits), eps=1e-6, atol=1e-6)
+    cl = (t.detach().contiguous(memory_format=torch.channels_last) for t in (feats, logits))
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_(True) for t in cl), eps=1e-6, atol=1e-6)
 
 
-def test_cpu_is_deterministic():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_is_deterministic(layout):
     # 33x65 = 2145 pixels: two forward chunks per image, many backward blocks
-    feats = torch.randn(2, 24, 33, 65, requires_grad=True)
-    logits = torch.randn(2, 19, 33, 65, requires_grad=True)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    feats = torch.randn(2, 24, 33, 65).contiguous(memory_format=fmt).requires_grad_(True)
+    logits = torch.randn(2, 19, 33, 65).contiguous(memory_format=fmt).requires_grad_(True)
     dout = torch.randn(2, 24, 19)
     results = []
     before = torch.get_num_threads()

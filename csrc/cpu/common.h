@@ -130,6 +130,14 @@ inline at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
   return r;
 }
 
+// A map as a kernel that can read channels-last input in place takes it: a channels-last map of
+// the compute dtype as it is (nhwc set), anything else as prepare() gives it (NCHW).
+inline at::Tensor prepare_or_nhwc(const at::Tensor& t, at::ScalarType ct, bool& nhwc) {
+  nhwc = t.scalar_type() == ct && t.dim() == 4 && !t.is_contiguous() &&
+         t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return nhwc ? t : prepare(t, ct);
+}
+
 // `name` of op `op_name` (stage `stage`, e.g. "ra_fwd") is a defined CPU tensor of rank `dim`
 // (layout `shape`, for the message) with the device and dtype of `ref` (called `ref_name`).
 inline void check_tensor(const char* op_name, const char* stage, const at::Tensor& t,

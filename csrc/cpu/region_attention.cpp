@@ -6,8 +6,8 @@
 // Inputs are made contiguous in the compute dtype by prepare(): that copy is the only copy of the
 // big operands (q, dout), and a no-op for NCHW float32 / float64 input (other strided inputs,
 // and float16 / bfloat16 inputs, which are upcast to float32, are copied once). A channels-last
-// float32 / float64 q is not copied: the kernels transpose it block by block (prepare_q).
-// k and v ([B, C, S], small) are also packed transposed once. Outputs are contiguous in the
+// float32 / float64 q is not copied: the kernels transpose it block by block (prepare_or_nhwc,
+// pack_q). k and v ([B, C, S], small) are also packed transposed once. Outputs are contiguous in the
 // input dtype; lse and p are float32 (float64 for float64 inputs). Accumulation is float32 for
 // float16 / bfloat16 / float32 and float64 for float64. The only tensor of size B x S x N is
 // p, the weights, which the forward writes when keep_p is set (fastctx sets it when the
@@ -116,14 +116,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // [B, C, S] -> [B, S, C] contiguous (small: no pixel axis).
 at::Tensor transposed(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
 
-// q as the kernels read it: a channels-last map of the compute dtype as it is (nhwc set: the
-// blocks transpose their columns, pack_q), anything else through prepare()'s NCHW copy.
-at::Tensor prepare_q(const at::Tensor& q, at::ScalarType ct, bool& nhwc) {
-  nhwc = q.scalar_type() == ct && !q.is_contiguous() &&
-         q.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return nhwc ? q : prepare(q, ct);
-}
-
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in,
                                                           const at::Tensor& k_in,
@@ -141,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in
   if (B == 0 || N == 0) return {out, lse, p};
 
   bool q_nhwc = false;
-  const at::Tensor q = prepare_q(q_in, ct, q_nhwc);
+  const at::Tensor q = cpu::prepare_or_nhwc(q_in, ct, q_nhwc);
   const at::Tensor v = prepare(v_in, ct), bias = prepare(bias_in, ct);
   const at::Tensor kT = transposed(prepare(k_in, ct));
   at::Tensor out_c = ct == dt ? out : cpu::empty_output({B, Cv, H, W}, q_in.options().dtype(ct));
@@ -210,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
              db_c = at::zeros({B, S}, copts);
   if (N > 0) {
     bool q_nhwc = false;
-    const at::Tensor q = prepare_q(q_in, ct, q_nhwc), k = prepare(k_in, ct);
+    const at::Tensor q = cpu::prepare_or_nhwc(q_in, ct, q_nhwc), k = prepare(k_in, ct);
     const at::Tensor dout = prepare(dout_in, ct), vT = transposed(prepare(v_in, ct));
     const at::Tensor p = have_p ? p_in.contiguous() : at::Tensor();
     const at::Tensor kT = have_p ? at::Tensor() : transposed(k);

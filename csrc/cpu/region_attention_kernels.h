@@ -181,22 +181,13 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   using Base::zero;
 
   // The q columns of pixels [n0, n0 + nb) of one image into qb ([C][NBcap]): from NCHW (C rows
-  // of N pixels: pack) or, nhwc, from a channels-last image (N rows of C channels), transposed:
-  // floats in 8 x 8 blocks in registers (transpose8_move), the rest element by element.
+  // of N pixels) or, nhwc, from a channels-last image (N rows of C channels), transposed.
   static void pack_q(const T* __restrict img, bool nhwc, int64_t C, int64_t N, int64_t n0,
                      int64_t nb, T* __restrict qb, int64_t NBcap) {
-    if (!nhwc) return pack(img + n0, C, N, nb, qb, NBcap);
-    const T* src = img + n0 * C;
-    int64_t n8 = 0, c8 = 0;  // pixels and channels done by the blocks
-    if constexpr (std::is_same<T, float>::value) {
-      n8 = nb / 8 * 8;
-      c8 = C / 8 * 8;
-      for (int64_t n = 0; n < n8; n += 8)
-        for (int64_t c = 0; c < c8; c += 8)
-          cpu::FASTCTX_RA_ISA::transpose8_move(src + n * C + c, C, qb + c * NBcap + n, NBcap);
-    }
-    for (int64_t n = 0; n < nb; ++n)
-      for (int64_t c = n < n8 ? c8 : 0; c < C; ++c) qb[c * NBcap + n] = src[n * C + c];
+    if (nhwc)
+      cpu::FASTCTX_RA_ISA::pack_nhwc(img + n0 * C, C, nb, qb, NBcap);
+    else
+      pack(img + n0, C, N, nb, qb, NBcap);
   }
 
   // dst[n * Sp + s] = src[s * NBcap + n] for s < S, n < nb (columns [S, Sp) of dst untouched).

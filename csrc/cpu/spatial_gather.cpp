@@ -3,10 +3,12 @@
 // kernels and their design notes are in spatial_gather_kernels.h.
 //
 // Inputs are made contiguous in the compute dtype by prepare(): a no-op for NCHW float32 /
-// float64 input; channels_last or other strided inputs, and float16 / bfloat16 inputs (upcast
-// to float32), are copied once. Outputs are contiguous in the input dtype; lse is float32
-// (float64 for float64 inputs). Accumulation is float32 for float16 / bfloat16 / float32 and
-// float64 for float64. No tensor of size B x K x N is allocated besides the dlogits output.
+// float64 input; other strided inputs, and float16 / bfloat16 inputs (upcast to float32), are
+// copied once. Channels-last float32 / float64 feats and logits are not copied: the kernels
+// transpose them block by block (prepare_or_nhwc, vec.h's pack_nhwc). Outputs are contiguous in
+// the input dtype; lse is float32 (float64 for float64 inputs). Accumulation is float32 for
+// float16 / bfloat16 / float32 and float64 for float64. No tensor of size B x K x N is
+// allocated besides the dlogits output.
 //
 // Forward: tasks (image, pixel chunk), chunks fixed by N alone, each writing its own partial
 // (regions, running max, running sum); the partials of an image are merged in chunk order.
@@ -110,18 +112,20 @@ std::tuple<at::Tensor, at::Tensor> sg_fwd_cpu(const at::Tensor& feats_in,
   auto lse = at::empty({B, K}, copts);
   auto out = at::empty({B, C, K}, feats_in.options());
 
-  const at::Tensor f = prepare(feats_in, ct), l = prepare(logits_in, ct);
+  bool f_nhwc = false, l_nhwc = false;
+  const at::Tensor f = cpu::prepare_or_nhwc(feats_in, ct, f_nhwc);
+  const at::Tensor l = cpu::prepare_or_nhwc(logits_in, ct, l_nhwc);
   at::Tensor out_c = ct == dt ? out : at::empty({B, C, K}, copts);
 
   AT_DISPATCH_FLOATING_TYPES(ct, "sg_fwd_cpu", [&] {
     using T = scalar_t;
     const Geom g = make_geom<T>(N, K);
     const FwdArgs<T> a{f.const_data_ptr<T>(), l.const_data_ptr<T>(), C, K, N,
-                       static_cast<T>(scale)};
+                       static_cast<T>(scale), f_nhwc, l_nhwc};
     const int64_t ntask = B * g.nchunk, psize = fwd_partial(g, C), Kp = g.Kp;
     at::Tensor part_t = at::empty({ntask, psize}, copts);
     T* part = part_t.mutable_data_ptr<T>();
-    cpu::for_each_item<T>(ntask, fwd_scratch(g), [&](int64_t i, T* s) {
+    cpu::for_each_item<T>(ntask, fwd_scratch(g, C, K, f_nhwc, l_nhwc), [&](int64_t i, T* s) {
       fwd_task<T>(a, g, i / g.nchunk, i % g.nchunk, s, part + i * psize);
     });
 
@@ -197,7 +201,9 @@ std::tuple<at::Tensor, at::Tensor> sg_bwd_cpu(const at::Tensor& dout_in,
   auto dfeats = cpu::empty_output(feats_in.sizes(), feats_in.options());
   auto dlogits = cpu::empty_output(logits_in.sizes(), logits_in.options());
 
-  const at::Tensor f = prepare(feats_in, ct), l = prepare(logits_in, ct);
+  bool f_nhwc = false, l_nhwc = false;
+  const at::Tensor f = cpu::prepare_or_nhwc(feats_in, ct, f_nhwc);
+  const at::Tensor l = cpu::prepare_or_nhwc(logits_in, ct, l_nhwc);
   const at::Tensor dR = prepare(dout_in, ct), R = prepare(out_in, ct), lse = lse_in.contiguous();
   const at::Tensor dRT = dR.transpose(1, 2).contiguous();
   at::Tensor df_c = ct == dt ? dfeats : cpu::empty_output(feats_in.sizes(), copts);
@@ -221,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor> sg_bwd_cpu(const at::Tensor& dout_in,
     const BwdArgs<T> a{f.const_data_ptr<T>(),   l.const_data_ptr<T>(),   dRp,
                        dRT.const_data_ptr<T>(), lse.const_data_ptr<T>(), Dp,
                        df_c.mutable_data_ptr<T>(), dl_c.mutable_data_ptr<T>(),
-                       C, K, N, static_cast<T>(scale)};
-    cpu::for_each_item<T>(B * g.nblocks, bwd_scratch(g, C, K), [&](int64_t u, T* s) {
+                       C, K, N, static_cast<T>(scale), f_nhwc, l_nhwc};
+    cpu::for_each_item<T>(B * g.nblocks, bwd_scratch(g, C, K, l_nhwc), [&](int64_t u, T* s) {
       bwd_block<T>(a, g, u / g.nblocks, u % g.nblocks, s);
     });
   });

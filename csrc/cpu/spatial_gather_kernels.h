@@ -7,7 +7,8 @@
 // (and, for AVX2, under `#pragma GCC target("avx2,fma")`); the launcher picks one at run time.
 //
 // Design (NCHW: per image, feats is a C x N matrix F and logits a K x N matrix L, pixel axis n
-// stride 1; R = regions[b] is C x K):
+// stride 1; R = regions[b] is C x K; channels-last feats or logits are read as they are and
+// transposed into that layout block by block, vec.h's pack_nhwc):
 // - One register-blocked GEMM kernel, 4 rows x 3 vectors (8 x 1 for a last narrow panel):
 //     C[m][col] (+)= sum_kk A[m][kk] * B[kk][col]     (A broadcast, B and C vectors along col)
 //   used three ways:
@@ -60,6 +61,7 @@ constexpr int kMR = 4;                  // GEMM register block: rows (broadcast 
 constexpr int kNR = 3;                  // GEMM register block: vectors
 constexpr int kMRmax = 8;               // GEMM register block: rows when a panel has 1 vector
 constexpr int64_t kFwdNB = 256;         // forward: pixels per block
+constexpr int64_t kFwdSub = 64;         // forward, channels-last feats: pixels per packed panel
 constexpr int64_t kChunkPixels = 1024;  // forward: pixels per task, at least (unless N is less)
 constexpr int64_t kMaxChunks = 8;       // forward: tasks per image, at most
 constexpr int64_t kNBW = 12;            // backward: windows (vectors) per pixel block
@@ -106,25 +108,32 @@ inline void block_range(const Geom& g, int64_t N, int64_t t, int64_t& n0, int64_
   nb = t == g.nblocks - 1 ? N - n0 : g.NB;
 }
 
-// Per-thread scratch and per-task partial sizes (elements).
-inline int64_t fwd_scratch(const Geom& g) { return (kFwdNB + 1) * g.Kp; }
+// Per-thread scratch and per-task partial sizes (elements). Channels-last inputs add their
+// packed columns: the forward's feats panel [C][kFwdSub] and logits block [K][kFwdNB], the
+// backward's logits block [K][NBcap] (its feats go to Fb as NCHW feats do).
+inline int64_t fwd_scratch(const Geom& g, int64_t C, int64_t K, bool f_nhwc, bool l_nhwc) {
+  return (kFwdNB + 1) * g.Kp + (f_nhwc ? C * kFwdSub : 0) + (l_nhwc ? K * kFwdNB : 0);
+}
 inline int64_t fwd_partial(const Geom& g, int64_t C) { return (C + 2) * g.Kp; }
-inline int64_t bwd_scratch(const Geom& g, int64_t C, int64_t K) { return (C + 2 * K) * g.NBcap; }
+inline int64_t bwd_scratch(const Geom& g, int64_t C, int64_t K, bool l_nhwc) {
+  return (C + 2 * K + (l_nhwc ? K : 0)) * g.NBcap;
+}
 
 // Forward arguments (pointers at image 0; every tensor contiguous).
 template <class T>
 struct FwdArgs {
-  const T* f;  // [B, C, N]
-  const T* l;  // [B, K, N]
+  const T* f;  // [B, C, N], or [B, N, C] when f_nhwc
+  const T* l;  // [B, K, N], or [B, N, K] when l_nhwc
   int64_t C, K, N;
   T scale;
+  bool f_nhwc, l_nhwc;  // channels-last maps, read as they are
 };
 
 // Backward arguments.
 template <class T>
 struct BwdArgs {
-  const T* f;    // [B, C, N]
-  const T* l;    // [B, K, N]
+  const T* f;    // [B, C, N], or [B, N, C] when f_nhwc
+  const T* l;    // [B, K, N], or [B, N, K] when l_nhwc
   const T* dR;   // [B, C, K]
   const T* dRT;  // [B, K, C]  (dR transposed)
   const T* lse;  // [B, K]
@@ -133,6 +142,7 @@ struct BwdArgs {
   T* dl;         // [B, K, N]
   int64_t C, K, N;
   T scale;
+  bool f_nhwc, l_nhwc;  // channels-last maps, read as they are
 };
 
 }  // namespace sg_cpu
@@ -215,8 +225,10 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
     T* R = part;
     T* M = R + C * Kp;
     T* L = M + Kp;
-    T* Pt = scratch;            // [kFwdNB][Kp]
+    T* Pt = scratch;              // [kFwdNB][Kp]
     T* alpha = Pt + kFwdNB * Kp;  // [Kp]
+    T* Fb = alpha + Kp;           // [C][kFwdSub]: a panel of channels-last feats, packed
+    T* Lb = Fb + (a.f_nhwc ? C * kFwdSub : 0);  // [K][kFwdNB]: channels-last logits, packed
     std::fill(R, R + C * Kp, T(0));
     std::fill(M, M + Kp, ninf);
     std::fill(L, L + Kp, T(0));
@@ -229,9 +241,10 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
 
     for (int64_t n0 = p0; n0 < p1; n0 += kFwdNB) {
       const int64_t nb = std::min(kFwdNB, p1 - n0);
+      if (a.l_nhwc) cpu::FASTCTX_SG_ISA::pack_nhwc(Lg + n0 * K, K, nb, Lb, kFwdNB);
       bool rescale = false;
       for (int64_t k = 0; k < K; ++k) {
-        const T* row = Lg + k * N + n0;
+        const T* row = a.l_nhwc ? Lb + k * kFwdNB : Lg + k * N + n0;
         const T bm = a.scale * row_max(row, nb);  // scale > 0
         const T mo = M[k];
         if (bm > mo) {
@@ -249,7 +262,15 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
         for (int64_t r = 0; r < C; ++r)
           for (int64_t k = 0; k < Kp; k += VL) store(R + r * Kp + k, load(R + r * Kp + k) * load(alpha + k));
       }
-      gemm(F + n0, N, Pt, Kp, C, nb, col.data(), nkv, R, Kp, true, kFwdNB, true, true);
+      if (!a.f_nhwc) {
+        gemm(F + n0, N, Pt, Kp, C, nb, col.data(), nkv, R, Kp, true, kFwdNB, true, true);
+        continue;
+      }
+      for (int64_t s0 = 0; s0 < nb; s0 += kFwdSub) {  // channels-last feats: panels, packed
+        const int64_t ns = std::min(kFwdSub, nb - s0);
+        cpu::FASTCTX_SG_ISA::pack_nhwc(F + (n0 + s0) * C, C, ns, Fb, kFwdSub);
+        gemm(Fb, kFwdSub, Pt + s0 * Kp, Kp, C, ns, col.data(), nkv, R, Kp, true, kFwdSub, true);
+      }
     }
   }
 
@@ -265,15 +286,20 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
     T* Fb = scratch;          // [C][NBcap]: the block's feats columns
     T* W = Fb + C * NBcap;    // [K][NBcap]: softmax weights
     T* G = W + K * NBcap;     // [K][NBcap]: dR^T F
-    const T* Lg = a.l + b * K * N + n0;
+    T* Lb = G + K * NBcap;    // [K][NBcap]: channels-last logits, packed
+    const T* Lg = a.l + b * K * N + n0;  // (NCHW; channels-last: Lb)
     const T* lse = a.lse + b * K;
     const T* D = a.D + b * K;
     T* dL = a.dl + b * K * N + n0;
 
-    pack(a.f + b * C * N + n0, C, N, nb, Fb, NBcap);
+    if (a.f_nhwc)
+      cpu::FASTCTX_SG_ISA::pack_nhwc(a.f + (b * N + n0) * C, C, nb, Fb, NBcap);
+    else
+      pack(a.f + b * C * N + n0, C, N, nb, Fb, NBcap);
+    if (a.l_nhwc) cpu::FASTCTX_SG_ISA::pack_nhwc(a.l + (b * N + n0) * K, K, nb, Lb, NBcap);
     for (int64_t k = 0; k < K; ++k) {
       const T l = lse[k] == -inf ? inf : lse[k];  // empty class: exp(... - inf) = 0
-      exp_row(Lg + k * N, nb, a.scale, l, W + k * NBcap, 1);
+      exp_row(a.l_nhwc ? Lb + k * NBcap : Lg + k * N, nb, a.scale, l, W + k * NBcap, 1);
     }
     gemm(a.dRT + b * K * C, C, Fb, NBcap, K, C, col, nw, G, NBcap, false, kKC, false);
     const V sc = bcast(a.scale);

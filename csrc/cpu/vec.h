@@ -348,6 +348,23 @@ static inline void transpose8_move(const float* src, int64_t ss, float* dst, int
   for (int i = 0; i < 8; ++i) Vec<float, 8>::store(dst + i * ds, r[i]);
 }
 
+// dst[c * ds + n] = src[n * C + c] for n < nb, c < C: nb pixels of a channels-last map (each a
+// row of C channels) as C rows of nb values, the NCHW packing of a pixel block. Floats: 8 x 8
+// blocks transposed in registers (transpose8_move), the rest element by element.
+template <class T>
+static inline void pack_nhwc(const T* __restrict src, int64_t C, int64_t nb, T* __restrict dst,
+                             int64_t ds) {
+  int64_t n8 = 0, c8 = 0;  // pixels and channels done by the blocks
+  if constexpr (std::is_same<T, float>::value) {
+    n8 = nb / 8 * 8;
+    c8 = C / 8 * 8;
+    for (int64_t n = 0; n < n8; n += 8)
+      for (int64_t c = 0; c < c8; c += 8) transpose8_move(src + n * C + c, C, dst + c * ds + n, ds);
+  }
+  for (int64_t n = 0; n < nb; ++n)
+    for (int64_t c = n < n8 ? c8 : 0; c < C; ++c) dst[c * ds + n] = src[n * C + c];
+}
+
 }  // namespace FASTCTX_VEC_ISA
 }  // namespace cpu
 }  // namespace fastctx
