@@ -7,9 +7,9 @@
 // big operands (q, dout), and a no-op for NCHW float32 / float64 input (other strided inputs,
 // and float16 / bfloat16 inputs, which are upcast to float32, are copied once). A channels-last
 // float32 / float64 q is not copied: the kernels transpose it block by block (prepare_or_nhwc,
-// pack_q). k and v ([B, C, S], small) are also packed transposed once. Outputs are contiguous in the
-// input dtype; lse and p are float32 (float64 for float64 inputs). Accumulation is float32 for
-// float16 / bfloat16 / float32 and float64 for float64. The only tensor of size B x S x N is
+// pack_q). k and v ([B, C, S], small) are also packed transposed once. Outputs are contiguous in
+// the input dtype; lse and p are float32 (float64 for float64 inputs). Accumulation is float32
+// for float16 / bfloat16 / float32 and float64 for float64. The only tensor of size B x S x N is
 // p, the weights, which the forward writes when keep_p is set (fastctx sets it when the
 // backward will run and there are enough keys: fastctx/ops/ocr.py RA_KEEP_MIN_KEYS) and the
 // backward reads instead of recomputing them from lse; per-thread scratch holds one block of
