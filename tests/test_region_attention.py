@@ -78,10 +78,11 @@ def test_strided_pixels(backend, device):
     k = torch.randn(2, 6, 7, device=device, requires_grad=True)
     v = torch.randn(2, 5, 7, device=device, requires_grad=True)
     out = fastctx.region_attention(q, k, v, backend=backend)
-    out.sum().backward()
+    dout = torch.randn_like(out).contiguous(memory_format=torch.channels_last)
+    out.backward(dout)
     l64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref = python_ref.region_attention(*l64)
-    ref.sum().backward()
+    ref.backward(dout.double())
     assert_close(out, ref, torch.float32, "out")
     for name, t, t64 in zip(("dq", "dk", "dv"), (q, k, v), l64):
         assert_close(t.grad, t64.grad, torch.float32, name)
@@ -93,18 +94,27 @@ CL_SHAPES = [(2, 13, 9, 7, 11, 19), (2, 20, 24, 13, 9, 40), (1, 64, 16, 16, 16, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("which", ["q", "dout", "both"])
 @pytest.mark.parametrize("shape", CL_SHAPES, ids=_id)
-def test_cpu_channels_last_q_read_in_place(dtype, shape):
-    """A channels-last float32 / float64 q is read as it is: the CPU kernels transpose each pixel
-    block's columns themselves (pack_q), so the one q-sized tensor of a forward and backward is
-    dq (before: a transposed copy in each too), and the output and every gradient match the
+def test_cpu_channels_last_read_in_place(dtype, which, shape):
+    """A channels-last float32 / float64 q, and gradient of the output, are read as they are: the
+    CPU kernels transpose each pixel block's columns themselves (pack_map), so the one q-sized
+    tensor of a forward and backward is dq and the one out-sized tensor is out (before: a
+    transposed copy of each in each pass too), and the output and every gradient match the
     reference."""
     B, cq, cv, H, W, S = shape
-    q = torch.randn(B, cq, H, W, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    q = torch.randn(B, cq, H, W, dtype=dtype)
+    dout = torch.randn(B, cv, H, W, dtype=dtype)
+    if which in ("q", "both"):
+        q = q.contiguous(memory_format=torch.channels_last)
+    if which in ("dout", "both"):
+        dout = dout.contiguous(memory_format=torch.channels_last)
+    for name, t in (("q", q), ("dout", dout)):
+        assert (which in (name, "both")) == (not t.is_contiguous()), name
+    q.requires_grad_(True)
     k = torch.randn(B, cq, S, dtype=dtype, requires_grad=True)
     v = torch.randn(B, cv, S, dtype=dtype, requires_grad=True)
     bias = _make_bias("masked", B, S, dtype, "cpu")
-    dout = torch.randn(B, cv, H, W, dtype=dtype)
     got = {}
 
     def fwd_bwd():
@@ -114,8 +124,8 @@ def test_cpu_channels_last_q_read_in_place(dtype, shape):
 
     sizes = allocations(fwd_bwd)
     assert fastctx.last_backend("region_attention") == "cpu"
-    assert q.is_contiguous(memory_format=torch.channels_last) and not q.is_contiguous()
-    assert sizes.count(q.numel() * q.element_size()) == 1, sizes  # dq's; no copy of q
+    assert sizes.count(q.numel() * q.element_size()) == 1, sizes  # dq
+    assert sizes.count(dout.numel() * dout.element_size()) == 1, sizes  # out
     l64 = [t.detach().double().requires_grad_(True) for t in (q, k, v, bias)]
     ref = python_ref.region_attention(l64[0], l64[1], l64[2], 0.7, l64[3])
     ref.backward(dout.double())

@@ -6,14 +6,14 @@
 // Inputs are made contiguous in the compute dtype by prepare(): that copy is the only copy of the
 // big operands (q, dout), and a no-op for NCHW float32 / float64 input (other strided inputs,
 // and float16 / bfloat16 inputs, which are upcast to float32, are copied once). A channels-last
-// float32 / float64 q is not copied: the kernels transpose it block by block (prepare_or_nhwc,
-// pack_q). k and v ([B, C, S], small) are also packed transposed once. Outputs are contiguous in
-// the input dtype; lse and p are float32 (float64 for float64 inputs). Accumulation is float32
-// for float16 / bfloat16 / float32 and float64 for float64. The only tensor of size B x S x N is
-// p, the weights, which the forward writes when keep_p is set (fastctx sets it when the
-// backward will run and there are enough keys: fastctx/ops/ocr.py RA_KEEP_MIN_KEYS) and the
-// backward reads instead of recomputing them from lse; per-thread scratch holds one block of
-// pixels x S.
+// float32 / float64 q or dout is not copied: the kernels transpose it block by block
+// (prepare_or_nhwc, pack_map). k and v ([B, C, S], small) are also packed transposed once.
+// Outputs are contiguous in the input dtype; lse and p are float32 (float64 for float64 inputs).
+// Accumulation is float32 for float16 / bfloat16 / float32 and float64 for float64. The only
+// tensor of size B x S x N is p, the weights, which the forward writes when keep_p is set
+// (fastctx sets it when the backward will run and there are enough keys: fastctx/ops/ocr.py
+// RA_KEEP_MIN_KEYS) and the backward reads instead of recomputing them from lse; per-thread
+// scratch holds one block of pixels x S.
 //
 // The backward takes D = <dout, out> as sum_s P dA (the same in exact arithmetic, and it needs no
 // pass over out), so out is only checked; lse is read only when p is not given. Its reductions
@@ -201,9 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
   at::Tensor dk_c = at::zeros({B, Cqk, S}, copts), dv_c = at::zeros({B, Cv, S}, copts),
              db_c = at::zeros({B, S}, copts);
   if (N > 0) {
-    bool q_nhwc = false;
+    bool q_nhwc = false, dout_nhwc = false;
     const at::Tensor q = cpu::prepare_or_nhwc(q_in, ct, q_nhwc), k = prepare(k_in, ct);
-    const at::Tensor dout = prepare(dout_in, ct), vT = transposed(prepare(v_in, ct));
+    const at::Tensor dout = cpu::prepare_or_nhwc(dout_in, ct, dout_nhwc);
+    const at::Tensor vT = transposed(prepare(v_in, ct));
     const at::Tensor p = have_p ? p_in.contiguous() : at::Tensor();
     const at::Tensor kT = have_p ? at::Tensor() : transposed(k);
     const at::Tensor bias = have_p ? at::Tensor() : prepare(bias_in, ct);
@@ -222,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
                          have_p ? nullptr : lse.const_data_ptr<T>(),
                          have_p ? p.const_data_ptr<T>() : nullptr,
                          dq_c.mutable_data_ptr<T>(),
-                         Cqk, Cv, S, N, static_cast<T>(scale), q_nhwc};
+                         Cqk, Cv, S, N, static_cast<T>(scale), q_nhwc, dout_nhwc};
       // Tasks: tpi per image, each a fixed range of about kTaskBlocks blocks (independent of the
       // thread count). Waves of G tasks, up to four per thread (claimed dynamically, so a wave
       // waits for at most about one task at its end) while their partial sums stay under

@@ -31,8 +31,8 @@
 //     dv [c][s] += sum_n dob[c][n] * Pt[n][s]          transposed per block, S x nb values)
 //   qb / dob: the block's q / dout columns packed contiguously ([C][NBcap]; N is often a power of
 //   two, and 512 rows at a 32 KiB stride would all fall into the same cache sets). A
-//   channels-last q (N x Cqk per image) is read as it is and transposed into qb block by block
-//   (pack_q), instead of a transposed copy of the whole map first.
+//   channels-last q or dout (N x C per image) is read as it is and transposed into qb / dob
+//   block by block (pack_map), instead of a transposed copy of the whole map first.
 // - Softmax: vectorised over the pixels of a block (one lane per pixel), three passes over s.
 //   When asked (keep_p), the forward also stores the weights P ([B, S, N], S rows of nb values
 //   per block) and the backward reads them back instead of recomputing them: that saves the
@@ -137,13 +137,13 @@ struct FwdArgs {
   T* p;           // [B, S, N], or null: the weights, kept for the backward
   int64_t Cqk, Cv, S, N;
   T scale;
-  bool q_nhwc;    // q is a channels-last map, read as it is (pack_q)
+  bool q_nhwc;    // q is a channels-last map, read as it is (pack_map)
 };
 
 // Backward arguments. dk / dv / dbias go to a per-task partial buffer, see bwd_task.
 template <class T>
 struct BwdArgs {
-  const T* dout;  // [B, Cv, N]
+  const T* dout;  // [B, Cv, N], or [B, N, Cv] when dout_nhwc
   const T* q;     // [B, Cqk, N], or [B, N, Cqk] when q_nhwc
   const T* k;     // [B, Cqk, S]
   const T* kT;    // [B, S, Cqk]  (k transposed; read only when p is null)
@@ -154,7 +154,7 @@ struct BwdArgs {
   T* dq;          // [B, Cqk, N]
   int64_t Cqk, Cv, S, N;
   T scale;
-  bool q_nhwc;    // q is a channels-last map, read as it is (pack_q)
+  bool q_nhwc, dout_nhwc;  // q / dout is a channels-last map, read as it is (pack_map)
 };
 
 }  // namespace ra_cpu
@@ -180,14 +180,14 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   using Base::windows;
   using Base::zero;
 
-  // The q columns of pixels [n0, n0 + nb) of one image into qb ([C][NBcap]): from NCHW (C rows
-  // of N pixels) or, nhwc, from a channels-last image (N rows of C channels), transposed.
-  static void pack_q(const T* __restrict img, bool nhwc, int64_t C, int64_t N, int64_t n0,
-                     int64_t nb, T* __restrict qb, int64_t NBcap) {
+  // The columns of pixels [n0, n0 + nb) of one image of q or dout into d ([C][NBcap]): from
+  // NCHW (C rows of N pixels) or, nhwc, from a channels-last image (N rows of C), transposed.
+  static void pack_map(const T* __restrict img, bool nhwc, int64_t C, int64_t N, int64_t n0,
+                       int64_t nb, T* __restrict d, int64_t NBcap) {
     if (nhwc)
-      cpu::FASTCTX_RA_ISA::pack_nhwc(img + n0 * C, C, nb, qb, NBcap);
+      cpu::FASTCTX_RA_ISA::pack_nhwc(img + n0 * C, C, nb, d, NBcap);
     else
-      pack(img + n0, C, N, nb, qb, NBcap);
+      pack(img + n0, C, N, nb, d, NBcap);
   }
 
   // dst[n * Sp + s] = src[s * NBcap + n] for s < S, n < nb (columns [S, Sp) of dst untouched).
@@ -213,7 +213,7 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
     int64_t col[kNBW + 1];
     const int64_t nw = windows(nb, col);
 
-    pack_q(a.q + b * Cqk * N, a.q_nhwc, Cqk, N, n0, nb, qb, NBcap);
+    pack_map(a.q + b * Cqk * N, a.q_nhwc, Cqk, N, n0, nb, qb, NBcap);
     gemm(a.kT + b * S * Cqk, Cqk, qb, NBcap, S, Cqk, col, nw, E, NBcap, false, kKC, false);
 
     // Softmax over s, one lane per pixel, over whole vectors of columns [0, ncol).
@@ -293,8 +293,8 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
       const int64_t nw = windows(nb, col);
       const int64_t ncol = (nb + VL - 1) / VL * VL;
 
-      pack_q(Q, a.q_nhwc, Cqk, N, n0, nb, qb, NBcap);
-      pack(dO + n0, Cv, N, nb, dob, NBcap);
+      pack_map(Q, a.q_nhwc, Cqk, N, n0, nb, qb, NBcap);
+      pack_map(dO, a.dout_nhwc, Cv, N, n0, nb, dob, NBcap);
       if (Pg) {
         pack(Pg + n0, S, N, nb, E, NBcap);
       } else {

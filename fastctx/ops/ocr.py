@@ -35,8 +35,9 @@ def spatial_gather(feats: Tensor, logits: Tensor, scale: float = 1.0, *, backend
 
     The "cpu" and "triton" backends stream the pixels once with an online softmax per class and
     keep no ``[B, K, H, W]`` weights; the backward recomputes them from the saved log-sum-exp.
-    The "cpu" backend copies strided (e.g. channels_last) and 16-bit inputs once (16-bit to
-    float32); the Triton kernels read any strides.
+    The "cpu" backend reads NCHW and channels_last float32 / float64 inputs in place and copies
+    other strided and 16-bit inputs once (16-bit to float32); the Triton kernels read any
+    strides.
     """
     op = "spatial_gather"
     _validate.feats_logits(op, feats, logits)
@@ -121,7 +122,11 @@ def region_attention(
         backend (str | None): see :mod:`fastctx.backends`. Default: None.
 
     Returns:
-        Tensor: ``[B, Cv, H, W]``.
+        Tensor: ``[B, Cv, H, W]`` (NCHW-contiguous from the "cpu" backend).
+
+    The "cpu" backend reads an NCHW or channels_last float32 / float64 ``q`` (and gradient of the
+    output) in place and copies other strided and 16-bit ones once; the Triton kernels read any
+    strides.
     """
     op = "region_attention"
     _validate.tensor(op, "q", q, 4, "[B, Cqk, H, W]")
@@ -219,7 +224,7 @@ def _ra_backward(ctx, dout, _dlse, _dp):
     if dout is None:  # an undefined gradient (gradcheck tries one): nothing flows back
         return (None,) * 7
     q, k, v, bias, out, lse, p = ctx.saved_tensors
-    dq, dk, dv, dbias = _ra_bwd(dout.contiguous(), q, k, v, bias, out, lse, p, ctx.scale, ctx.backend)
+    dq, dk, dv, dbias = _ra_bwd(dout, q, k, v, bias, out, lse, p, ctx.scale, ctx.backend)  # (both backends take its strides)
     return dq, dk, dv, dbias, None, None, None
 
 
