@@ -7,7 +7,7 @@ import torch
 
 import fastctx
 import python_ref
-from tests._utils import DTYPE_NAMES, assert_close, has_compiled, has_triton
+from tests._utils import DTYPE_NAMES, allocations, assert_close, has_compiled, has_triton
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = not CUDA  # Triton on CPU tensors, slow: keep its shapes small
@@ -63,11 +63,11 @@ def _reference(q, k, v, dout, scale):
     return out, q64.grad, k64.grad, v64.grad
 
 
-def _check_parity(backend, q, k, v, dtype, scale=1.0):
+def _check_parity(backend, q, k, v, dtype, scale=1.0, dout_format=torch.contiguous_format):
     out = fastctx.criss_cross_attention(q, k, v, scale, backend=backend)
     assert fastctx.last_backend("criss_cross_attention") == backend
     assert out.dtype == dtype and out.shape == (q.shape[0], v.shape[1], *q.shape[2:])
-    dout = torch.randn_like(out)
+    dout = torch.randn_like(out, memory_format=dout_format)
     out.backward(dout)
     ref = _reference(q, k, v, dout, scale)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), ref):
@@ -99,7 +99,45 @@ def test_strided_inputs(backend, device, layout):
         q, k, v = (t[:, ::2, :, 1:-1] for t in _inputs((B, 2 * cq, 2 * cv, H, W + 2), torch.float32, device, False))
     assert not q.is_contiguous()
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    _check_parity(backend, q, k, v, torch.float32)
+    # a channels_last model gives a channels_last gradient of the output too
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    _check_parity(backend, q, k, v, torch.float32, dout_format=fmt)
+
+
+# which of q, k, v, dout are channels-last: each alone, and all four
+CL_WHICH = ["q", "k", "v", "dout", "qkvdout"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("which", CL_WHICH)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 13, 9), (1, 8, 24, 17, 33), (2, 3, 5, 1, 7), (1, 16, 9, 13, 97)], ids=_id)
+def test_cpu_channels_last_read_in_place(dtype, which, shape):
+    """Channels-last float32 / float64 q, k, v and dout are read in place by the CPU kernels (their
+    rows and columns are strided matrices for the GEMMs): no copy of them is allocated (each
+    q/k/v-sized tensor of a forward and backward is a gradient or the output), and the output and
+    every gradient match the reference. Several tiles of 16 columns (W 33 and 97), a 1-row map."""
+    q, k, v = _inputs(shape, dtype, "cpu", False)
+    B, cq, cv, H, W = shape
+    dout = torch.randn(B, cv, H, W, dtype=dtype)
+    names = ("q", "k", "v", "dout")
+    q, k, v, dout = (t.contiguous(memory_format=torch.channels_last) if n in which else t for n, t in zip(names, (q, k, v, dout)))
+    for n, t in zip(names, (q, k, v, dout)):
+        assert (n in which) == (not t.is_contiguous()), n
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    got = {}
+
+    def fwd_bwd():
+        got["out"] = fastctx.criss_cross_attention(q, k, v, 0.7, backend="cpu")
+        got["grads"] = torch.autograd.grad(got["out"], (q, k, v), dout)
+
+    sizes = allocations(fwd_bwd)
+    assert fastctx.last_backend("criss_cross_attention") == "cpu"
+    size = lambda c: B * c * H * W * q.element_size()  # noqa: E731
+    assert sizes.count(size(cq)) == 2, sizes  # dq, dk
+    assert sizes.count(size(cv)) == 2, sizes  # out, dv
+    ref = _reference(q, k, v, dout, 0.7)
+    for name, g, want in zip(("out", "dq", "dk", "dv"), (got["out"], *got["grads"]), ref):
+        assert_close(g, want, dtype, name)
 
 
 def test_cpu_image_groups():
@@ -120,6 +158,8 @@ def test_gradcheck_cpu_float64():
     q, k, v = _inputs((2, 3, 4, 4, 5), torch.float64, "cpu")
     fn = lambda q, k, v: fastctx.criss_cross_attention(q, k, v, 0.9, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+    cl = (t.detach().contiguous(memory_format=torch.channels_last) for t in (q, k, v))
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_(True) for t in cl), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -3,10 +3,12 @@
 // shared/docs/OPERATORS.md section 1.
 //
 // Inputs are made NCHW-contiguous in the compute dtype by prepare(): that copy is the only copy
-// of a whole input, and a no-op for NCHW float32 / float64 input (channels_last or other strided
-// inputs, and float16 / bfloat16 inputs, which are upcast to float32, are copied once). Outputs
-// are NCHW-contiguous in the input dtype; lse is float32 (float64 for float64 inputs).
-// Accumulation is float32 for float16 / bfloat16 / float32 and float64 for float64.
+// of a whole input, and a no-op for NCHW float32 / float64 input (other strided inputs, and
+// float16 / bfloat16 inputs, which are upcast to float32, are copied once). Channels-last
+// float32 / float64 inputs are read in place: their rows and columns are strided matrices that
+// the GEMMs take as they are (Map). Outputs are NCHW-contiguous in the input dtype; lse is
+// float32 (float64 for float64 inputs). Accumulation is float32 for float16 / bfloat16 / float32
+// and float64 for float64.
 //
 // Design: the attention of a pixel is a row part (the W pixels of its row) and a column part (the
 // H pixels of its column), and both are small dense attentions, so all the arithmetic is BLAS
@@ -17,7 +19,8 @@
 //   dk_i += Q_i dS_row, dv_i += dO_i P_row);
 // - a column has no unit stride, so the column parts work on tiles of kTile columns packed into
 //   per-thread scratch as one C x H matrix per column (pack_cols; only the tile is copied, never
-//   a whole input), and their results are unpacked into the outputs' columns.
+//   a whole input), and their results are unpacked into the outputs' columns. (A column of a
+//   channels-last input is an H x C matrix with leading dimension W * C: read in place.)
 // One image at a time, the energies of every pixel are kept in E [H][W][Ld]: a pixel's H column
 // energies, then its W row energies, padded to Ld (what the reference's torch.cat builds, without
 // the (B, H, W, H + W) tensor for every image at once); the column GEMMs write the first part
@@ -116,6 +119,44 @@ void unpack_cols(const T* s, int64_t C, int64_t H, int64_t W, int64_t j0, int64_
   move_cols<false>(x, C, H, W, j0, tn, const_cast<T*>(s));  // s is only read
 }
 
+// An input map [B, C, H, W] as the GEMMs read it: NCHW-contiguous, or channels-last (nhwc), in
+// place. Row i of an image is a C x W matrix either way (NCHW: leading dimension H * W; channels-
+// last: its transpose, W x C with leading dimension C). A column of a channels-last image is an
+// H x C matrix with leading dimension W * C, read in place too; NCHW columns are packed per tile
+// (pack_cols) into per-thread scratch.
+template <class T>
+struct Map {
+  const T* p;
+  int64_t C, H, W;
+  bool nhwc;
+
+  Mat<T> row(int64_t b, int64_t i) const {
+    return nhwc ? mat(p + (b * H * W + i * W) * C, W, C, C).t()
+                : mat(p + b * C * H * W + i * W, C, W, H * W);
+  }
+  // Columns [j0, j0 + tn) of image b into d (tn x C x H) when NCHW; nothing to do when nhwc.
+  void pack(int64_t b, int64_t j0, int64_t tn, T* d) const {
+    if (!nhwc) pack_cols(p + b * C * H * W, C, H, W, j0, tn, d);
+  }
+  // Column j0 + t of image b as a C x H matrix (d: what pack() filled).
+  Mat<T> col(int64_t b, int64_t j0, int64_t t, const T* d) const {
+    return nhwc ? mat(p + (b * H * W + j0 + t) * C, H, C, W * C).t() : mat(d + t * C * H, C, H, H);
+  }
+};
+
+// An input for the GEMMs: a channels-last map of the compute dtype in place when BLAS's 32-bit
+// leading dimensions reach its columns (W * C), else prepare()'s NCHW copy.
+template <class T>
+Map<T> as_map(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.size(1), t.size(2), t.size(3),
+          !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)};
+}
+inline at::Tensor gemm_input(const at::Tensor& t, at::ScalarType ct) {
+  bool nhwc = false;
+  if (t.size(1) * t.size(3) > std::numeric_limits<int>::max()) return prepare(t, ct);
+  return cpu::prepare_or_nhwc(t, ct, nhwc);
+}
+
 // Ld: H + W rounded up to 64 bytes.
 template <class T>
 int64_t row_len(int64_t H, int64_t W) {
@@ -168,10 +209,10 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
     Cqk = 1;
     q = k = at::zeros({B, 1, H, W}, q_in.options().dtype(ct));
   } else {
-    q = prepare(q_in, ct);
-    k = prepare(k_in, ct);
+    q = gemm_input(q_in, ct);
+    k = gemm_input(k_in, ct);
   }
-  const at::Tensor v = prepare(v_in, ct);
+  const at::Tensor v = gemm_input(v_in, ct);
   at::Tensor out = cpu::empty_output({B, Cv, H, W}, v_in.options().dtype(ct));
 
   AT_DISPATCH_FLOATING_TYPES(ct, "cc_fwd_cpu", [&] {
@@ -184,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
     const T sc = static_cast<T>(scale);
     const int64_t ntiles = (W + kTile - 1) / kTile;
     const int64_t tile_elems = kTile * H * (2 * Cqk + 2 * Cv);
-    const T *q0 = q.const_data_ptr<T>(), *k0 = k.const_data_ptr<T>(), *v0 = v.const_data_ptr<T>();
+    const Map<T> Q = as_map<T>(q), K = as_map<T>(k), V = as_map<T>(v);
     T *o0 = out.mutable_data_ptr<T>(), *l0 = lse.mutable_data_ptr<T>();
     for (int64_t b0 = 0; b0 < B; b0 += NB) {
       const int64_t nb = std::min(NB, B - b0);
@@ -192,8 +233,7 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
       cpu::for_each_item_bytes(nb * H, 0, 0, [&](int64_t it, char*) {
         const int64_t b = b0 + it / H, i = it % H;
         T* Eb = E + (it / H) * HW * Ld;
-        gemm<T>(mat(Eb + i * W * Ld + H, W, W, Ld), mat(q0 + b * Cqk * HW + i * W, Cqk, W, HW).t(),
-                mat(k0 + b * Cqk * HW + i * W, Cqk, W, HW), T(0));
+        gemm<T>(mat(Eb + i * W * Ld + H, W, W, Ld), Q.row(b, i).t(), K.row(b, i), T(0));
       });
       // Per tile of columns: column energies E[i][j][y] = <q[:, i, j], k[:, y, j]>, the softmax
       // of its pixels, and the column part of out, written. Item: (image, tile).
@@ -202,19 +242,19 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
         T* Eb = E + (it / ntiles) * HW * Ld;
         T* Qc = reinterpret_cast<T*>(s);
         T *Kc = Qc + kTile * Cqk * H, *Vc = Kc + kTile * Cqk * H, *Oc = Vc + kTile * Cv * H;
-        pack_cols(q0 + b * Cqk * HW, Cqk, H, W, j0, tn, Qc);
-        pack_cols(k0 + b * Cqk * HW, Cqk, H, W, j0, tn, Kc);
+        Q.pack(b, j0, tn, Qc);
+        K.pack(b, j0, tn, Kc);
         for (int64_t t = 0; t < tn; ++t)
-          gemm<T>(mat(Eb + (j0 + t) * Ld, H, H, W * Ld), mat(Qc + t * Cqk * H, Cqk, H, H).t(),
-                  mat(Kc + t * Cqk * H, Cqk, H, H), T(0));
+          gemm<T>(mat(Eb + (j0 + t) * Ld, H, H, W * Ld), Q.col(b, j0, t, Qc).t(),
+                  K.col(b, j0, t, Kc), T(0));
         for (int64_t i = 0; i < H; ++i)
           for (int64_t t = 0; t < tn; ++t) {
             const int64_t p = i * W + j0 + t;
             l0[b * HW + p] = softmax_fwd<T>(Eb + p * Ld, L, Ld, i, sc);
           }
-        pack_cols(v0 + b * Cv * HW, Cv, H, W, j0, tn, Vc);
+        V.pack(b, j0, tn, Vc);
         for (int64_t t = 0; t < tn; ++t)
-          gemm<T>(mat(Oc + t * Cv * H, Cv, H, H), mat(Vc + t * Cv * H, Cv, H, H),
+          gemm<T>(mat(Oc + t * Cv * H, Cv, H, H), V.col(b, j0, t, Vc),
                   mat(Eb + (j0 + t) * Ld, H, H, W * Ld).t(), T(0));
         unpack_cols(Oc, Cv, H, W, j0, tn, o0 + b * Cv * HW);
       });
@@ -222,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
       cpu::for_each_item_bytes(nb * H, 0, 0, [&](int64_t it, char*) {
         const int64_t b = b0 + it / H, i = it % H;
         const T* Eb = E + (it / H) * HW * Ld;
-        gemm<T>(mat(o0 + b * Cv * HW + i * W, Cv, W, HW), mat(v0 + b * Cv * HW + i * W, Cv, W, HW),
+        gemm<T>(mat(o0 + b * Cv * HW + i * W, Cv, W, HW), V.row(b, i),
                 mat(Eb + i * W * Ld + H, W, W, Ld).t(), T(1));
       });
     }
@@ -268,15 +308,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
     Cqk = 1;
     q = k = at::zeros({B, 1, H, W}, copts);
   } else {
-    q = prepare(q_in, ct);
-    k = prepare(k_in, ct);
+    q = gemm_input(q_in, ct);
+    k = gemm_input(k_in, ct);
   }
   if (no_v) {
     Cv = 1;
     v = dout = at::zeros({B, 1, H, W}, copts);
   } else {
-    v = prepare(v_in, ct);
-    dout = prepare(dout_in, ct);
+    v = gemm_input(v_in, ct);
+    dout = gemm_input(dout_in, ct);
   }
   at::Tensor dq_c = (ct == dt && !no_qk) ? dq : cpu::empty_output({B, Cqk, H, W}, copts);
   at::Tensor dk_c = (ct == dt && !no_qk) ? dk : cpu::empty_output({B, Cqk, H, W}, copts);
@@ -294,17 +334,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
     const T sc = static_cast<T>(scale);
     const int64_t ntiles = (W + kTile - 1) / kTile;
     const int64_t tile_elems = kTile * H * (4 * Cqk + 2 * Cv);
-    const T *q0 = q.const_data_ptr<T>(), *k0 = k.const_data_ptr<T>(), *v0 = v.const_data_ptr<T>(),
-            *do0 = dout.const_data_ptr<T>();
+    const Map<T> Q = as_map<T>(q), K = as_map<T>(k), V = as_map<T>(v), D = as_map<T>(dout);
     T *dq0 = dq_c.mutable_data_ptr<T>(), *dk0 = dk_c.mutable_data_ptr<T>(), *dv0 = dv_c.mutable_data_ptr<T>();
     for (int64_t b0 = 0; b0 < B; b0 += NB) {
       const int64_t nb = std::min(NB, B - b0);
       // Row energies and dP_row[i][j][x] = <dout[:, i, j], v[:, i, x]>. Item: (image, row).
       cpu::for_each_item_bytes(nb * H, 0, 0, [&](int64_t it, char*) {
         const int64_t b = b0 + it / H, i = it % H, r = (it / H) * HW * Ld + i * W * Ld + H;
-        const int64_t oq = b * Cqk * HW + i * W, ov = b * Cv * HW + i * W;
-        gemm<T>(mat(E + r, W, W, Ld), mat(q0 + oq, Cqk, W, HW).t(), mat(k0 + oq, Cqk, W, HW), T(0));
-        gemm<T>(mat(G + r, W, W, Ld), mat(do0 + ov, Cv, W, HW).t(), mat(v0 + ov, Cv, W, HW), T(0));
+        gemm<T>(mat(E + r, W, W, Ld), Q.row(b, i).t(), K.row(b, i), T(0));
+        gemm<T>(mat(G + r, W, W, Ld), D.row(b, i).t(), V.row(b, i), T(0));
       });
       // Per tile of columns: column energies and dP_col[i][j][y] = <dout[:, i, j], v[:, y, j]>,
       // the tile's pixels' P and dE * scale, and the column parts of dq, dk, dv, written.
@@ -316,16 +354,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
         T* Qc = reinterpret_cast<T*>(s);
         T *Kc = Qc + kTile * Cqk * H, *dQc = Kc + kTile * Cqk * H, *dKc = dQc + kTile * Cqk * H;
         T *Dc = dKc + kTile * Cqk * H, *Vc = Dc + kTile * Cv * H;
-        pack_cols(q0 + oq, Cqk, H, W, j0, tn, Qc);
-        pack_cols(k0 + oq, Cqk, H, W, j0, tn, Kc);
-        pack_cols(do0 + ov, Cv, H, W, j0, tn, Dc);
-        pack_cols(v0 + ov, Cv, H, W, j0, tn, Vc);
+        Q.pack(b, j0, tn, Qc);
+        K.pack(b, j0, tn, Kc);
+        D.pack(b, j0, tn, Dc);
+        V.pack(b, j0, tn, Vc);
         for (int64_t t = 0; t < tn; ++t) {
           const int64_t c = (j0 + t) * Ld;
-          gemm<T>(mat(Eb + c, H, H, W * Ld), mat(Qc + t * Cqk * H, Cqk, H, H).t(),
-                  mat(Kc + t * Cqk * H, Cqk, H, H), T(0));
-          gemm<T>(mat(Gb + c, H, H, W * Ld), mat(Dc + t * Cv * H, Cv, H, H).t(),
-                  mat(Vc + t * Cv * H, Cv, H, H), T(0));
+          gemm<T>(mat(Eb + c, H, H, W * Ld), Q.col(b, j0, t, Qc).t(), K.col(b, j0, t, Kc), T(0));
+          gemm<T>(mat(Gb + c, H, H, W * Ld), D.col(b, j0, t, Dc).t(), V.col(b, j0, t, Vc), T(0));
         }
         for (int64_t i = 0; i < H; ++i)
           for (int64_t t = 0; t < tn; ++t) {
@@ -333,13 +369,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
             softmax_fwd<T>(Eb + p, L, Ld, i, sc);
             softmax_bwd<T>(Eb + p, Gb + p, Ld, sc);
           }
-        // dv[:, y, j] = sum_i dout[:, i, j] P[i][y] (into Vc, no longer needed),
+        // dv[:, y, j] = sum_i dout[:, i, j] P[i][y] (into Vc, no longer needed, or unused when v
+        // is channels-last),
         // dq[:, i, j] = sum_y k[:, y, j] dS[i][y], dk[:, y, j] = sum_i q[:, i, j] dS[i][y].
         for (int64_t t = 0; t < tn; ++t) {
           const Mat<T> Pc = mat(Eb + (j0 + t) * Ld, H, H, W * Ld), dSc = mat(Gb + (j0 + t) * Ld, H, H, W * Ld);
-          gemm<T>(mat(Vc + t * Cv * H, Cv, H, H), mat(Dc + t * Cv * H, Cv, H, H), Pc, T(0));
-          gemm<T>(mat(dQc + t * Cqk * H, Cqk, H, H), mat(Kc + t * Cqk * H, Cqk, H, H), dSc.t(), T(0));
-          gemm<T>(mat(dKc + t * Cqk * H, Cqk, H, H), mat(Qc + t * Cqk * H, Cqk, H, H), dSc, T(0));
+          gemm<T>(mat(Vc + t * Cv * H, Cv, H, H), D.col(b, j0, t, Dc), Pc, T(0));
+          gemm<T>(mat(dQc + t * Cqk * H, Cqk, H, H), K.col(b, j0, t, Kc), dSc.t(), T(0));
+          gemm<T>(mat(dKc + t * Cqk * H, Cqk, H, H), Q.col(b, j0, t, Qc), dSc, T(0));
         }
         unpack_cols(Vc, Cv, H, W, j0, tn, dv0 + ov);
         unpack_cols(dQc, Cqk, H, W, j0, tn, dq0 + oq);
@@ -350,9 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
         const int64_t b = b0 + it / H, i = it % H, r = (it / H) * HW * Ld + i * W * Ld + H;
         const int64_t oq = b * Cqk * HW + i * W, ov = b * Cv * HW + i * W;
         const Mat<T> Pr = mat(E + r, W, W, Ld), dSr = mat(G + r, W, W, Ld);
-        gemm<T>(mat(dq0 + oq, Cqk, W, HW), mat(k0 + oq, Cqk, W, HW), dSr.t(), T(1));
-        gemm<T>(mat(dk0 + oq, Cqk, W, HW), mat(q0 + oq, Cqk, W, HW), dSr, T(1));
-        gemm<T>(mat(dv0 + ov, Cv, W, HW), mat(do0 + ov, Cv, W, HW), Pr, T(1));
+        gemm<T>(mat(dq0 + oq, Cqk, W, HW), K.row(b, i), dSr.t(), T(1));
+        gemm<T>(mat(dk0 + oq, Cqk, W, HW), Q.row(b, i), dSr, T(1));
+        gemm<T>(mat(dv0 + ov, Cv, W, HW), D.row(b, i), Pr, T(1));
       });
     }
   });

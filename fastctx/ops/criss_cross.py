@@ -68,7 +68,7 @@ def _backward(ctx, dout, _dlse):
     if dout is None:  # an undefined gradient (gradcheck tries one): nothing flows back
         return (None,) * 5
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd(dout.contiguous(), q, k, v, out, lse, ctx.scale, ctx.backend)
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse, ctx.scale, ctx.backend)  # (every backend takes its strides)
     return dq, dk, dv, None, None
 
 
@@ -93,8 +93,9 @@ def criss_cross_attention(
 
     Returns:
         Tensor: ``[B, Cv, H, W]`` in the inputs' dtype (float32 accumulation). The compiled
-        backends return it NCHW-contiguous; the "cpu" and "cuda" kernels copy non-NCHW inputs to
-        NCHW first, the Triton kernels read any strides.
+        backends return it NCHW-contiguous. The "cpu" kernels read NCHW and channels_last
+        float32 / float64 inputs in place and copy others to NCHW first, the "cuda" kernels copy
+        every non-NCHW input to NCHW first, the Triton kernels read any strides.
 
     Example::
 
