@@ -146,15 +146,17 @@ struct Map {
 
 // An input for the GEMMs: a channels-last map of the compute dtype in place when BLAS's 32-bit
 // leading dimensions reach its columns (W * C), else prepare()'s NCHW copy.
-template <class T>
-Map<T> as_map(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.size(1), t.size(2), t.size(3),
-          !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)};
-}
 inline at::Tensor gemm_input(const at::Tensor& t, at::ScalarType ct) {
   bool nhwc = false;
   if (t.size(1) * t.size(3) > std::numeric_limits<int>::max()) return prepare(t, ct);
   return cpu::prepare_or_nhwc(t, ct, nhwc);
+}
+
+// The Map of what gemm_input() gave: NCHW-contiguous or channels-last.
+template <class T>
+Map<T> as_map(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.size(1), t.size(2), t.size(3),
+          !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)};
 }
 
 // Ld: H + W rounded up to 64 bytes.
