@@ -32,7 +32,7 @@
 //   qb / dob: the block's q / dout columns packed contiguously ([C][NBcap]; N is often a power of
 //   two, and 512 rows at a 32 KiB stride would all fall into the same cache sets). A
 //   channels-last q or dout (N x C per image) is read as it is and transposed into qb / dob
-//   block by block (pack_map), instead of a transposed copy of the whole map first.
+//   block by block (vec.h's pack_map), instead of a transposed copy of the whole map first.
 // - Softmax: vectorised over the pixels of a block (one lane per pixel), three passes over s.
 //   When asked (keep_p), the forward also stores the weights P ([B, S, N], S rows of nb values
 //   per block) and the backward reads them back instead of recomputing them: that saves the
@@ -174,21 +174,12 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   using Base::lane;
   using Base::load;
   using Base::pack;
+  using Base::pack_map;
   using Base::store;
   using Base::vexp;
   using Base::vmax;
   using Base::windows;
   using Base::zero;
-
-  // The columns of pixels [n0, n0 + nb) of one image of q or dout into d ([C][NBcap]): from
-  // NCHW (C rows of N pixels) or, nhwc, from a channels-last image (N rows of C), transposed.
-  static void pack_map(const T* __restrict img, bool nhwc, int64_t C, int64_t N, int64_t n0,
-                       int64_t nb, T* __restrict d, int64_t NBcap) {
-    if (nhwc)
-      cpu::FASTCTX_RA_ISA::pack_nhwc(img + n0 * C, C, nb, d, NBcap);
-    else
-      pack(img + n0, C, N, nb, d, NBcap);
-  }
 
   // dst[n * Sp + s] = src[s * NBcap + n] for s < S, n < nb (columns [S, Sp) of dst untouched).
   static void transpose(const T* __restrict src, int64_t S, int64_t NBcap, int64_t nb,

@@ -161,7 +161,7 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
   using Base::gemm;
   using Base::lane;
   using Base::load;
-  using Base::pack;
+  using Base::pack_map;
   using Base::store;
   using Base::vexp;
   using Base::vmax;
@@ -292,10 +292,7 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
     const T* D = a.D + b * K;
     T* dL = a.dl + b * K * N + n0;
 
-    if (a.f_nhwc)
-      cpu::FASTCTX_SG_ISA::pack_nhwc(a.f + (b * N + n0) * C, C, nb, Fb, NBcap);
-    else
-      pack(a.f + b * C * N + n0, C, N, nb, Fb, NBcap);
+    pack_map(a.f + b * C * N, a.f_nhwc, C, N, n0, nb, Fb, NBcap);
     if (a.l_nhwc) cpu::FASTCTX_SG_ISA::pack_nhwc(a.l + (b * N + n0) * K, K, nb, Lb, NBcap);
     for (int64_t k = 0; k < K; ++k) {
       const T l = lse[k] == -inf ? inf : lse[k];  // empty class: exp(... - inf) = 0

@@ -1,7 +1,8 @@
 // Vector helpers of the CPU kernels: GCC vector types of VL lanes with loads, stores, broadcast
 // and a vectorised exp (Vec<T, VL>), register-blocked GEMM kernels and the loop that drives them
 // over pixel windows (RegGemm), the softmax of one row of attention energies and its backward
-// (SoftmaxRow) and an 8 x 8 transpose of floats (transpose8, transpose8_move). Kernels derive
+// (SoftmaxRow), an 8 x 8 transpose of floats (transpose8, transpose8_move) and the packing of a
+// block of a channels-last map (pack_nhwc; RegGemm::pack_map for either layout). Kernels derive
 // from one of them.
 //
 // NO INCLUDE GUARD, on purpose: a kernels header includes this file once per instruction set,
@@ -115,6 +116,57 @@ struct Vec {
     }
   }
 };
+
+// An 8 x 8 block of floats in eight 8-lane vectors, transposed in registers: r[i][l] becomes
+// r[l][i].
+typedef int32_t I8 __attribute__((vector_size(32)));
+static inline void transpose8(typename Vec<float, 8>::V* r) {
+  typedef typename Vec<float, 8>::V F;
+  const I8 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const I8 s44 = {0, 1, 8, 9, 4, 5, 12, 13}, sEE = {2, 3, 10, 11, 6, 7, 14, 15};
+  const I8 p20 = {0, 1, 2, 3, 8, 9, 10, 11}, p31 = {4, 5, 6, 7, 12, 13, 14, 15};
+  F t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], s44);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], sEE);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], s44);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], sEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shuffle(u[i], u[i + 4], p20);
+    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], p31);
+  }
+}
+
+// Moves an 8 x 8 block of floats and transposes it: dst[j * ds + i] = src[i * ss + j] (8 rows
+// of src, ss apart, become 8 columns of dst, whose rows are ds apart).
+static inline void transpose8_move(const float* src, int64_t ss, float* dst, int64_t ds) {
+  typename Vec<float, 8>::V r[8];
+  for (int i = 0; i < 8; ++i) r[i] = Vec<float, 8>::load(src + i * ss);
+  transpose8(r);
+  for (int i = 0; i < 8; ++i) Vec<float, 8>::store(dst + i * ds, r[i]);
+}
+
+// dst[c * ds + n] = src[n * C + c] for n < nb, c < C: nb pixels of a channels-last map (each a
+// row of C channels) as C rows of nb values, the NCHW packing of a pixel block. Floats: 8 x 8
+// blocks transposed in registers (transpose8_move), the rest element by element.
+template <class T>
+static inline void pack_nhwc(const T* __restrict src, int64_t C, int64_t nb, T* __restrict dst,
+                             int64_t ds) {
+  int64_t n8 = 0, c8 = 0;  // pixels and channels done by the blocks
+  if constexpr (std::is_same<T, float>::value) {
+    n8 = nb / 8 * 8;
+    c8 = C / 8 * 8;
+    for (int64_t n = 0; n < n8; n += 8)
+      for (int64_t c = 0; c < c8; c += 8) transpose8_move(src + n * C + c, C, dst + c * ds + n, ds);
+  }
+  for (int64_t n = 0; n < nb; ++n)
+    for (int64_t c = n < n8 ? c8 : 0; c < C; ++c) dst[c * ds + n] = src[n * C + c];
+}
 
 // The register-blocked GEMM kernels of the CPU attention kernels, and gemm(), the loop over
 // chunks of K, panels and rows that region attention and spatial gather drive them with (over
@@ -252,6 +304,16 @@ struct RegGemm : Vec<T, VL> {
       std::memcpy(dst + c * NBcap, src + c * N, bytes);
     }
   }
+
+  // The columns of pixels [n0, n0 + nb) of one image into dst ([C][NBcap]): from an NCHW image
+  // (C rows of N pixels: pack) or, nhwc, from a channels-last one (N rows of C: pack_nhwc).
+  static void pack_map(const T* __restrict img, bool nhwc, int64_t C, int64_t N, int64_t n0,
+                       int64_t nb, T* __restrict dst, int64_t NBcap) {
+    if (nhwc)
+      pack_nhwc(img + n0 * C, C, nb, dst, NBcap);
+    else
+      pack(img + n0, C, N, nb, dst, NBcap);
+  }
 };
 
 // One row of attention energies (criss-cross's [column | row] of a pixel, an interlaced group's
@@ -313,57 +375,6 @@ struct SoftmaxRow : Vec<T, 32 / static_cast<int>(sizeof(T))> {
     for (int64_t m = 0; m < Ld; m += VL) store(dP + m, sc * load(P + m) * (load(dP + m) - dv));
   }
 };
-
-// An 8 x 8 block of floats in eight 8-lane vectors, transposed in registers: r[i][l] becomes
-// r[l][i].
-typedef int32_t I8 __attribute__((vector_size(32)));
-static inline void transpose8(typename Vec<float, 8>::V* r) {
-  typedef typename Vec<float, 8>::V F;
-  const I8 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-  const I8 s44 = {0, 1, 8, 9, 4, 5, 12, 13}, sEE = {2, 3, 10, 11, 6, 7, 14, 15};
-  const I8 p20 = {0, 1, 2, 3, 8, 9, 10, 11}, p31 = {4, 5, 6, 7, 12, 13, 14, 15};
-  F t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
-    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = __builtin_shuffle(t[i], t[i + 2], s44);
-    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], sEE);
-    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], s44);
-    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], sEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = __builtin_shuffle(u[i], u[i + 4], p20);
-    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], p31);
-  }
-}
-
-// Moves an 8 x 8 block of floats and transposes it: dst[j * ds + i] = src[i * ss + j] (8 rows
-// of src, ss apart, become 8 columns of dst, whose rows are ds apart).
-static inline void transpose8_move(const float* src, int64_t ss, float* dst, int64_t ds) {
-  typename Vec<float, 8>::V r[8];
-  for (int i = 0; i < 8; ++i) r[i] = Vec<float, 8>::load(src + i * ss);
-  transpose8(r);
-  for (int i = 0; i < 8; ++i) Vec<float, 8>::store(dst + i * ds, r[i]);
-}
-
-// dst[c * ds + n] = src[n * C + c] for n < nb, c < C: nb pixels of a channels-last map (each a
-// row of C channels) as C rows of nb values, the NCHW packing of a pixel block. Floats: 8 x 8
-// blocks transposed in registers (transpose8_move), the rest element by element.
-template <class T>
-static inline void pack_nhwc(const T* __restrict src, int64_t C, int64_t nb, T* __restrict dst,
-                             int64_t ds) {
-  int64_t n8 = 0, c8 = 0;  // pixels and channels done by the blocks
-  if constexpr (std::is_same<T, float>::value) {
-    n8 = nb / 8 * 8;
-    c8 = C / 8 * 8;
-    for (int64_t n = 0; n < n8; n += 8)
-      for (int64_t c = 0; c < c8; c += 8) transpose8_move(src + n * C + c, C, dst + c * ds + n, ds);
-  }
-  for (int64_t n = 0; n < nb; ++n)
-    for (int64_t c = n < n8 ? c8 : 0; c < C; ++c) dst[c * ds + n] = src[n * C + c];
-}
 
 }  // namespace FASTCTX_VEC_ISA
 }  // namespace cpu
