@@ -113,6 +113,12 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
 // the same shape and dtype (layout.cpp).
 void nhwc_to_nchw(const at::Tensor& src, const at::Tensor& dst);
 
+// A [B, C, H, W] map laid out channels-last and not NCHW-contiguous (a map that is both, e.g.
+// with C = 1, counts as NCHW).
+inline bool is_nhwc(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // The one copy of an input: contiguous in the compute dtype (no copy for a contiguous tensor of
 // that dtype), allocated as empty_output() allocates. (Not Tensor::to(dtype, ...,
 // MemoryFormat::Contiguous): that aliases any tensor whose suggest_memory_format() is Contiguous,
@@ -121,8 +127,7 @@ void nhwc_to_nchw(const at::Tensor& src, const at::Tensor& dst);
 inline at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
   if (t.scalar_type() == ct && t.is_contiguous()) return t;
   at::Tensor r = empty_output(t.sizes(), t.options().dtype(ct));
-  if (t.scalar_type() == ct && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-      (ct == at::kFloat || ct == at::kDouble)) {
+  if (t.scalar_type() == ct && is_nhwc(t) && (ct == at::kFloat || ct == at::kDouble)) {
     nhwc_to_nchw(t, r);
   } else {
     r.copy_(t);
@@ -133,8 +138,7 @@ inline at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) {
 // A map as a kernel that can read channels-last input in place takes it: a channels-last map of
 // the compute dtype as it is (nhwc set), anything else as prepare() gives it (NCHW).
 inline at::Tensor prepare_or_nhwc(const at::Tensor& t, at::ScalarType ct, bool& nhwc) {
-  nhwc = t.scalar_type() == ct && t.dim() == 4 && !t.is_contiguous() &&
-         t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  nhwc = t.scalar_type() == ct && is_nhwc(t);
   return nhwc ? t : prepare(t, ct);
 }
 

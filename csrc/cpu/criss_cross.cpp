@@ -155,8 +155,7 @@ inline at::Tensor gemm_input(const at::Tensor& t, at::ScalarType ct) {
 // The Map of what gemm_input() gave: NCHW-contiguous or channels-last.
 template <class T>
 Map<T> as_map(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.size(1), t.size(2), t.size(3),
-          !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)};
+  return {t.const_data_ptr<T>(), t.size(1), t.size(2), t.size(3), cpu::is_nhwc(t)};
 }
 
 // Ld: H + W rounded up to 64 bytes.
