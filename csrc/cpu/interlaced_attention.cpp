@@ -257,7 +257,7 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
     }
     if (x.sW == 1 && !g.long_mode && g.bw == 8 && std::abs(x.sC) >= std::abs(x.sW)) {
       // Channel by channel: the band's bh map rows (block row t), their runs of 8 members.
-      const int64_t r0 = t * g.bh * x.sH;
+      const int64_t r0 = band_row(g, t, 0) * x.sH;  // the band's first row; bh rows follow
       for (int64_t c = 0; c < cn; ++c) {
         if (c + 1 < cn)
           for (int64_t r = 0; r < g.bh; ++r)
@@ -326,7 +326,7 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
       return;
     }
     if (y.sW == 1 && !g.long_mode && g.bw == 8) {
-      const int64_t r0 = t * g.bh * y.sH;
+      const int64_t r0 = band_row(g, t, 0) * y.sH;
       for (int64_t c = 0; c < cn; ++c)
         unpack_runs8(src + c * L, CL, g.bh, g.gw, base + c * y.sC + r0, y.sH);
       return;
