@@ -134,6 +134,55 @@ def test_strided_inputs_long_bw8(layout):
     _check_against_reference("cpu", q, k, v, (2, 8), "long", None, torch.float32)
 
 
+# (B, Cqk, Cv, H, W, block): the cpu kernels' channels-last packing transposes blocks of 8
+# members x 8 channels. Long mode, over a group's members (blocks span map rows): 34 (16x136,
+# block 8x8: 17 a row, 4 blocks and a tail of 2), 18 (6x18, block 3x2: 2 blocks and a tail of
+# 2), 16 (8x12, block 2x3: 4 a row, no tail). Short mode, over a block's map row: 8 members (a
+# block), 10 (a block and a tail), 2 and 3 (all tail). Channels: 9, 13 and 20 (blocks of 8 and a
+# tail), 136 (past the chunk of 128).
+CL_SHAPES = [
+    (1, 13, 20, 16, 136, (8, 8)),
+    (2, 136, 13, 6, 18, (3, 2)),
+    (1, 13, 9, 16, 40, (2, 10)),
+    (2, 9, 20, 8, 12, (2, 3)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("which", ["q", "v", "dout", "qkvdout"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", CL_SHAPES, ids=lambda s: _id(s, "")[:-1])
+def test_cpu_channels_last_read_in_place(shape, mode, which, dtype):
+    """Channels-last q, k, v and dout are read where they lie by the CPU kernels (no copy of them
+    is allocated: each q/k/v-sized tensor of a forward and backward is the output or a
+    gradient), and the output and every gradient match the reference."""
+    B, cq, cv, H, W, block = shape
+    q, k, v = _inputs(B, cq, cv, H, W, dtype, "cpu")
+    dout = torch.randn(B, cv, H, W, dtype=dtype)
+    names = ("q", "k", "v", "dout")
+    q, k, v, dout = (t.contiguous(memory_format=torch.channels_last) if n in which else t
+                     for n, t in zip(names, (q, k, v, dout)))
+    for n, t in zip(names, (q, k, v, dout)):
+        assert (n in which) == (not t.is_contiguous()), n
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    got = {}
+
+    def fwd_bwd():
+        got["out"] = fastctx.interlaced_attention(q, k, v, block=block, mode=mode, scale=0.7, backend="cpu")
+        got["grads"] = torch.autograd.grad(got["out"], (q, k, v), dout)
+
+    sizes = allocations(fwd_bwd)
+    assert fastctx.last_backend("interlaced_attention") == "cpu"
+    size = lambda c: B * c * H * W * q.element_size()  # noqa: E731
+    assert sizes.count(size(cq)) == 2, sizes  # dq, dk (Cqk != Cv in every shape)
+    assert sizes.count(size(cv)) == 2, sizes  # out, dv
+    l64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = python_ref.interlaced_attention(*l64, block, mode, 0.7)
+    want = (ref, *torch.autograd.grad(ref, l64, dout.double()))
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (got["out"], *got["grads"]), want):
+        assert_close(g, w, dtype, name)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_cpu_float64(mode):
     q = torch.randn(1, 3, 4, 6, dtype=torch.float64, requires_grad=True)

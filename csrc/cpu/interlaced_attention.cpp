@@ -21,7 +21,11 @@
 //   long as the forward's GEMMs (one thread, 64x128); transposed, the forward measured 15-20%
 //   faster. The blocks step over members, not map rows: a row of a map narrower than 64 holds
 //   fewer than 8 members of a group (session 15: 48x48, 6 a row, forward+backward 1.7x faster
-//   than transposing within rows, whose partial blocks went element by element).
+//   than transposing within rows, whose partial blocks went element by element). Channels-last
+//   maps in float32: 8 members of a group x 8 channels at a time, transposed in registers
+//   (long mode: pack_members_cl, over members as above; short mode: vec.h's pack_pixels);
+//   element by element, the forward took 1.25-1.36x its NCHW time at ISANet's sizes, transposed
+//   0.83-1.00x.
 // - GEMMs with cpu::gemm (common.h: torch's BLAS, single-threaded inside
 //   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
 //   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
@@ -115,6 +119,21 @@ void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw,
   if (use_avx2()) return isa_avx2::unpack_members8(s, ss, off, gw, L, d);
 #endif
   isa_base::unpack_members8(s, ss, off, gw, L, d);
+}
+
+void pack_members_cl(const float* s, const int64_t* off, int64_t gw, int64_t sJ, int64_t L,
+                     int64_t C, float* d, int64_t ds) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::pack_members_cl(s, off, gw, sJ, L, C, d, ds);
+#endif
+  isa_base::pack_members_cl(s, off, gw, sJ, L, C, d, ds);
+}
+
+void pack_pixels(const float* s, int64_t sn, int64_t C, int64_t nb, float* d, int64_t ds) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+  if (use_avx2()) return isa_avx2::pack_pixels(s, sn, C, nb, d, ds);
+#endif
+  isa_base::pack_pixels(s, sn, C, nb, d, ds);
 }
 
 void pack_runs8(const float* s, int64_t sH, int64_t rows, int64_t n, float* d, int64_t ds) {
@@ -235,7 +254,7 @@ inline void prefetch_row(const T* p, int64_t n, int64_t sw) {
 // Packs channels [c0, c0 + cn) of band t of image b of x into dst, group by group:
 // dst[u * us + (c - c0) * L + l] (u < U, l < L; us >= cn * L: the group stride) in the compute
 // dtype A. Each map row is read once, along W (channels_last and other maps whose channel stride
-// is the smaller one: along C).
+// is the smaller one: along C, pixel by pixel).
 template <class T, class A>
 void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t cn, const Geom& g,
                const int64_t* pu, const int64_t* pl, A* dst, int64_t us) {
@@ -263,6 +282,26 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
           for (int64_t r = 0; r < g.bh; ++r)
             prefetch_row(base + (c + 1) * x.sC + r0 + r * x.sH, W, 1);
         pack_runs8(base + c * x.sC + r0, x.sH, g.bh, g.gw, dst + c * L, CL);
+      }
+      return;
+    }
+    if (x.sC == 1 && x.sW != 1) {
+      // Channels-last: blocks of 8 members of a group x 8 channels transposed in registers.
+      // Long mode: group p bw + b of the band (phase p, column phase b) has member I gw + J at
+      // row I of phase p, pixel J bw + b; short mode: the bw pixels of block J of the band's
+      // row r are members r bw + b of group J.
+      if (g.long_mode) {
+        std::vector<int64_t> off = phase_rows(g, t, x.sH);
+        for (int64_t p = 0; p < g.m; ++p)
+          for (int64_t b2 = 0; b2 < g.bw; ++b2)
+            pack_members_cl(base + b2 * x.sW, off.data() + p * g.gh, g.gw, g.bw * x.sW, L, cn,
+                            dst + (p * g.bw + b2) * CL, L);
+      } else {
+        for (int64_t r = 0; r < g.R; ++r) {
+          const T* row = base + band_row(g, t, r) * x.sH;
+          for (int64_t J = 0; J < g.gw; ++J)
+            pack_pixels(row + J * g.bw * x.sW, x.sW, cn, g.bw, dst + J * CL + r * g.bw, L);
+        }
       }
       return;
     }

@@ -1,7 +1,7 @@
 // Interlaced sparse self-attention (ISANet), CPU: the vector code of the packing of bands with
-// 8-wide blocks (float32), and the element-wise row passes of one group's L x L attention matrix
-// (softmax forward, softmax backward from the kept weights P). The launcher, the rest of the
-// packing and the GEMMs are in interlaced_attention.cpp.
+// 8-wide blocks and of channels-last bands (float32), and the element-wise row passes of one
+// group's L x L attention matrix (softmax forward, softmax backward from the kept weights P). The
+// launcher, the rest of the packing and the GEMMs are in interlaced_attention.cpp.
 //
 // NO INCLUDE GUARD, on purpose: interlaced_attention.cpp includes this file once per instruction
 // set, each time with FASTCTX_ISA_NS naming a namespace (and, for AVX2, under
@@ -99,6 +99,45 @@ inline void unpack_runs8(const float* s, int64_t ss, int64_t rows, int64_t n, fl
                          int64_t dH) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t J = 0; J < n; ++J) V8::store(d + r * dH + J * 8, V8::load(s + J * ss + r * 8));
+}
+
+// Long mode's packing of a channels-last map (float), for one group of a band and a chunk of C
+// channels: member l = I * gw + J at s + off[I] + J * sJ (row I of the group's phase, off[I] its
+// offset; sJ: bw pixels), its channels contiguous; written d[c * ds + l] (c < C, l < L).
+// 8 members x 8 channels at a time are transposed in registers (the last L % 8 members and C % 8
+// channels element by element); stepping over members, not map rows, keeps the blocks whole
+// when a row holds a number of members that is not a multiple of 8 (13 on 104x104 maps).
+inline void pack_members_cl(const float* s, const int64_t* off, int64_t gw, int64_t sJ, int64_t L,
+                            int64_t C, float* d, int64_t ds) {
+  const float* p[8];
+  int64_t I = 0, J = 0, l = 0;
+  const int64_t C8 = C / 8 * 8;
+  auto next = [&] {
+    const float* a = s + off[I] + J * sJ;
+    if (++J == gw) J = 0, ++I;
+    return a;
+  };
+  for (; l + 8 <= L; l += 8) {
+    for (int i = 0; i < 8; ++i) p[i] = next();
+    V8::V r[8];
+    for (int64_t c = 0; c < C8; c += 8) {
+      for (int i = 0; i < 8; ++i) r[i] = V8::load(p[i] + c);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) V8::store(d + (c + i) * ds + l, r[i]);
+    }
+    for (int64_t c = C8; c < C; ++c)
+      for (int i = 0; i < 8; ++i) d[c * ds + l + i] = p[i][c];
+  }
+  for (; l < L; ++l) {
+    const float* a = next();
+    for (int64_t c = 0; c < C; ++c) d[c * ds + l] = a[c];
+  }
+}
+
+// Short mode's (float): d[c * ds + n] = s[n * sn + c] for the n < nb pixels of a block row
+// (sn apart) and c < C channels (vec.h's pack_pixels: 8 x 8 blocks transposed in registers).
+inline void pack_pixels(const float* s, int64_t sn, int64_t C, int64_t nb, float* d, int64_t ds) {
+  cpu::FASTCTX_ISA_NS::pack_pixels(s, sn, C, nb, d, ds);
 }
 
 // Entry points. The row passes (vec.h's SoftmaxRow), over a group's L x L matrix: row l holds

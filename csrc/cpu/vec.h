@@ -1,9 +1,9 @@
 // Vector helpers of the CPU kernels: GCC vector types of VL lanes with loads, stores, broadcast
 // and a vectorised exp (Vec<T, VL>), register-blocked GEMM kernels and the loop that drives them
 // over pixel windows (RegGemm), the softmax of one row of attention energies and its backward
-// (SoftmaxRow), an 8 x 8 transpose of floats (transpose8, transpose8_move) and the packing of a
-// block of a channels-last map (pack_nhwc; RegGemm::pack_map for either layout). Kernels derive
-// from one of them.
+// (SoftmaxRow), an 8 x 8 transpose of floats (transpose8, transpose8_move) and the packing of
+// pixels of a channels-last map (pack_pixels, pack_nhwc; RegGemm::pack_map for either layout).
+// Kernels derive from one of them.
 //
 // NO INCLUDE GUARD, on purpose: a kernels header includes this file once per instruction set,
 // with FASTCTX_VEC_ISA naming the namespace (and, for AVX2, under
@@ -151,21 +151,29 @@ static inline void transpose8_move(const float* src, int64_t ss, float* dst, int
   for (int i = 0; i < 8; ++i) Vec<float, 8>::store(dst + i * ds, r[i]);
 }
 
-// dst[c * ds + n] = src[n * C + c] for n < nb, c < C: nb pixels of a channels-last map (each a
-// row of C channels) as C rows of nb values, the NCHW packing of a pixel block. Floats: 8 x 8
-// blocks transposed in registers (transpose8_move), the rest element by element.
+// dst[c * ds + n] = src[n * sn + c] for n < nb, c < C: nb pixels sn apart, each a run of C
+// contiguous channels (of a channels-last map), as C rows of nb values. Floats: 8 x 8 blocks
+// transposed in registers (transpose8_move), the rest element by element.
 template <class T>
-static inline void pack_nhwc(const T* __restrict src, int64_t C, int64_t nb, T* __restrict dst,
-                             int64_t ds) {
+static inline void pack_pixels(const T* __restrict src, int64_t sn, int64_t C, int64_t nb,
+                               T* __restrict dst, int64_t ds) {
   int64_t n8 = 0, c8 = 0;  // pixels and channels done by the blocks
   if constexpr (std::is_same<T, float>::value) {
     n8 = nb / 8 * 8;
     c8 = C / 8 * 8;
     for (int64_t n = 0; n < n8; n += 8)
-      for (int64_t c = 0; c < c8; c += 8) transpose8_move(src + n * C + c, C, dst + c * ds + n, ds);
+      for (int64_t c = 0; c < c8; c += 8) transpose8_move(src + n * sn + c, sn, dst + c * ds + n, ds);
   }
   for (int64_t n = 0; n < nb; ++n)
-    for (int64_t c = n < n8 ? c8 : 0; c < C; ++c) dst[c * ds + n] = src[n * C + c];
+    for (int64_t c = n < n8 ? c8 : 0; c < C; ++c) dst[c * ds + n] = src[n * sn + c];
+}
+
+// The NCHW packing of a pixel block of a channels-last map: its nb pixels, each a row of C
+// channels, as C rows of nb values.
+template <class T>
+static inline void pack_nhwc(const T* __restrict src, int64_t C, int64_t nb, T* __restrict dst,
+                             int64_t ds) {
+  pack_pixels(src, C, C, nb, dst, ds);
 }
 
 // The register-blocked GEMM kernels of the CPU attention kernels, and gemm(), the loop over
