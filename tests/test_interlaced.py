@@ -37,6 +37,9 @@ SHAPES = [
     # long mode, bw 8 on maps narrower than 64: 4 members a row, each block of 8 members spans
     # two map rows (32x32: 16 members, no tail)
     (1, 6, 10, 32, 32, (8, 8)),
+    # long mode, bw 4 (4 x 4 register transposes): bands of one phase (bh odd), 9 members a row
+    # (blocks span map rows), a tail of 3; (2, 24, 40, 12, 20, (4, 4)) has bands of two phases
+    (1, 5, 7, 9, 36, (3, 4)),
 ]
 # groups of 12 (long) and 64 (short) members; channels past the cpu kernels' chunk of 128
 LARGE = [(1, 130, 260, 24, 32, (8, 8))]
@@ -119,19 +122,21 @@ def test_strided_inputs(backend, mode, layout):
     _check_against_reference(backend, q, k, v, (4, 3), mode, None, torch.float32)
 
 
+@pytest.mark.parametrize("bw", [8, 4])
 @pytest.mark.parametrize("layout", ["channel-slice", "row-slice", "column-crop"])
-def test_strided_inputs_long_bw8(layout):
-    """The cpu kernels' 8 x 8 register transposes (long mode, bw 8, float32) on views whose rows
-    are contiguous but not where a contiguous map's would be: every other channel, every other
-    map row, and a crop that starts 3 values into each row (unaligned rows)."""
+def test_strided_inputs_long_transposed(layout, bw):
+    """The cpu kernels' 8 x 8 and 4 x 4 register transposes (long mode, bw 8 or 4, float32) on
+    views whose rows are contiguous but not where a contiguous map's would be: every other
+    channel, every other map row, and a crop that starts 3 values into each row (unaligned
+    rows)."""
     if layout == "channel-slice":
         q, k, v = (t[:, ::2, :, 3:] for t in _inputs(1, 10, 14, 8, 139, torch.float32, "cpu"))
     elif layout == "row-slice":
         q, k, v = (t[:, :, ::2, 3:] for t in _inputs(1, 5, 7, 16, 139, torch.float32, "cpu"))
     else:
         q, k, v = (t[..., 3:] for t in _inputs(1, 5, 7, 8, 139, torch.float32, "cpu"))
-    assert q.stride(3) == 1 and not q.is_contiguous() and q.shape[3] == 136  # 17 members a row
-    _check_against_reference("cpu", q, k, v, (2, 8), "long", None, torch.float32)
+    assert q.stride(3) == 1 and not q.is_contiguous() and q.shape[3] == 136  # 17 (34) members a row
+    _check_against_reference("cpu", q, k, v, (2, bw), "long", None, torch.float32)
 
 
 # (B, Cqk, Cv, H, W, block): the cpu kernels' channels-last packing transposes blocks of 8

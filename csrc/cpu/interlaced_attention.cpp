@@ -17,11 +17,14 @@
 //   tensor is made. (Gathering group by group instead reads every cache line of the band once per
 //   group: measured 3x slower than the GEMMs at ISANet's sizes.) Long mode with bw = 8 (ISANet's
 //   block) in float32: blocks of 8 members x the 8 groups of a phase are transposed in registers
-//   (pack_members8 / unpack_members8); element by element, packing ran at ~2.7 GB/s and took as
+//   (pack_members / unpack_members); element by element, packing ran at ~2.7 GB/s and took as
 //   long as the forward's GEMMs (one thread, 64x128); transposed, the forward measured 15-20%
 //   faster. The blocks step over members, not map rows: a row of a map narrower than 64 holds
 //   fewer than 8 members of a group (session 15: 48x48, 6 a row, forward+backward 1.7x faster
-//   than transposing within rows, whose partial blocks went element by element). Channels-last
+//   than transposing within rows, whose partial blocks went element by element). bw = 4 the
+//   same with 4 x 4 blocks (pack_members / unpack_members take either): element by element, the
+//   unpacking's stores 4 apart and the packing took ~38% of a forward (B1 32x32), and it lost to
+//   the reference (0.81-0.99x); transposed 1.39-1.40x. Channels-last
 //   maps in float32: 8 members of a group x 8 channels at a time, transposed in registers
 //   (long mode: pack_members_cl, over members as above; short mode: vec.h's pack_pixels);
 //   element by element, the forward took 1.25-1.36x its NCHW time at ISANet's sizes, transposed
@@ -105,20 +108,20 @@ void softmax_bwd(const T* P, T* dP, int64_t L, int64_t Lp, T scale) {
   isa_base::softmax_bwd<T>(P, dP, L, Lp, scale);
 }
 
-void pack_members8(const float* s, const int64_t* off, int64_t gw, int64_t L, float* d,
-                   int64_t ds) {
+void pack_members(int bw, const float* s, const int64_t* off, int64_t gw, int64_t L, float* d,
+                  int64_t ds) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::pack_members8(s, off, gw, L, d, ds);
+  if (use_avx2()) return isa_avx2::pack_members(bw, s, off, gw, L, d, ds);
 #endif
-  isa_base::pack_members8(s, off, gw, L, d, ds);
+  isa_base::pack_members(bw, s, off, gw, L, d, ds);
 }
 
-void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L,
-                     float* d) {
+void unpack_members(int bw, const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L,
+                    float* d) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::unpack_members8(s, ss, off, gw, L, d);
+  if (use_avx2()) return isa_avx2::unpack_members(bw, s, ss, off, gw, L, d);
 #endif
-  isa_base::unpack_members8(s, ss, off, gw, L, d);
+  isa_base::unpack_members(bw, s, ss, off, gw, L, d);
 }
 
 void pack_members_cl(const float* s, const int64_t* off, int64_t gw, int64_t sJ, int64_t L,
@@ -261,16 +264,17 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
   const T* base = x.p + b * x.sB + c0 * x.sC;
   const int64_t L = g.L, CL = us, W = g.W;
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-    if (x.sW == 1 && g.long_mode && g.bw == 8 && std::abs(x.sC) >= std::abs(x.sW)) {
-      // Channel by channel, phase by phase, 8 members at a time; the next channel's rows are
+    if (x.sW == 1 && g.long_mode && (g.bw == 8 || g.bw == 4) &&
+        std::abs(x.sC) >= std::abs(x.sW)) {
+      // Channel by channel, phase by phase, bw members at a time; the next channel's rows are
       // requested while this one is copied.
       std::vector<int64_t> off = phase_rows(g, t, x.sH);
       for (int64_t c = 0; c < cn; ++c) {
         if (c + 1 < cn)
           for (int64_t r = 0; r < g.R; ++r) prefetch_row(base + (c + 1) * x.sC + off[r], W, 1);
         for (int64_t p = 0; p < g.m; ++p)
-          pack_members8(base + c * x.sC, off.data() + p * g.gh, g.gw, L, dst + p * 8 * CL + c * L,
-                        CL);
+          pack_members(int(g.bw), base + c * x.sC, off.data() + p * g.gh, g.gw, L,
+                       dst + p * g.bw * CL + c * L, CL);
       }
       return;
     }
@@ -356,12 +360,12 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
   T* base = y.p + b * y.sB + c0 * y.sC;
   const int64_t L = g.L, CL = us, W = g.W, nrows = cn * g.R;
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-    if (y.sW == 1 && g.long_mode && g.bw == 8) {
+    if (y.sW == 1 && g.long_mode && (g.bw == 8 || g.bw == 4)) {
       std::vector<int64_t> off = phase_rows(g, t, y.sH);
       for (int64_t c = 0; c < cn; ++c)
         for (int64_t p = 0; p < g.m; ++p)
-          unpack_members8(src + p * 8 * CL + c * L, CL, off.data() + p * g.gh, g.gw, L,
-                          base + c * y.sC);
+          unpack_members(int(g.bw), src + p * g.bw * CL + c * L, CL, off.data() + p * g.gh, g.gw,
+                         L, base + c * y.sC);
       return;
     }
     if (y.sW == 1 && !g.long_mode && g.bw == 8) {

@@ -33,57 +33,99 @@ namespace fastctx {
 namespace isa_cpu {
 namespace FASTCTX_ISA_NS {
 
-// Long mode's packing when bw == 8 (float), for one channel and one phase of a band: member
-// l = I * gw + J of the phase's 8 groups has its 8 values, one per group, at s + off[I] + J * 8
-// (row I of the phase, off[I] its offset); pack_members8 writes them out group by group,
-// d[b * ds + l] (b < 8, l < L), transposing 8 members at a time in registers (the last L % 8
-// element by element); unpack_members8 is the inverse. Stepping over members, not map rows,
-// keeps the stores (loads) to the packed groups whole vectors for any gw: a row holds only gw
-// members per group, fewer than 8 for maps below 64 columns.
+// Long mode's packing when bw is 8 or 4 (float), for one channel and one phase of a band: member
+// l = I * gw + J of the phase's BW groups has its BW values, one per group, at
+// s + off[I] + J * BW (row I of the phase, off[I] its offset); pack_members writes them out group
+// by group, d[b * ds + l] (b < BW, l < L), transposing BW members at a time in registers (the
+// last L % BW element by element); unpack_members is the inverse. Stepping over members, not map
+// rows, keeps the stores (loads) to the packed groups whole vectors for any gw: a row holds only
+// gw members per group, fewer than 8 for maps below 64 columns.
 using cpu::FASTCTX_ISA_NS::transpose8;
 typedef cpu::FASTCTX_ISA_NS::Vec<float, 8> V8;
 
-// The members' addresses in order: I, J with l = I * gw + J.
+// A 4 x 4 block of floats in four 4-lane vectors, transposed in registers: r[i][l] becomes
+// r[l][i].
+typedef int32_t I4 __attribute__((vector_size(16)));
+inline void transpose4(typename cpu::FASTCTX_ISA_NS::Vec<float, 4>::V* r) {
+  const I4 lo = {0, 4, 1, 5}, hi = {2, 6, 3, 7}, p01 = {0, 1, 4, 5}, p23 = {2, 3, 6, 7};
+  const auto t0 = __builtin_shuffle(r[0], r[1], lo), t1 = __builtin_shuffle(r[0], r[1], hi);
+  const auto t2 = __builtin_shuffle(r[2], r[3], lo), t3 = __builtin_shuffle(r[2], r[3], hi);
+  r[0] = __builtin_shuffle(t0, t2, p01);
+  r[1] = __builtin_shuffle(t0, t2, p23);
+  r[2] = __builtin_shuffle(t1, t3, p01);
+  r[3] = __builtin_shuffle(t1, t3, p23);
+}
+
+template <int BW>
+struct Block {
+  typedef cpu::FASTCTX_ISA_NS::Vec<float, BW> V;
+  static inline void transpose(typename V::V* r) {
+    if constexpr (BW == 8)
+      transpose8(r);
+    else
+      transpose4(r);
+  }
+};
+
+// The members' addresses in order: I, J with l = I * gw + J, BW values each.
+template <int BW>
 struct Members {
   const int64_t* off;
   int64_t gw, I = 0, J = 0;
   int64_t next() {
-    const int64_t o = off[I] + J * 8;
+    const int64_t o = off[I] + J * BW;
     if (++J == gw) J = 0, ++I;
     return o;
   }
 };
 
-inline void pack_members8(const float* s, const int64_t* off, int64_t gw, int64_t L, float* d,
-                          int64_t ds) {
-  Members m{off, gw};
-  V8::V r[8];
+template <int BW>
+inline void pack_members(const float* s, const int64_t* off, int64_t gw, int64_t L, float* d,
+                         int64_t ds) {
+  typedef typename Block<BW>::V V;
+  Members<BW> m{off, gw};
+  typename V::V r[BW];
   int64_t l = 0;
-  for (; l + 8 <= L; l += 8) {
-    for (int i = 0; i < 8; ++i) r[i] = V8::load(s + m.next());
-    transpose8(r);
-    for (int b = 0; b < 8; ++b) V8::store(d + b * ds + l, r[b]);
+  for (; l + BW <= L; l += BW) {
+    for (int i = 0; i < BW; ++i) r[i] = V::load(s + m.next());
+    Block<BW>::transpose(r);
+    for (int b = 0; b < BW; ++b) V::store(d + b * ds + l, r[b]);
   }
   for (; l < L; ++l) {
     const float* sl = s + m.next();
-    for (int b = 0; b < 8; ++b) d[b * ds + l] = sl[b];
+    for (int b = 0; b < BW; ++b) d[b * ds + l] = sl[b];
   }
 }
 
-inline void unpack_members8(const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L,
-                            float* d) {
-  Members m{off, gw};
-  V8::V r[8];
+template <int BW>
+inline void unpack_members(const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L,
+                           float* d) {
+  typedef typename Block<BW>::V V;
+  Members<BW> m{off, gw};
+  typename V::V r[BW];
   int64_t l = 0;
-  for (; l + 8 <= L; l += 8) {
-    for (int b = 0; b < 8; ++b) r[b] = V8::load(s + b * ss + l);
-    transpose8(r);
-    for (int i = 0; i < 8; ++i) V8::store(d + m.next(), r[i]);
+  for (; l + BW <= L; l += BW) {
+    for (int b = 0; b < BW; ++b) r[b] = V::load(s + b * ss + l);
+    Block<BW>::transpose(r);
+    for (int i = 0; i < BW; ++i) V::store(d + m.next(), r[i]);
   }
   for (; l < L; ++l) {
     float* dl = d + m.next();
-    for (int b = 0; b < 8; ++b) dl[b] = s[b * ss + l];
+    for (int b = 0; b < BW; ++b) dl[b] = s[b * ss + l];
   }
+}
+
+// Entry points of the two (bw 8 or 4).
+inline void pack_members(int bw, const float* s, const int64_t* off, int64_t gw, int64_t L,
+                         float* d, int64_t ds) {
+  if (bw == 8) return pack_members<8>(s, off, gw, L, d, ds);
+  pack_members<4>(s, off, gw, L, d, ds);
+}
+
+inline void unpack_members(int bw, const float* s, int64_t ss, const int64_t* off, int64_t gw,
+                           int64_t L, float* d) {
+  if (bw == 8) return unpack_members<8>(s, ss, off, gw, L, d);
+  unpack_members<4>(s, ss, off, gw, L, d);
 }
 
 // Short mode's packing when bw == 8 (float), for one channel of a band: its `rows` map rows
