@@ -41,8 +41,10 @@ SHAPES = [
     # (blocks span map rows), a tail of 3; (2, 24, 40, 12, 20, (4, 4)) has bands of two phases
     (1, 5, 7, 9, 36, (3, 4)),
 ]
-# groups of 12 (long) and 64 (short) members; channels past the cpu kernels' chunk of 128
-LARGE = [(1, 130, 260, 24, 32, (8, 8))]
+# groups of 12 (long) and 64 (short) members; channels past the cpu kernels' chunk of 128. Groups
+# of at most 8 members (float32: the cpu kernels' own small GEMMs) past one chunk: 8 (long,
+# 16x32 block 8x8) and 7 (long, 21x4 block 3x4)
+LARGE = [(1, 130, 260, 24, 32, (8, 8)), (1, 136, 200, 16, 32, (8, 8)), (2, 140, 9, 21, 4, (3, 4))]
 MODES = ["long", "short"]
 
 

@@ -30,7 +30,10 @@
 //   element by element, the forward took 1.25-1.36x its NCHW time at ISANet's sizes, transposed
 //   0.83-1.00x.
 // - GEMMs with cpu::gemm (common.h: torch's BLAS, single-threaded inside
-//   at::parallel_for). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
+//   at::parallel_for); float groups of at most 8 members with the kernels header's small_*
+//   (mm_atb / mm_abt / mm_ab pick): a BLAS call cost more than its arithmetic there (16x16 map,
+//   block 8x8, long mode: groups of 4, 384 calls a forward, 0.89-0.98x the reference; with the
+//   small GEMMs 1.40-1.48x). Forward: S_u = sum over chunks of Q^T K [L, L] for every group u of the
 //   band, P = softmax(scale S) per row, then per chunk of v: O = V P^T, unpacked at once.
 //   When a backward will follow (keep_p), the forward also stores every group's P in p
 //   ([B, groups, L, L], groups in band order: an opaque layout that only isa_bwd reads).
@@ -151,6 +154,53 @@ void unpack_runs8(const float* s, int64_t ss, int64_t rows, int64_t n, float* d,
   if (use_avx2()) return isa_avx2::unpack_runs8(s, ss, rows, n, d, dH);
 #endif
   isa_base::unpack_runs8(s, ss, rows, n, d, dH);
+}
+
+// The three GEMM forms of a group (interlaced_attention_kernels.h's small_* for float groups of
+// L <= 8 members, torch's BLAS otherwise). X, Y: packed chunks [cn][L]; M: L x L, row stride ldm.
+// mm_atb: C (L x L, row stride ldc) = X^T Y (+ C when accumulate); mm_abt: C [cn][L] = X M^T;
+// mm_ab: C [cn][L] = X M.
+constexpr int64_t kSmallL = 8;
+
+template <class A>
+void mm_atb(A* C, int64_t ldc, const A* X, const A* Y, int64_t cn, int64_t L, bool accumulate) {
+  if constexpr (std::is_same_v<A, float>) {
+    if (L <= kSmallL) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+      if (use_avx2()) return isa_avx2::small_atb(X, Y, cn, L, C, ldc, accumulate);
+#endif
+      return isa_base::small_atb(X, Y, cn, L, C, ldc, accumulate);
+    }
+  }
+  cpu::gemm<A>(cpu::mat<A>(C, L, L, ldc), cpu::mat<A>(X, cn, L, L).t(), cpu::mat<A>(Y, cn, L, L),
+               A(accumulate ? 1 : 0));
+}
+
+template <class A>
+void mm_abt(A* C, const A* X, int64_t cn, int64_t L, const A* M, int64_t ldm) {
+  if constexpr (std::is_same_v<A, float>) {
+    if (L <= kSmallL) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+      if (use_avx2()) return isa_avx2::small_abt(X, cn, L, M, ldm, C);
+#endif
+      return isa_base::small_abt(X, cn, L, M, ldm, C);
+    }
+  }
+  cpu::gemm<A>(cpu::mat<A>(C, cn, L, L), cpu::mat<A>(X, cn, L, L), cpu::mat<A>(M, L, L, ldm).t(),
+               A(0));
+}
+
+template <class A>
+void mm_ab(A* C, const A* X, int64_t cn, int64_t L, const A* M, int64_t ldm) {
+  if constexpr (std::is_same_v<A, float>) {
+    if (L <= kSmallL) {
+#ifdef FASTCTX_ISA_HAVE_AVX2
+      if (use_avx2()) return isa_avx2::small_ab(X, cn, L, M, ldm, C);
+#endif
+      return isa_base::small_ab(X, cn, L, M, ldm, C);
+    }
+  }
+  cpu::gemm<A>(cpu::mat<A>(C, cn, L, L), cpu::mat<A>(X, cn, L, L), cpu::mat<A>(M, L, L, ldm), A(0));
 }
 
 // The grouping of one call. A band is the set of map rows whose groups it holds completely:
@@ -502,7 +552,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
       A* lse_p = lse.mutable_data_ptr<A>();
       A* p_p = keep_p ? p.mutable_data_ptr<A>() : nullptr;
       const int64_t Lp = g.Lp, LL = L * Lp;
-      auto mat = [&](A* p, int64_t rows) { return cpu::mat<A>(p, rows, L, L); };
       // Scratch: the layout y; its L x L matrices (before y.lse) zeroed: the padding columns of
       // the dP rows must be finite (kernels header). Every slot is 64-byte aligned, so the
       // BLAS results do not depend on which thread ran an item.
@@ -511,17 +560,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
         const int64_t b = item / g.nbands, t = item % g.nbands;
         A* base = reinterpret_cast<A*>(scratch);
         A *S = base + y.s, *lg = base + y.lse, *xq = base + y.x0, *xk = base + y.x1, *yo = base + y.y0;
-        auto Smat = [&](int64_t u) { return cpu::mat<A>(S + u * LL, L, L, Lp); };
         // S_u = Q_u^T K_u, summed over chunks of channels.
         for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cqk - c0);
           pack_band(mq, b, t, c0, cn, g, pu, pl, xq, uc);
           pack_band(mk, b, t, c0, cn, g, pu, pl, xk, uc);
-          for (int64_t u = 0; u < g.U; ++u) {
-            auto Su = Smat(u);
-            const auto Qt = mat(xq + u * uc, cn).t(), Kc = mat(xk + u * uc, cn);
-            cpu::gemm<A>(Su, Qt, Kc, A(c0 == 0 ? 0 : 1));
-          }
+          for (int64_t u = 0; u < g.U; ++u)
+            mm_atb<A>(S + u * LL, Lp, xq + u * uc, xk + u * uc, cn, L, c0 != 0);
         }
         if (Cqk == 0) std::fill(S, S + g.U * LL, A(0));
         for (int64_t u = 0; u < g.U; ++u) softmax_fwd<A>(S + u * LL, L, Lp, static_cast<A>(scale), lg + u * L);
@@ -535,10 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
           pack_band(mv, b, t, c0, cn, g, pu, pl, xq, uc);
-          for (int64_t u = 0; u < g.U; ++u) {
-            auto Ou = mat(yo + u * uc, cn);
-            cpu::gemm<A>(Ou, mat(xq + u * uc, cn), Smat(u).t(), A(0));
-          }
+          for (int64_t u = 0; u < g.U; ++u) mm_abt<A>(yo + u * uc, xq + u * uc, cn, L, S + u * LL, Lp);
           unpack_band(mo, b, t, c0, cn, g, pu, pl, yo, uc);
         }
         A* lb = lse_p + b * H * W;
@@ -598,7 +640,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
       band_members(g, pu, pl);
       const A* p_p = p.const_data_ptr<A>();
       const int64_t Lp = g.Lp, LL = L * Lp;
-      auto mat = [&](A* p, int64_t rows) { return cpu::mat<A>(p, rows, L, L); };
       // Scratch: as in the forward.
       cpu::for_each_item_bytes(B * g.nbands, y.total * int64_t(sizeof(A)), y.lse * int64_t(sizeof(A)),
                                [&](int64_t item, char* scratch) {
@@ -607,8 +648,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         A *S = base + y.s, *dP = base + y.dp;
         A *xq = base + y.x0, *xk = base + y.x1, *xd = base + y.xd, *xv = base + y.xv;
         A *y0 = base + y.y0, *y1 = base + y.y1;
-        auto Smat = [&](int64_t u) { return cpu::mat<A>(S + u * LL, L, L, Lp); };
-        auto dPmat = [&](int64_t u) { return cpu::mat<A>(dP + u * LL, L, L, Lp); };
         // P_u from the forward, into rows of Lp with zero padding; q and k packed whole (for dQ
         // and dK).
         const A* pb = p_p + (b * g.nbands + t) * g.U * L * L;
@@ -625,11 +664,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
           const int64_t cn = std::min(kChunk, Cv - c0);
           pack_band(mdo, b, t, c0, cn, g, pu, pl, xd + c0 * L, ud);
           pack_band(mv, b, t, c0, cn, g, pu, pl, xv, uc);
-          for (int64_t u = 0; u < g.U; ++u) {
-            auto dPu = dPmat(u);
-            const auto dOt = mat(xd + u * ud + c0 * L, cn).t(), Vc = mat(xv + u * uc, cn);
-            cpu::gemm<A>(dPu, dOt, Vc, A(c0 == 0 ? 0 : 1));
-          }
+          for (int64_t u = 0; u < g.U; ++u)
+            mm_atb<A>(dP + u * LL, Lp, xd + u * ud + c0 * L, xv + u * uc, cn, L, c0 != 0);
         }
         if (Cv == 0) std::fill(dP, dP + g.U * LL, A(0));
         for (int64_t u = 0; u < g.U; ++u)
@@ -637,20 +673,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
         // dV_u = dO_u P_u, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cv; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cv - c0);
-          for (int64_t u = 0; u < g.U; ++u) {
-            auto dVu = mat(y0 + u * uc, cn);
-            cpu::gemm<A>(dVu, mat(xd + u * ud + c0 * L, cn), Smat(u), A(0));
-          }
+          for (int64_t u = 0; u < g.U; ++u)
+            mm_ab<A>(y0 + u * uc, xd + u * ud + c0 * L, cn, L, S + u * LL, Lp);
           unpack_band(mdv, b, t, c0, cn, g, pu, pl, y0, uc);
         }
         // dQ_u = K_u dS_u^T and dK_u = Q_u dS_u, chunk by chunk of channels.
         for (int64_t c0 = 0; c0 < Cqk; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, Cqk - c0);
           for (int64_t u = 0; u < g.U; ++u) {
-            auto dQu = mat(y0 + u * uc, cn), dKu = mat(y1 + u * uc, cn);
-            const auto dSu = dPmat(u);
-            cpu::gemm<A>(dQu, mat(xk + u * uq + c0 * L, cn), dSu.t(), A(0));
-            cpu::gemm<A>(dKu, mat(xq + u * uq + c0 * L, cn), dSu, A(0));
+            mm_abt<A>(y0 + u * uc, xk + u * uq + c0 * L, cn, L, dP + u * LL, Lp);
+            mm_ab<A>(y1 + u * uc, xq + u * uq + c0 * L, cn, L, dP + u * LL, Lp);
           }
           unpack_band(mdq, b, t, c0, cn, g, pu, pl, y0, uc);
           unpack_band(mdk, b, t, c0, cn, g, pu, pl, y1, uc);

@@ -182,6 +182,61 @@ inline void pack_pixels(const float* s, int64_t sn, int64_t C, int64_t nb, float
   cpu::FASTCTX_ISA_NS::pack_pixels(s, sn, C, nb, d, ds);
 }
 
+// The GEMMs of groups of L <= 8 members (float), where a BLAS call costs more than its
+// arithmetic (long mode on small maps: 16x16 with block 8x8 has groups of 4, and a forward made
+// 384 calls of 4 x 4 x 128). X, Y: packed chunks [cn][L] (row stride L); M: an L x L matrix of
+// row stride ldm >= 8 (S, P, dS: the scratch rows of Lp); results:
+//   small_atb: C[l][m] (+)= sum_c X[c][l] Y[c][m]  (S = Q^T K, dP = dO^T V), C of row stride ldc;
+//   small_abt: C[c][l] = sum_m X[c][m] M[l][m]     (O = V P^T, dQ = K dS^T), C [cn][L];
+//   small_ab:  C[c][m] = sum_l X[c][l] M[l][m]     (dV = dO P, dK = Q dS), C [cn][L].
+// Only the L x L or cn x L results are written; the sums run over c, m or l in order.
+inline V8::V load_n(const float* p, int64_t n) {
+  float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return V8::load(t);
+}
+
+inline void store_n(float* p, V8::V v, int64_t n) {
+  float t[8];
+  V8::store(t, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = t[i];
+}
+
+inline void small_atb(const float* X, const float* Y, int64_t cn, int64_t L, float* C, int64_t ldc,
+                      bool accumulate) {
+  V8::V acc[8];
+  for (int64_t l = 0; l < L; ++l) acc[l] = accumulate ? load_n(C + l * ldc, L) : V8::zero();
+  for (int64_t c = 0; c < cn; ++c) {
+    const V8::V y = load_n(Y + c * L, L);
+    for (int64_t l = 0; l < L; ++l) acc[l] += V8::bcast(X[c * L + l]) * y;
+  }
+  for (int64_t l = 0; l < L; ++l) store_n(C + l * ldc, acc[l], L);
+}
+
+inline void small_abt(const float* X, int64_t cn, int64_t L, const float* M, int64_t ldm, float* C) {
+  V8::V mt[8];  // mt[m][l] = M[l][m]
+  for (int64_t m = 0; m < L; ++m) {
+    float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t l = 0; l < L; ++l) t[l] = M[l * ldm + m];
+    mt[m] = V8::load(t);
+  }
+  for (int64_t c = 0; c < cn; ++c) {
+    V8::V o = V8::zero();
+    for (int64_t m = 0; m < L; ++m) o += V8::bcast(X[c * L + m]) * mt[m];
+    store_n(C + c * L, o, L);
+  }
+}
+
+inline void small_ab(const float* X, int64_t cn, int64_t L, const float* M, int64_t ldm, float* C) {
+  V8::V mr[8];
+  for (int64_t l = 0; l < L; ++l) mr[l] = load_n(M + l * ldm, L);
+  for (int64_t c = 0; c < cn; ++c) {
+    V8::V o = V8::zero();
+    for (int64_t l = 0; l < L; ++l) o += V8::bcast(X[c * L + l]) * mr[l];
+    store_n(C + c * L, o, L);
+  }
+}
+
 // Entry points. The row passes (vec.h's SoftmaxRow), over a group's L x L matrix: row l holds
 // the L energies of query l against the group's keys, then Lp - L padding columns.
 // Forward: S -> P = softmax(scale * S) per row; lse[l] the row's log-sum-exp of scale * S.
