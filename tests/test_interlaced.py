@@ -124,13 +124,14 @@ def test_strided_inputs(backend, mode, layout):
     _check_against_reference(backend, q, k, v, (4, 3), mode, None, torch.float32)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bw", [8, 4])
 @pytest.mark.parametrize("layout", ["channel-slice", "row-slice", "column-crop"])
-def test_strided_inputs_long_transposed(layout, bw):
-    """The cpu kernels' 8 x 8 and 4 x 4 register transposes (long mode, bw 8 or 4, float32) on
-    views whose rows are contiguous but not where a contiguous map's would be: every other
-    channel, every other map row, and a crop that starts 3 values into each row (unaligned
-    rows)."""
+def test_strided_inputs_vector_packing(layout, bw, mode):
+    """The cpu kernels' vector packing for bw 8 or 4 in float32 (long mode: 8 x 8 and 4 x 4
+    register transposes; short mode: runs of bw members) on views whose rows are contiguous but
+    not where a contiguous map's would be: every other channel, every other map row, and a crop
+    that starts 3 values into each row (unaligned rows)."""
     if layout == "channel-slice":
         q, k, v = (t[:, ::2, :, 3:] for t in _inputs(1, 10, 14, 8, 139, torch.float32, "cpu"))
     elif layout == "row-slice":
@@ -138,7 +139,7 @@ def test_strided_inputs_long_transposed(layout, bw):
     else:
         q, k, v = (t[..., 3:] for t in _inputs(1, 5, 7, 8, 139, torch.float32, "cpu"))
     assert q.stride(3) == 1 and not q.is_contiguous() and q.shape[3] == 136  # 17 (34) members a row
-    _check_against_reference("cpu", q, k, v, (2, bw), "long", None, torch.float32)
+    _check_against_reference("cpu", q, k, v, (2, bw), mode, None, torch.float32)
 
 
 # (B, Cqk, Cv, H, W, block): the cpu kernels' channels-last packing transposes blocks of 8

@@ -24,7 +24,9 @@
 //   than transposing within rows, whose partial blocks went element by element). bw = 4 the
 //   same with 4 x 4 blocks (pack_members / unpack_members take either): element by element, the
 //   unpacking's stores 4 apart and the packing took ~38% of a forward (B1 32x32), and it lost to
-//   the reference (0.81-0.99x); transposed 1.39-1.40x. Channels-last
+//   the reference (0.81-0.99x); transposed 1.39-1.40x. Short mode with bw = 8 or 4: whole runs
+//   of bw members copied as vectors (pack_runs / unpack_runs; bw 4, B1 32x32: forward
+//   1.15-1.46x -> 2.02-2.11x the reference). Channels-last
 //   maps in float32: 8 members of a group x 8 channels at a time, transposed in registers
 //   (long mode: pack_members_cl, over members as above; short mode: vec.h's pack_pixels);
 //   element by element, the forward took 1.25-1.36x its NCHW time at ISANet's sizes, transposed
@@ -142,18 +144,19 @@ void pack_pixels(const float* s, int64_t sn, int64_t C, int64_t nb, float* d, in
   isa_base::pack_pixels(s, sn, C, nb, d, ds);
 }
 
-void pack_runs8(const float* s, int64_t sH, int64_t rows, int64_t n, float* d, int64_t ds) {
+void pack_runs(int bw, const float* s, int64_t sH, int64_t rows, int64_t n, float* d, int64_t ds) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::pack_runs8(s, sH, rows, n, d, ds);
+  if (use_avx2()) return isa_avx2::pack_runs(bw, s, sH, rows, n, d, ds);
 #endif
-  isa_base::pack_runs8(s, sH, rows, n, d, ds);
+  isa_base::pack_runs(bw, s, sH, rows, n, d, ds);
 }
 
-void unpack_runs8(const float* s, int64_t ss, int64_t rows, int64_t n, float* d, int64_t dH) {
+void unpack_runs(int bw, const float* s, int64_t ss, int64_t rows, int64_t n, float* d,
+                 int64_t dH) {
 #ifdef FASTCTX_ISA_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::unpack_runs8(s, ss, rows, n, d, dH);
+  if (use_avx2()) return isa_avx2::unpack_runs(bw, s, ss, rows, n, d, dH);
 #endif
-  isa_base::unpack_runs8(s, ss, rows, n, d, dH);
+  isa_base::unpack_runs(bw, s, ss, rows, n, d, dH);
 }
 
 // The three GEMM forms of a group (interlaced_attention_kernels.h's small_* for float groups of
@@ -328,14 +331,15 @@ void pack_band(const Map<const T>& x, int64_t b, int64_t t, int64_t c0, int64_t 
       }
       return;
     }
-    if (x.sW == 1 && !g.long_mode && g.bw == 8 && std::abs(x.sC) >= std::abs(x.sW)) {
-      // Channel by channel: the band's bh map rows (block row t), their runs of 8 members.
+    if (x.sW == 1 && !g.long_mode && (g.bw == 8 || g.bw == 4) &&
+        std::abs(x.sC) >= std::abs(x.sW)) {
+      // Channel by channel: the band's bh map rows (block row t), their runs of bw members.
       const int64_t r0 = band_row(g, t, 0) * x.sH;  // the band's first row; bh rows follow
       for (int64_t c = 0; c < cn; ++c) {
         if (c + 1 < cn)
           for (int64_t r = 0; r < g.bh; ++r)
             prefetch_row(base + (c + 1) * x.sC + r0 + r * x.sH, W, 1);
-        pack_runs8(base + c * x.sC + r0, x.sH, g.bh, g.gw, dst + c * L, CL);
+        pack_runs(int(g.bw), base + c * x.sC + r0, x.sH, g.bh, g.gw, dst + c * L, CL);
       }
       return;
     }
@@ -418,10 +422,10 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
                          L, base + c * y.sC);
       return;
     }
-    if (y.sW == 1 && !g.long_mode && g.bw == 8) {
+    if (y.sW == 1 && !g.long_mode && (g.bw == 8 || g.bw == 4)) {
       const int64_t r0 = band_row(g, t, 0) * y.sH;
       for (int64_t c = 0; c < cn; ++c)
-        unpack_runs8(src + c * L, CL, g.bh, g.gw, base + c * y.sC + r0, y.sH);
+        unpack_runs(int(g.bw), src + c * L, CL, g.bh, g.gw, base + c * y.sC + r0, y.sH);
       return;
     }
   }

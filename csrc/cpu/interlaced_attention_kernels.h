@@ -128,19 +128,35 @@ inline void unpack_members(int bw, const float* s, int64_t ss, const int64_t* of
   unpack_members<4>(s, ss, off, gw, L, d);
 }
 
-// Short mode's packing when bw == 8 (float), for one channel of a band: its `rows` map rows
-// (sH apart) hold the runs of 8 members of n groups, s[r * sH + J * 8 + b] for group J, member
-// r * 8 + b, written to d[J * ds + r * 8 + b]; unpack_runs8 is the inverse. One call per channel
+// Short mode's packing when bw is 8 or 4 (float), for one channel of a band: its `rows` map rows
+// (sH apart) hold the runs of BW members of n groups, s[r * sH + J * BW + b] for group J, member
+// r * BW + b, written to d[J * ds + r * BW + b]; unpack_runs is the inverse. One call per channel
 // and band (a call per map row cost more than its two or four vector copies on 16x16 maps).
-inline void pack_runs8(const float* s, int64_t sH, int64_t rows, int64_t n, float* d, int64_t ds) {
+template <int BW>
+inline void pack_runs(const float* s, int64_t sH, int64_t rows, int64_t n, float* d, int64_t ds) {
+  typedef typename Block<BW>::V V;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t J = 0; J < n; ++J) V8::store(d + J * ds + r * 8, V8::load(s + r * sH + J * 8));
+    for (int64_t J = 0; J < n; ++J) V::store(d + J * ds + r * BW, V::load(s + r * sH + J * BW));
 }
 
-inline void unpack_runs8(const float* s, int64_t ss, int64_t rows, int64_t n, float* d,
-                         int64_t dH) {
+template <int BW>
+inline void unpack_runs(const float* s, int64_t ss, int64_t rows, int64_t n, float* d,
+                        int64_t dH) {
+  typedef typename Block<BW>::V V;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t J = 0; J < n; ++J) V8::store(d + r * dH + J * 8, V8::load(s + J * ss + r * 8));
+    for (int64_t J = 0; J < n; ++J) V::store(d + r * dH + J * BW, V::load(s + J * ss + r * BW));
+}
+
+inline void pack_runs(int bw, const float* s, int64_t sH, int64_t rows, int64_t n, float* d,
+                      int64_t ds) {
+  if (bw == 8) return pack_runs<8>(s, sH, rows, n, d, ds);
+  pack_runs<4>(s, sH, rows, n, d, ds);
+}
+
+inline void unpack_runs(int bw, const float* s, int64_t ss, int64_t rows, int64_t n, float* d,
+                        int64_t dH) {
+  if (bw == 8) return unpack_runs<8>(s, ss, rows, n, d, dH);
+  unpack_runs<4>(s, ss, rows, n, d, dH);
 }
 
 // Long mode's packing of a channels-last map (float), for one group of a band and a chunk of C
