@@ -154,6 +154,26 @@ def test_pool_channels_last_every_dtype(backend, device, dtype):
                  python_ref.pyramid_pool(x.double(), (1, 3, 6, 8)), dtype, "out")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("shape,scales", [((2, 77, 13, 11), (1, 3, 6, 8)), ((1, 130, 7, 5), (10, 3, 3)),
+                                          ((1, 64, 1, 9), (2, 5))])
+def test_cpu_pool_channels_last_wide(shape, scales, dtype):
+    """The cpu kernel's channels-last forward (an image and 64 channels at a time, a row's
+    column-bin sums first): full chunks of 64 and a tail (77 = 64 + 13, 130 = 2 x 64 + 2, 64
+    alone), overlapping bins (a scale larger than the map, duplicate scales), one map row."""
+    _need("cpu")
+    x = torch.randn(*shape, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_(True)
+    assert not x.is_contiguous()
+    out = fastctx.pyramid_pool(x, scales, backend="cpu")
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = python_ref.pyramid_pool(x64, scales)
+    ref.backward(dout.double())
+    assert_close(out, ref, dtype, "out")
+    assert_close(x.grad, x64.grad, dtype, "dx")
+
+
 def test_gradcheck_cpu_float64():
     _need("cpu")
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
@@ -195,9 +215,13 @@ def test_pool_double_backward(backend, device):
     assert_close(ddout, python_ref.pyramid_pool(w.double(), (2, 5)), torch.float32, "ddout")
 
 
-def test_cpu_is_deterministic():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_is_deterministic(layout):
     _need("cpu")
-    x = torch.randn(3, 16, 33, 65, requires_grad=True)
+    x = torch.randn(3, 80, 33, 65)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     results = []
     before = torch.get_num_threads()
     try:

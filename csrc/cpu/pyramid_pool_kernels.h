@@ -14,9 +14,11 @@
 // - Forward: one pass over the plane's rows. Row h is added (vector adds along w) into the acc
 //   rows of every row bin that contains it (one or two per scale); then each key (scale, i, j)
 //   sums its columns of its acc row and multiplies by 1 / area. The plane is read once whatever
-//   the number of scales; acc holds R x W values (9 KiB for the defaults at W = 128). Maps whose
-//   columns are not stride-1 go by chunks of kChunk planes, the same with acc [R][W][kChunk]
-//   and vector adds along the channels (fwd_planes_strided).
+//   the number of scales; acc holds R x W values (9 KiB for the defaults at W = 128).
+//   Channels-last maps go by an image and kWide channels at a time, a row's column-bin sums
+//   first, vector adds along the channels (fwd_image_cl); other maps whose columns are not
+//   stride-1 by chunks of kChunk planes, the same as a plane with acc [R][W][kChunk]
+//   (fwd_planes_strided).
 // - Backward: each acc row g(scale, i)[w] = sum over the column bins j containing w of
 //   dout[key] / area; then dx row h = the sum of the acc rows of its row bins, in plan order, and
 //   each row of dx is written once.
@@ -51,7 +53,16 @@ struct Plan {
   const int64_t* key_c0;    // [S]: first column of key k
   const int64_t* key_c1;    // [S]: one past its last column
   const double* key_inv;    // [S]: 1 / area
+  // Column bins (scale, j), R of them in the acc rows' order (for channels-last maps):
+  const int64_t* col_ptr;   // [W + 1]: the column bins that contain column w are
+  const int64_t* col_idx;   //   col_idx[col_ptr[w] .. col_ptr[w + 1]), in increasing order
+  const int64_t* key_col;   // [S]: column bin of key k
+  const int64_t* row_key0;  // [R + 1]: the keys of row bin r are row_key0[r] .. row_key0[r + 1)
 };
+
+// Channels handled together by one task of a channels-last map (fwd_image_cl): 64 float32
+// channels are four cache lines of every pixel.
+constexpr int64_t kWide = 64;
 
 }  // namespace pp_cpu
 }  // namespace fastctx
@@ -113,12 +124,12 @@ void fwd_plane(const Plan& p, const X* x, int64_t sh, T* __restrict acc, T* __re
   finish_plane<X, T>(p, acc, out);
 }
 
-// The same for NC planes (channel stride sc) whose columns are not stride-1 (channels_last, a
-// transposed map), vectorised along the channels: acc is [R][W][NC] and every pixel's NC
-// channels are added together (contiguous in channels_last, SC1: sc == 1), so x is still read
-// once, in cache-line-sized pieces. NC <= kChunk (a compile-time width for full chunks, the
-// tail's nc otherwise); acc: R * W * kChunk scratch; out: nc rows of S values.
-template <class X, class T, bool SC1, int64_t NC>
+// The same for NC planes (channel stride sc) whose columns are not stride-1 and whose channels
+// are not either (a transposed map; channels-last ones go by fwd_image_cl), vectorised along
+// the channels: acc is [R][W][NC] and every pixel's NC channels are added together, so x is
+// still read once. NC <= kChunk (a compile-time width for full chunks, the tail's nc
+// otherwise); acc: R * W * kChunk scratch; out: nc rows of S values.
+template <class X, class T, int64_t NC>
 void fwd_planes_strided(const Plan& p, const X* x, int64_t sc, int64_t sh, int64_t sw,
                         int64_t nc_tail, T* __restrict acc, X* __restrict out) {
   const int64_t W = p.W, nc = NC > 0 ? NC : nc_tail;
@@ -130,7 +141,7 @@ void fwd_planes_strided(const Plan& p, const X* x, int64_t sc, int64_t sh, int64
       for (int64_t w = 0; w < W; ++w) {
         const X* __restrict px = xr + w * sw;
         T* __restrict aw = a + w * nc;
-        for (int64_t c = 0; c < nc; ++c) aw[c] += static_cast<T>(px[SC1 ? c : c * sc]);
+        for (int64_t c = 0; c < nc; ++c) aw[c] += static_cast<T>(px[c * sc]);
       }
     }
   }
@@ -142,6 +153,44 @@ void fwd_planes_strided(const Plan& p, const X* x, int64_t sc, int64_t sh, int64
       for (int64_t c = 0; c < nc; ++c) part[c] += a[w * nc + c];
     const T inv = static_cast<T>(p.key_inv[k]);
     for (int64_t c = 0; c < nc; ++c) out[c * p.S + k] = static_cast<X>(part[c] * inv);
+  }
+}
+
+// The same for nc <= kWide channels of one image of a channels-last map (channels at stride 1,
+// pixels sh / sw apart), read in memory order, a pixel's nc channels at a time. Per map row h:
+// colsum[cb][c] = the sum of the row's pixels in column bin cb (one per (scale, j), plan order);
+// then each key of each row bin that contains h adds its column bin's colsum. keyacc: S * nc
+// scratch, colsum: R * nc; out: nc rows of S values (row stride S). (Adding rows into
+// [R][W][nc] accumulators as fwd_planes_strided does read each pixel's 16 channels, one cache
+// line, per task: at C = 512 a task stepped through the map 2 KiB at a time.)
+template <class X, class T, int64_t NC>
+void fwd_image_cl(const Plan& p, const X* x, int64_t sh, int64_t sw, int64_t nc_tail,
+                  T* __restrict keyacc, T* __restrict colsum, X* __restrict out) {
+  const int64_t nc = NC > 0 ? NC : nc_tail;
+  std::fill(keyacc, keyacc + p.S * nc, T(0));
+  for (int64_t h = 0; h < p.H; ++h) {
+    std::fill(colsum, colsum + p.R * nc, T(0));
+    const X* xr = x + h * sh;
+    for (int64_t w = 0; w < p.W; ++w) {
+      const X* __restrict px = xr + w * sw;
+      for (int64_t e = p.col_ptr[w]; e < p.col_ptr[w + 1]; ++e) {
+        T* __restrict a = colsum + p.col_idx[e] * nc;
+        for (int64_t c = 0; c < nc; ++c) a[c] += static_cast<T>(px[c]);
+      }
+    }
+    for (int64_t e = p.row_ptr[h]; e < p.row_ptr[h + 1]; ++e) {
+      const int64_t r = p.row_idx[e];
+      for (int64_t k = p.row_key0[r]; k < p.row_key0[r + 1]; ++k) {
+        T* __restrict a = keyacc + k * nc;
+        const T* __restrict cs = colsum + p.key_col[k] * nc;
+        for (int64_t c = 0; c < nc; ++c) a[c] += cs[c];
+      }
+    }
+  }
+  for (int64_t k = 0; k < p.S; ++k) {
+    const T inv = static_cast<T>(p.key_inv[k]);
+    const T* a = keyacc + k * nc;
+    for (int64_t c = 0; c < nc; ++c) out[c * p.S + k] = static_cast<X>(a[c] * inv);
   }
 }
 
