@@ -9,7 +9,7 @@ import torch
 import fastctx
 import python_ref
 from fastctx.ops import semantic as sem
-from tests._utils import DTYPE_NAMES, assert_close, has_triton
+from tests._utils import DTYPE_NAMES, allocations, assert_close, has_triton
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -158,6 +158,59 @@ def test_noncontiguous(backend, device):
     logits = torch.randn(2, 7, 11, 9, device=device).transpose(2, 3)
     assert not feats.is_contiguous() and not logits.is_contiguous()
     _compare(*_run(backend, feats, logits), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("which", ["feats", "logits", "dpooled", "all"])
+@pytest.mark.parametrize("shape,ties", [((2, 13, 19, 9, 11), False), ((1, 40, 5, 33, 65), False),
+                                        ((2, 20, 150, 11, 13), False), ((2, 6, 5, 7, 5), True)],
+                         ids=lambda x: _id(x) if isinstance(x, tuple) else ("ties" if x else ""))
+def test_cpu_channels_last_read_in_place(shape, ties, which, dtype):
+    """Channels-last feats, logits and gradient of the pooled map are read where they lie by the
+    CPU kernels (no copy of them is allocated: the only feats- and logits-sized tensors of a
+    forward and backward are the outputs and gradients), and every result matches the reference.
+    Channel tiles of 16 with a tail (13, 40), several pixel blocks (33x65), K = 150, and logits
+    of small integers (ties: the lowest class wins)."""
+    B, C, K, H, W = shape
+    feats = torch.randn(B, C, H, W, dtype=dtype)
+    logits = torch.randint(0, 3, (B, K, H, W)).to(dtype) if ties else torch.randn(B, K, H, W, dtype=dtype) * 2
+    dpooled = torch.randn(B, C, H, W, dtype=dtype)
+    cl = lambda t, name: t.contiguous(memory_format=torch.channels_last) if which in (name, "all") else t  # noqa: E731
+    feats, logits, dpooled = cl(feats, "feats"), cl(logits, "logits"), cl(dpooled, "dpooled")
+    f, lg = feats.requires_grad_(True), logits.requires_grad_(True)
+    got = {}
+
+    def regions_fwd_bwd():
+        regions, counts, labels = fastctx.semantic_pool_regions(f, lg, backend="cpu")
+        got["regions"] = (regions, counts, labels)
+        got["dregions"] = torch.randn_like(regions)
+        got["g_regions"] = torch.autograd.grad(regions, (f, lg), got["dregions"])
+
+    def pool_fwd_bwd():
+        got["pooled"] = fastctx.semantic_pool(f, lg, backend="cpu")
+        got["g_pooled"] = torch.autograd.grad(got["pooled"], (f, lg), dpooled)
+
+    fsize, lsize = feats.numel() * feats.element_size(), logits.numel() * logits.element_size()
+    sizes = allocations(regions_fwd_bwd)
+    assert (sizes.count(fsize), sizes.count(lsize)) == (1, 1), sizes  # dfeats, dlogits
+    sizes = allocations(pool_fwd_bwd)
+    assert (sizes.count(fsize), sizes.count(lsize)) == (2, 1), sizes  # pooled, dfeats; dlogits
+    assert fastctx.last_backend("semantic_pool") == "cpu"
+
+    f64, l64 = (t.detach().double().requires_grad_(True) for t in (feats, logits))
+    r64, c64, lab64 = python_ref.semantic_pool_regions(f64, l64)
+    g64 = torch.autograd.grad(r64, (f64, l64), got["dregions"].double())
+    regions, counts, labels = got["regions"]
+    assert torch.equal(labels, lab64) and torch.equal(counts, c64)
+    assert_close(regions, r64, dtype, "regions")
+    for name, a, b in zip(("dfeats", "dlogits"), got["g_regions"], g64):
+        assert_close(a, b, dtype, f"{name} (regions)")
+    f64, l64 = (t.detach().double().requires_grad_(True) for t in (feats, logits))
+    p64 = python_ref.semantic_pool(f64, l64)
+    g64 = torch.autograd.grad(p64, (f64, l64), dpooled.double())
+    assert_close(got["pooled"], p64, dtype, "pooled")
+    for name, a, b in zip(("dfeats", "dlogits"), got["g_pooled"], g64):
+        assert_close(a, b, dtype, f"{name} (pooled)")
 
 
 def _separated(B, C, K, H, W, dtype=torch.float64):

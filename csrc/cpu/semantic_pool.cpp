@@ -3,7 +3,8 @@
 // per-task kernels are in semantic_pool_kernels.h.
 //
 // Inputs are made contiguous in the compute dtype (float32 for float16 / bfloat16 / float32,
-// float64 for float64) by prepare(): a no-op for NCHW float32 / float64 input. Accumulation is in
+// float64 for float64) by prepare(): a no-op for NCHW float32 / float64 input. Channels-last
+// feats, logits (and dpooled) of the compute dtype are read in place (prepare_or_nhwc). Accumulation is in
 // the compute dtype.
 //
 // Forward, per image (a segmented reduction over the pixels, keyed by each pixel's class):
@@ -64,6 +65,7 @@ namespace {
 
 using cpu::compute_dtype;
 using cpu::prepare;
+using cpu::prepare_or_nhwc;
 using cpu::use_avx2;
 
 constexpr int64_t kPix = 1024;  // forward: pixels per block of phases A-C
@@ -82,13 +84,22 @@ void argmax_block(const T* lg, int64_t N, int64_t K, int64_t np, T* best, int64_
   isa_base::argmax_block<T>(lg, N, K, np, best, lab);
 }
 
-template <bool HAS_W, class T>
-void segsum_rows(const T* x, const int64_t* lab, const T* w, int64_t N, int64_t K, int64_t rows,
-                 T* acc, T* pack, T* out) {
+template <class T>
+void argmax_block_nhwc(const T* lg, int64_t K, int64_t np, T* best, int64_t* lab) {
 #ifdef FASTCTX_SP_HAVE_AVX2
-  if (use_avx2()) return isa_avx2::segsum_rows<HAS_W, T>(x, lab, w, N, K, rows, acc, pack, out);
+  if (use_avx2()) return isa_avx2::argmax_block_nhwc<T>(lg, K, np, best, lab);
 #endif
-  isa_base::segsum_rows<HAS_W, T>(x, lab, w, N, K, rows, acc, pack, out);
+  isa_base::argmax_block_nhwc<T>(lg, K, np, best, lab);
+}
+
+template <bool HAS_W, class T>
+void segsum_rows(const T* x, bool nhwc, int64_t C, const int64_t* lab, const T* w, int64_t N,
+                 int64_t K, int64_t rows, T* acc, T* pack, T* out) {
+#ifdef FASTCTX_SP_HAVE_AVX2
+  if (use_avx2())
+    return isa_avx2::segsum_rows<HAS_W, T>(x, nhwc, C, lab, w, N, K, rows, acc, pack, out);
+#endif
+  isa_base::segsum_rows<HAS_W, T>(x, nhwc, C, lab, w, N, K, rows, acc, pack, out);
 }
 
 template <class T>
@@ -98,6 +109,17 @@ void bwd_block(const T* f, const T* dr, const T* drr, const int64_t* lab, const 
   if (use_avx2()) return isa_avx2::bwd_block<T>(f, dr, drr, lab, w, N, C, K, np, dot, df, dl);
 #endif
   isa_base::bwd_block<T>(f, dr, drr, lab, w, N, C, K, np, dot, df, dl);
+}
+
+template <class T>
+void bwd_block_nhwc(const T* f, const T* dr, const T* drT, const T* drr, const int64_t* lab,
+                    const T* w, int64_t N, int64_t C, int64_t K, int64_t np, T* dot, T* df,
+                    T* dl) {
+#ifdef FASTCTX_SP_HAVE_AVX2
+  if (use_avx2())
+    return isa_avx2::bwd_block_nhwc<T>(f, dr, drT, drr, lab, w, N, C, K, np, dot, df, dl);
+#endif
+  isa_base::bwd_block_nhwc<T>(f, dr, drT, drr, lab, w, N, C, K, np, dot, df, dl);
 }
 
 void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
@@ -135,20 +157,21 @@ void parallel_items(int64_t n, int64_t work, int64_t elems, const Fn& fn) {
   });
 }
 
-// The segmented sum of D (w may be null: weights 1): out [B, C, K] from x [B, C, N].
+// The segmented sum of D (w may be null: weights 1): out [B, C, K] from x [B, C, N] (nhwc:
+// [B, N, C]).
 template <class T>
-void segsum(const T* x, const int64_t* lab, const T* w, int64_t B, int64_t C, int64_t N,
-            int64_t K, T* out) {
+void segsum(const T* x, bool nhwc, const int64_t* lab, const T* w, int64_t B, int64_t C,
+            int64_t N, int64_t K, T* out) {
   const int64_t tiles = (C + kRows - 1) / kRows;
   parallel_items<T>(B * tiles, kRows * N, K * kRows + kPack * kRows, [&](int64_t i, T* s) {
     const int64_t b = i / tiles, c0 = (i % tiles) * kRows, rows = std::min(kRows, C - c0);
-    const T* xb = x + (b * C + c0) * N;
+    const T* xb = nhwc ? x + b * N * C + c0 : x + (b * C + c0) * N;
     const int64_t* lb = lab + b * N;
     T* ob = out + (b * C + c0) * K;
     if (w != nullptr)
-      segsum_rows<true, T>(xb, lb, w + b * N, N, K, rows, s, s + K * kRows, ob);
+      segsum_rows<true, T>(xb, nhwc, C, lb, w + b * N, N, K, rows, s, s + K * kRows, ob);
     else
-      segsum_rows<false, T>(xb, lb, nullptr, N, K, rows, s, s + K * kRows, ob);
+      segsum_rows<false, T>(xb, nhwc, C, lb, nullptr, N, K, rows, s, s + K * kRows, ob);
   });
 }
 
@@ -172,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sp_fwd_cpu(const at::
   at::Tensor labels = at::empty({B, H, W}, lopts), w = at::empty({B, H, W}, copts);
   if (B == 0 || N == 0) return {regions, counts, labels, w};
 
-  const at::Tensor f = prepare(feats_in, ct), l = prepare(logits_in, ct);
+  bool f_nhwc = false, l_nhwc = false;
+  const at::Tensor f = prepare_or_nhwc(feats_in, ct, f_nhwc), l = prepare_or_nhwc(logits_in, ct, l_nhwc);
   const int64_t nb = (N + kPix - 1) / kPix;
   at::Tensor best_t = at::empty({B, N}, copts), part_t = at::empty({B, nb, K}, copts);
   at::Tensor pcnt_t = at::empty({B, nb, K}, lopts), m_t = at::empty({B, K}, copts),
@@ -198,7 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sp_fwd_cpu(const at::
         const int64_t b = i / nb, n0 = (i % nb) * kPix, np = std::min(kPix, N - n0);
         T* bst = best + b * N + n0;
         int64_t* lb = lab + b * N + n0;
-        argmax_block<T>(L + b * K * N + n0, N, K, np, bst, lb);
+        if (l_nhwc)
+          argmax_block_nhwc<T>(L + (b * N + n0) * K, K, np, bst, lb);
+        else
+          argmax_block<T>(L + b * K * N + n0, N, K, np, bst, lb);
         T* pm = part + i * K;
         std::fill(pm, pm + K, kNegInf);
         for (int64_t j = 0; j < np; ++j) pm[lb[j]] = std::max(pm[lb[j]], bst[j]);
@@ -254,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sp_fwd_cpu(const at::
       }
     });
     // D: regions = segmented sum of w * feats
-    segsum<T>(F, lab, Wt, B, C, N, K, regions.mutable_data_ptr<T>());
+    segsum<T>(F, f_nhwc, lab, Wt, B, C, N, K, regions.mutable_data_ptr<T>());
   });
   return {regions, counts, labels, w};
 }
@@ -289,13 +316,15 @@ std::tuple<at::Tensor, at::Tensor> sp_bwd_cpu(const at::Tensor& dregions_in,
   at::Tensor dlogits = cpu::empty_output({B, K, H, W}, feats_in.options());
   if (B == 0 || N == 0) return {dfeats, dlogits};
 
-  const at::Tensor f = prepare(feats_in, ct), dr = prepare(dregions_in, ct),
+  bool f_nhwc = false;
+  const at::Tensor f = prepare_or_nhwc(feats_in, ct, f_nhwc), dr = prepare(dregions_in, ct),
                    rg = prepare(regions_in, ct), wc = prepare(w_in, ct),
                    lab = labels_in.contiguous();
   check_label_range(lab.const_data_ptr<int64_t>(), B * N, K, "sp_bwd");
   at::Tensor df_c = ct == dt ? dfeats : cpu::empty_output({B, C, H, W}, copts);
   at::Tensor dl_c = ct == dt ? dlogits : cpu::empty_output({B, K, H, W}, copts);
   at::Tensor drr_t = at::empty({B, K}, copts);
+  at::Tensor drT_t = f_nhwc ? dr.transpose(1, 2).contiguous() : at::Tensor();  // [B, K, C]
 
   AT_DISPATCH_FLOATING_TYPES(ct, "sp_bwd_cpu", [&] {
     using T = scalar_t;
@@ -314,10 +343,16 @@ std::tuple<at::Tensor, at::Tensor> sp_bwd_cpu(const at::Tensor& dregions_in,
     T* DF = df_c.mutable_data_ptr<T>();
     T* DL = dl_c.mutable_data_ptr<T>();
     const int64_t nb = (N + kPixB - 1) / kPixB;
+    const T* DRT = f_nhwc ? drT_t.const_data_ptr<T>() : nullptr;
     parallel_items<T>(B * nb, kPixB * (C + K), kPixB, [&](int64_t i, T* dot) {
       const int64_t b = i / nb, n0 = (i % nb) * kPixB, np = std::min(kPixB, N - n0);
-      bwd_block<T>(F + b * C * N + n0, DR + b * C * K, drr + b * K, LAB + b * N + n0,
-                   Wt + b * N + n0, N, C, K, np, dot, DF + b * C * N + n0, DL + b * K * N + n0);
+      if (f_nhwc)
+        bwd_block_nhwc<T>(F + (b * N + n0) * C, DR + b * C * K, DRT + b * K * C, drr + b * K,
+                          LAB + b * N + n0, Wt + b * N + n0, N, C, K, np, dot,
+                          DF + b * C * N + n0, DL + b * K * N + n0);
+      else
+        bwd_block<T>(F + b * C * N + n0, DR + b * C * K, drr + b * K, LAB + b * N + n0,
+                     Wt + b * N + n0, N, C, K, np, dot, DF + b * C * N + n0, DL + b * K * N + n0);
     });
   });
   if (ct != dt) {
@@ -369,12 +404,13 @@ at::Tensor sp_scatter_cpu(const at::Tensor& dpooled_in, const at::Tensor& labels
   const at::ScalarType ct = compute_dtype(dpooled_in.scalar_type());
   at::Tensor out = at::zeros({B, C, K}, dpooled_in.options().dtype(ct));
   if (B == 0 || C == 0 || N == 0) return out;
-  const at::Tensor x = prepare(dpooled_in, ct), lab = labels_in.contiguous();
+  bool nhwc = false;
+  const at::Tensor x = prepare_or_nhwc(dpooled_in, ct, nhwc), lab = labels_in.contiguous();
   const int64_t* LAB = lab.const_data_ptr<int64_t>();
   check_label_range(LAB, B * N, K, "sp_scatter");
   AT_DISPATCH_FLOATING_TYPES(ct, "sp_scatter_cpu", [&] {
     using T = scalar_t;
-    segsum<T>(x.const_data_ptr<T>(), LAB, nullptr, B, C, N, K, out.mutable_data_ptr<T>());
+    segsum<T>(x.const_data_ptr<T>(), nhwc, LAB, nullptr, B, C, N, K, out.mutable_data_ptr<T>());
   });
   return out;
 }

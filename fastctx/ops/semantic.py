@@ -186,7 +186,9 @@ def _gather_setup_context(ctx, inputs, output):
 
 def _gather_backward(ctx, dpooled):
     (labels,) = ctx.saved_tensors
-    dregions = _sp_scatter(dpooled.contiguous(), labels, ctx.K, ctx.backend)
+    # as it comes (a channels-last model's is channels-last): the CPU kernel reads it in place,
+    # the Triton host function makes it contiguous
+    dregions = _sp_scatter(dpooled, labels, ctx.K, ctx.backend)
     return dregions.to(ctx.regions_dtype), None, None, None
 
 
