@@ -75,10 +75,10 @@ def _attn_cases():
                                    id=f"{backend}-B{B}-C{cq}x{cv}-q{hq}x{wq}-kv{h}x{w}-s{'_'.join(map(str, scales))}-{DTYPE_NAMES[dtype]}")
 
 
-@pytest.mark.parametrize("backend,device,dtype,shape,scales", list(_pool_cases()))
-def test_pool_parity(backend, device, dtype, shape, scales):
-    _need(backend)
-    x = torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+def _check_pool(backend, x, scales):
+    """pyramid_pool on ``backend`` (x: a leaf) against the float64 reference: out and dx for one
+    random dout."""
+    dtype, shape = x.dtype, x.shape
     out = fastctx.pyramid_pool(x, scales, backend=backend)
     assert fastctx.last_backend("pyramid_pool") == backend
     assert out.dtype == dtype and out.shape == (shape[0], shape[1], sum(s * s for s in scales))
@@ -89,6 +89,12 @@ def test_pool_parity(backend, device, dtype, shape, scales):
     ref.backward(dout.double())
     assert_close(out, ref, dtype, "out")
     assert_close(x.grad, x64.grad, dtype, "dx")
+
+
+@pytest.mark.parametrize("backend,device,dtype,shape,scales", list(_pool_cases()))
+def test_pool_parity(backend, device, dtype, shape, scales):
+    _need(backend)
+    _check_pool(backend, torch.randn(*shape, dtype=dtype, device=device, requires_grad=True), scales)
 
 
 @pytest.mark.parametrize("backend,device,dtype,shape,scales", list(_attn_cases()))
@@ -164,14 +170,7 @@ def test_cpu_pool_channels_last_wide(shape, scales, dtype):
     _need("cpu")
     x = torch.randn(*shape, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_(True)
     assert not x.is_contiguous()
-    out = fastctx.pyramid_pool(x, scales, backend="cpu")
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    x64 = x.detach().double().requires_grad_(True)
-    ref = python_ref.pyramid_pool(x64, scales)
-    ref.backward(dout.double())
-    assert_close(out, ref, dtype, "out")
-    assert_close(x.grad, x64.grad, dtype, "dx")
+    _check_pool("cpu", x, scales)
 
 
 def test_gradcheck_cpu_float64():
