@@ -59,7 +59,7 @@ def _case(op: str, rng: random.Random, dtype: torch.dtype, maps=MAPS, channels=C
                 lambda x, be: fastctx.criss_cross_attention(*x, sc, backend=be),
                 [r(B, cq, H, W) * cq**-0.5, r(B, cq, H, W), r(B, cv, H, W)])
     if op == "interlaced_attention":
-        bh, bw, mode = rng.choice((1, 2, 3, 4, 8, 13)), rng.choice((1, 2, 3, 5, 8, 16)), rng.choice(("long", "short"))
+        bh, bw, mode = rng.choice((1, 2, 3, 4, 8, 13)), rng.choice((1, 2, 3, 4, 5, 8, 16)), rng.choice(("long", "short"))
         mult = (1, 2, 3) if small else (1, 2, 3, 8, 13)
         H, W, cq, cv = bh * rng.choice(mult), bw * rng.choice(mult), c(), c()
         return (f"{B}x{H}x{W} block {bh}x{bw} {mode} Cqk {cq} Cv {cv}",
