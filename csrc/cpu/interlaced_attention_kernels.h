@@ -67,13 +67,13 @@ struct Block {
   }
 };
 
-// The members' addresses in order: I, J with l = I * gw + J, BW values each.
-template <int BW>
+// The members' offsets in order: I, J with l = I * gw + J, member l at off[I] + J * step
+// (step: the values a member spans along its row, BW in an NCHW row, bw pixels channels-last).
 struct Members {
   const int64_t* off;
-  int64_t gw, I = 0, J = 0;
+  int64_t gw, step, I = 0, J = 0;
   int64_t next() {
-    const int64_t o = off[I] + J * BW;
+    const int64_t o = off[I] + J * step;
     if (++J == gw) J = 0, ++I;
     return o;
   }
@@ -83,7 +83,7 @@ template <int BW>
 inline void pack_members(const float* s, const int64_t* off, int64_t gw, int64_t L, float* d,
                          int64_t ds) {
   typedef typename Block<BW>::V V;
-  Members<BW> m{off, gw};
+  Members m{off, gw, BW};
   typename V::V r[BW];
   int64_t l = 0;
   for (; l + BW <= L; l += BW) {
@@ -101,7 +101,7 @@ template <int BW>
 inline void unpack_members(const float* s, int64_t ss, const int64_t* off, int64_t gw, int64_t L,
                            float* d) {
   typedef typename Block<BW>::V V;
-  Members<BW> m{off, gw};
+  Members m{off, gw, BW};
   typename V::V r[BW];
   int64_t l = 0;
   for (; l + BW <= L; l += BW) {
@@ -168,15 +168,11 @@ inline void unpack_runs(int bw, const float* s, int64_t ss, int64_t rows, int64_
 inline void pack_members_cl(const float* s, const int64_t* off, int64_t gw, int64_t sJ, int64_t L,
                             int64_t C, float* d, int64_t ds) {
   const float* p[8];
-  int64_t I = 0, J = 0, l = 0;
+  Members m{off, gw, sJ};
+  int64_t l = 0;
   const int64_t C8 = C / 8 * 8;
-  auto next = [&] {
-    const float* a = s + off[I] + J * sJ;
-    if (++J == gw) J = 0, ++I;
-    return a;
-  };
   for (; l + 8 <= L; l += 8) {
-    for (int i = 0; i < 8; ++i) p[i] = next();
+    for (int i = 0; i < 8; ++i) p[i] = s + m.next();
     V8::V r[8];
     for (int64_t c = 0; c < C8; c += 8) {
       for (int i = 0; i < 8; ++i) r[i] = V8::load(p[i] + c);
@@ -187,7 +183,7 @@ inline void pack_members_cl(const float* s, const int64_t* off, int64_t gw, int6
       for (int i = 0; i < 8; ++i) d[c * ds + l + i] = p[i][c];
   }
   for (; l < L; ++l) {
-    const float* a = next();
+    const float* a = s + m.next();
     for (int64_t c = 0; c < C; ++c) d[c * ds + l] = a[c];
   }
 }
