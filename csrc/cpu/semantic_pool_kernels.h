@@ -118,6 +118,19 @@ void segsum_rows(const T* __restrict__ x, bool nhwc, int64_t C, const int64_t* _
     for (int64_t k = 0; k < K; ++k) out[r * K + k] = acc[k * kRows + r];
 }
 
+// The dlogits columns of a block of np pixels (dl: the block's first pixel of class 0, row
+// stride N): w[n] * (dot[n] - drr[k]) at k = lab[n], 0 elsewhere.
+template <class T>
+void dlogits_block(const T* __restrict__ drr, const int64_t* __restrict__ lab,
+                   const T* __restrict__ w, const T* __restrict__ dot, int64_t N, int64_t K,
+                   int64_t np, T* __restrict__ dl) {
+  for (int64_t k = 0; k < K; ++k) {
+    T* __restrict__ dlrow = dl + k * N;
+    const T d = drr[k];
+    for (int64_t j = 0; j < np; ++j) dlrow[j] = lab[j] == k ? w[j] * (dot[j] - d) : T(0);
+  }
+}
+
 // One block of np pixels of one image. f, df: the block's first pixel of channel 0 (row stride
 // N); dl likewise for dlogits (K rows); dr: C x K; drr: K; lab, w: the block's labels / weights;
 // dot: np values of scratch.
@@ -137,11 +150,7 @@ void bwd_block(const T* __restrict__ f, const T* __restrict__ dr, const T* __res
       dot[j] += g * frow[j];
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
-    T* __restrict__ dlrow = dl + k * N;
-    const T d = drr[k];
-    for (int64_t j = 0; j < np; ++j) dlrow[j] = lab[j] == k ? w[j] * (dot[j] - d) : T(0);
-  }
+  dlogits_block<T>(drr, lab, w, dot, N, K, np, dl);
 }
 
 // bwd_block for a channels-last f (pixel j's C channels at f + j * C): the same dfeats (NCHW, row
@@ -170,11 +179,7 @@ void bwd_block_nhwc(const T* __restrict__ f, const T* __restrict__ dr, const T* 
     T* __restrict__ dfrow = df + c * N;
     for (int64_t j = 0; j < np; ++j) dfrow[j] = w[j] * drow[lab[j]];
   }
-  for (int64_t k = 0; k < K; ++k) {
-    T* __restrict__ dlrow = dl + k * N;
-    const T d = drr[k];
-    for (int64_t j = 0; j < np; ++j) dlrow[j] = lab[j] == k ? w[j] * (dot[j] - d) : T(0);
-  }
+  dlogits_block<T>(drr, lab, w, dot, N, K, np, dl);
 }
 
 }  // namespace FASTCTX_SP_ISA
