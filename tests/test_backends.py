@@ -100,10 +100,14 @@ def test_reference_first_on_cuda_where_the_kernels_measured_slower(op):
     assert backends._choose(op, "cpu", torch.float32, None) == ("cpu" if _ext.available()[0] else "reference")
 
 
-def test_slower_cuda_kernels_never_chosen_automatically(monkeypatch):
+@pytest.mark.parametrize("op", ["criss_cross_attention", "semantic_pool", "semantic_pool_regions"])
+def test_slower_or_unrun_cuda_kernels_never_chosen_automatically(monkeypatch, op):
     # without Triton, backend=None on CUDA tensors skips the CUDA C++ criss-cross kernels (measured
-    # slower than the reference in every dtype) for the reference; named, they still run
+    # slower than the reference in every dtype) and the semantic pool's (not yet run on a GPU) for
+    # the reference; named, they still run
     assert set(backends.CUDA_SLOWER_THAN_REFERENCE) <= set(backends._OPS)
+    assert set(backends.CUDA_NOT_YET_RUN) <= set(backends._OPS)
+    assert op in backends.CUDA_SLOWER_THAN_REFERENCE or op in backends.CUDA_NOT_YET_RUN
     real = backends.why_not
 
     def why_not(op, backend, device_type, dtype):  # Triton missing, the CUDA kernels built
@@ -113,10 +117,11 @@ def test_slower_cuda_kernels_never_chosen_automatically(monkeypatch):
 
     monkeypatch.setattr(backends, "why_not", why_not)
     for dtype in (torch.float16, torch.float32):
-        assert backends._choose("criss_cross_attention", "cuda", dtype, None) == "reference"
-        assert backends._choose("criss_cross_attention", "cuda", dtype, "cuda") == "cuda"
-    # an op without an entry would take the CUDA kernels (none other has compiled ones today)
+        assert backends._choose(op, "cuda", dtype, None) == "reference"
+        assert backends._choose(op, "cuda", dtype, "cuda") == "cuda"
+    # an op without an entry would take the CUDA kernels
     assert "spatial_gather" not in backends.CUDA_SLOWER_THAN_REFERENCE
+    assert "spatial_gather" not in backends.CUDA_NOT_YET_RUN
     assert backends._choose("spatial_gather", "cuda", torch.float16, None) == "cuda"
 
 

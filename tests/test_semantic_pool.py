@@ -18,6 +18,8 @@ RUNS = [
     ("cpu", "cpu", (torch.float64, torch.float32, torch.float16, torch.bfloat16)),
     ("triton", DEV, (torch.float32, torch.float16, torch.bfloat16)),
 ]
+if CUDA:  # the CUDA C++ kernels (csrc/cuda/semantic_pool.cu): only where a GPU is
+    RUNS.append(("cuda", "cuda", (torch.float64, torch.float32, torch.float16, torch.bfloat16)))
 BACKENDS = [(b, d) for b, d, _ in RUNS]
 
 # (B, C, K, H, W)
@@ -230,6 +232,67 @@ def test_gradcheck_cpu_float64():
     regions = lambda f, lg: fastctx.semantic_pool_regions(f, lg, backend="cpu")[0]  # noqa: E731
     assert torch.autograd.gradcheck(pool, (f, lg), eps=1e-6, atol=1e-7)
     assert torch.autograd.gradcheck(regions, (f, lg), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gradcheck_cuda_float64():
+    feats, logits = _separated(2, 3, 4, 3, 5)
+    f, lg = feats.cuda().requires_grad_(True), logits.cuda().requires_grad_(True)
+    pool = lambda f, lg: fastctx.semantic_pool(f, lg, backend="cuda")  # noqa: E731
+    regions = lambda f, lg: fastctx.semantic_pool_regions(f, lg, backend="cuda")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(pool, (f, lg), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(regions, (f, lg), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_NAMES.get)
+def test_cuda_many_classes_and_pixel_groups(dtype):
+    """K past one class tile of the segmented sum (232 classes a block in float32, 48 in float64)
+    and maps of several pixel groups (partials summed over the groups), blobby labels (long runs
+    of one class, as in segmentation maps) and scattered ones."""
+    B, C, K, H, W = 2, 37, 300, 45, 67
+    feats = torch.randn(B, C, H, W, dtype=dtype, device="cuda")
+    blobs = torch.randint(0, K, (B, K, 5, 7), device="cuda").to(dtype)
+    blobby = torch.nn.functional.interpolate(blobs, size=(H, W), mode="nearest") + 0.1 * torch.randn(B, K, H, W, dtype=dtype, device="cuda")
+    for logits in (blobby, torch.randn(B, K, H, W, dtype=dtype, device="cuda") * 2):
+        _compare(*_run("cuda", feats, logits), dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_is_deterministic():
+    feats = torch.randn(2, 40, 33, 65, device="cuda")
+    logits = torch.randn(2, 19, 33, 65, device="cuda")
+    results = []
+    for _ in range(3):
+        f, lg = feats.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        regions, _, _ = fastctx.semantic_pool_regions(f, lg, backend="cuda")
+        pooled = fastctx.semantic_pool(f, lg, backend="cuda")
+        g = torch.autograd.grad(regions.sum() + (pooled * pooled).sum(), (f, lg))
+        results.append((regions, pooled, *g))
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_compiled_ops_check_their_inputs():
+    regions, labels = _r(1, 4, 3).cuda(), torch.zeros(1, 5, 6, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="labels must be int64"):
+        torch.ops.fastctx.sp_gather(regions, labels.int(), torch.float32)
+    with pytest.raises(RuntimeError, match=r"feats and logits must agree"):
+        torch.ops.fastctx.sp_fwd(_r(1, 4, 5, 6).cuda(), _r(2, 3, 5, 6).cuda())
+    with pytest.raises(RuntimeError, match=r"dregions must be"):
+        torch.ops.fastctx.sp_bwd(_r(1, 4, 2).cuda(), _r(1, 4, 5, 6).cuda(), labels, _r(1, 5, 6).cuda(), regions)
+    with pytest.raises(RuntimeError, match=r"fastctx.semantic_pool \(sp_fwd\): logits has dtype Double but feats has dtype Float"):
+        torch.ops.fastctx.sp_fwd(_r(1, 4, 5, 6).cuda(), _r(1, 3, 5, 6).double().cuda())
+    with pytest.raises(RuntimeError, match=r"fastctx.semantic_pool \(sp_scatter\): dpooled must be float16, bfloat16, float32 or float64, got Long"):
+        torch.ops.fastctx.sp_scatter(torch.zeros(1, 4, 5, 6, dtype=torch.int64, device="cuda"), labels, 3)
+    # labels outside [0, K) (only a direct caller can pass them) select nothing: no host sync to raise
+    bad = _with(labels, (0, 2, 2), 3)
+    out = torch.ops.fastctx.sp_gather(regions, bad, torch.float32)
+    assert (out[0, :, 2, 2] == 0).all() and torch.equal(out[0, :, 0, 0], regions[0, :, 0])
+    dr = torch.ops.fastctx.sp_scatter(torch.ones(1, 4, 5, 6, device="cuda"), bad, 3)
+    assert (dr[0, :, 0] == 29).all() and (dr[0, :, 1:] == 0).all()
 
 
 def test_cpu_is_deterministic_across_threads():

@@ -27,6 +27,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common.cuh"
 #include "criss_cross_kernels.cuh"
 
 namespace fastctx {
@@ -45,15 +46,7 @@ constexpr int kQCLarge = 64;
 
 void check_cuda_4d(const at::Tensor& t, const char* op, const char* name, const char* shape,
                    const at::Tensor& ref) {
-  TORCH_CHECK(t.defined(), CC_OP " (", op, "): ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), CC_OP " (", op, "): ", name, " must be a CUDA tensor, got device ",
-              t.device());
-  TORCH_CHECK(t.dim() == 4, CC_OP " (", op, "): ", name, " must be 4-D ", shape, ", got shape ",
-              t.sizes());
-  TORCH_CHECK(t.device() == ref.device(), CC_OP " (", op, "): ", name, " is on ", t.device(),
-              " but q is on ", ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), CC_OP " (", op, "): ", name, " has dtype ",
-              t.scalar_type(), " but q has dtype ", ref.scalar_type());
+  gpu::check_tensor(CC_OP, op, t, name, 4, shape, ref, "q");
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {

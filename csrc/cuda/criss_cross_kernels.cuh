@@ -38,6 +38,8 @@
 #include <cstdint>
 #include <math.h>
 
+#include "common.cuh"
+
 namespace fastctx {
 namespace cc {
 
@@ -46,17 +48,10 @@ constexpr int kThreads = 128;
 // Partners per tile: loads of one operand element are reused KT times from a register.
 constexpr int kTile = 8;
 
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
-__device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -static_cast<acc_t>(INFINITY);
-}
+using gpu::acc_exp;
+using gpu::acc_log;
+using gpu::acc_max;
+using gpu::neg_inf;
 
 // Which pixel this thread owns. Returns false for threads past the map (they simply exit: the
 // kernels use no shared memory and no barriers).

@@ -5,7 +5,8 @@ the original sssegmentation code: a Python loop over images and classes with a h
 class), and "compact", the strongest plain-PyTorch formulation: python_ref's loop-free
 ``semantic_pool_regions`` (a masked softmax over [B, K, N] and an einsum) gathered back to the
 pixels. "read-twice" is a bandwidth floor, not an implementation (timed, never checked): issue
-5's GPU target is the Triton forward within 2x of reading feats and logits twice.
+5's GPU target is the semantic pool's forward (Triton, CUDA C++) within 2x of reading feats and
+logits twice.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def semantic_pool_cases(quick: bool) -> list[Case]:
 
         cand = {
             name: (lambda f, lg, name=name: fastctx.semantic_pool(f, lg, backend=name))
-            for name in ("reference", "cpu", "triton")
+            for name in ("reference", "cpu", "triton", "cuda")
         }
         cand["compact"] = _compact
         cand["read-twice"] = _read_twice
@@ -57,6 +58,8 @@ def semantic_pool_cases(quick: bool) -> list[Case]:
             Target(f"cpu faster than the loop-free PyTorch formulation, fwd+bwd, {name}", "cpu", "compact", "fwd+bwd", "speed", 1.0, "cpu", (torch.float32,)),
             Target(f"triton faster than the loop-free PyTorch formulation, fwd+bwd, {name}", "triton", "compact", "fwd+bwd", "speed", 1.0, "cuda", (torch.float32, torch.float16)),
             Target(f"triton fwd within 2x of reading feats and logits twice, {name}", "triton", "read-twice", "fwd", "speed", 0.5, "cuda", (torch.float32, torch.float16)),
+            Target(f"cuda faster than the loop-free PyTorch formulation, fwd+bwd, {name}", "cuda", "compact", "fwd+bwd", "speed", 1.0, "cuda", (torch.float32, torch.float16)),
+            Target(f"cuda fwd within 2x of reading feats and logits twice, {name}", "cuda", "read-twice", "fwd", "speed", 0.5, "cuda", (torch.float32, torch.float16)),
         ]
         if K == 150:
             targets.insert(0, Target(f"cpu at least 20x faster than the original loop, fwd+bwd, {name}", "cpu", "reference", "fwd+bwd", "speed", 20.0, "cpu", (torch.float32,)))
@@ -68,7 +71,7 @@ def semantic_pool_cases(quick: bool) -> list[Case]:
                 make_inputs=make,
                 truth=python_ref.semantic_pool,
                 candidates=cand,
-                backends=("reference", "cpu", "triton"),
+                backends=("reference", "cpu", "triton", "cuda"),
                 reference="reference",
                 strongest="compact",
                 targets=targets,
