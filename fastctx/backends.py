@@ -76,11 +76,12 @@ CUDA_SLOWER_THAN_REFERENCE: dict[str, str] = {
 }
 
 
-#: Ops whose compiled CUDA kernels have not yet run on a GPU (written and compiled in sessions
-#: without one; their parity tests run on the first GPU): ``backend=None`` never takes "cuda" for
-#: them. Name ``backend="cuda"`` to run them.
+#: Ops whose compiled CUDA kernels have not yet run on a GPU (written in sessions without one;
+#: their parity tests run on the first GPU): ``backend=None`` never takes "cuda" for them. Name
+#: ``backend="cuda"`` to run them.
 CUDA_NOT_YET_RUN: dict[str, str] = {
-    op: "the CUDA C++ semantic pool compiles in CI but has not run on a GPU yet (session 18 had none)"
+    op: "the CUDA C++ semantic pool compiles in CI and passes its tests there under a CPU emulation of "
+        "CUDA (tests/test_semantic_pool_cuda_emu.py), but has not run on a GPU yet (session 18 had none)"
     for op in ("semantic_pool", "semantic_pool_regions")
 }
 

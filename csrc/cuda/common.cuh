@@ -8,6 +8,11 @@
 #include <cstdint>
 #include <math.h>
 
+// A kernel's dynamic shared memory (the CPU emulation of tests/cuda_emu defines its own).
+#ifndef FASTCTX_DYNAMIC_SMEM
+#define FASTCTX_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace fastctx {
 namespace gpu {
 

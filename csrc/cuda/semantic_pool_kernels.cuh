@@ -12,8 +12,8 @@
 //   argmax_kernel      per block of kPix pixels: labels (ties: lowest index), the winning logit
 //                      `best`, and per class of the block: max of best, sum of exp(best - max),
 //                      pixel count (thread k owns class k and walks the block's pixels in order);
-//   class_stats_kernel per (image, class): m = max over the blocks (0 when no pixel is finite),
-//                      Z = sum over the blocks of sum * exp(max - m), counts;
+//   class_stats_kernel per (image, class): m = max over the blocks, Z = sum over the blocks of
+//                      sum * exp(max - m) (0 when no pixel is finite), counts;
 //   weights_kernel     per pixel: w = exp(best - m[label]) / Z[label] (0 where Z = 0);
 //   segsum_kernel      regions = the segmented sum of w * feats (below), per pixel group;
 //   sum_groups_kernel  the groups' partials summed in group order (when there are several).
@@ -36,14 +36,25 @@
 // and the backward skip the pixel. The CPU kernels raise instead; here that check would cost a
 // host synchronisation per call.
 //
-// Not yet run on a GPU (written in a session without one; CI compiles it): correctness is
-// checked by tests/test_semantic_pool.py's "cuda" cases on the first GPU, and nothing here is
-// tuned. What to measure first: the segmented sum's bandwidth against the copy ceiling at
-// K = 19 and K = 150, and its pixel-group count (G, the launcher's choice).
+// Not yet run on a GPU (written in a session without one). CI compiles it for sm_90 and runs
+// this header, kernels and host sequences alike, on the CPU under an emulation of the CUDA
+// execution model against the reference (tests/test_semantic_pool_cuda_emu.py); the "cuda" cases
+// of tests/test_semantic_pool.py run it on the first GPU. Nothing here is tuned. What to measure
+// first: the segmented sum's bandwidth against the copy ceiling at K = 19 and K = 150, and its
+// pixel-group count (G, segsum_plan's choice).
 #pragma once
 
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <math.h>
+#include <tuple>
 
 #include "common.cuh"
 
@@ -116,8 +127,8 @@ __global__ void __launch_bounds__(kPix)
   }
 }
 
-// One thread per (image, class), B * K of them: m [B, K] (0 for a class without a finite
-// logit, so that exp(-inf - m) = 0), Z [B, K], counts [B, K] (int64).
+// One thread per (image, class), B * K of them: m [B, K], Z [B, K] (0 for a class without a
+// finite logit: its weights are then 0, and m, -inf, is never read), counts [B, K] (int64).
 template <typename acc_t>
 __global__ void __launch_bounds__(kPix)
     class_stats_kernel(const acc_t* __restrict__ pmax, const acc_t* __restrict__ psum,
@@ -130,7 +141,6 @@ __global__ void __launch_bounds__(kPix)
   const int64_t base = b * nb * K + k;
   acc_t m = neg_inf<acc_t>();
   for (int64_t blk = 0; blk < nb; ++blk) m = acc_max(m, pmax[base + blk * K]);
-  if (m == neg_inf<acc_t>()) m = 0;
   acc_t z = 0;
   int64_t c = 0;
   for (int64_t blk = 0; blk < nb; ++blk) {  // block order: deterministic
@@ -180,7 +190,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     segsum_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels,
                   const acc_t* __restrict__ w, acc_t* __restrict__ out, int64_t C, int64_t N,
                   int64_t K, int64_t KT, int64_t n_ct, int64_t n_kt, int64_t G, int64_t pix) {
-  extern __shared__ __align__(16) unsigned char sp_smem[];
+  FASTCTX_DYNAMIC_SMEM(sp_smem);
   acc_t* xs = reinterpret_cast<acc_t*>(sp_smem);  // [kCT][kPT + 1]
   acc_t* acc = xs + kCT * (kPT + 1);              // [KT][kCT + 1]
   acc_t* ws = acc + KT * (kCT + 1);               // [kPT]
@@ -323,6 +333,183 @@ __global__ void __launch_bounds__(kPix)
   const scalar_t* rp = r + (b * C + c0) * K + (ok ? l : 0);
   scalar_t* op = out + (b * C + c0) * N + n;
   for (int64_t c = 0; c < cn; ++c) op[c * N] = ok ? rp[c * K] : static_cast<scalar_t>(0);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Host side: the launch plans and sequences, shared by the CUDA launchers (semantic_pool.cu, with
+// a launcher that runs kernel<<<grid, block, smem, stream>>>) and by the CPU emulation of the
+// CUDA execution model that runs them in CI without a GPU (tests/cuda_emu). A Launch is called
+// as launch(kernel, grid, block, shared_bytes, args...) and has `int sms` (multiprocessors).
+// Outputs and scratch are allocated on the inputs' device.
+
+constexpr int64_t kSmemBudget = 48 * 1024;  // dynamic shared memory without an opt-in
+// Pixel groups of the segmented sum: about kBlocksPerSM blocks per multiprocessor, each group at
+// least two tiles, and the groups' partials at most kPartialBytes (written and read back once;
+// that size stays in L2).
+constexpr int64_t kBlocksPerSM = 4;
+constexpr int64_t kPartialBytes = int64_t(16) << 20;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline unsigned blocks_for(int64_t threads) {
+  const int64_t n = cdiv(threads, kPix);
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(),
+              "fastctx.semantic_pool: too many elements for one launch (", threads, ")");
+  return static_cast<unsigned>(n);
+}
+
+struct SegsumPlan {
+  int64_t KT, n_ct, n_kt, G, pix;  // classes per class tile, tiles, pixel groups, group length
+};
+
+template <typename acc_t>
+SegsumPlan segsum_plan(int64_t B, int64_t C, int64_t N, int64_t K, int64_t sms) {
+  // classes per block: as many accumulators as fit next to the staged tile (float 232, double 48)
+  constexpr int64_t per_class = (kCT + 1) * int64_t(sizeof(acc_t));
+  constexpr int64_t kt_cap = (kSmemBudget - segsum_smem_fixed<acc_t>()) / per_class / kWarps * kWarps;
+  static_assert(kt_cap >= kWarps, "the segmented sum's tile leaves no room for accumulators");
+  SegsumPlan p;
+  p.KT = std::min(K, kt_cap);
+  p.n_ct = cdiv(C, kCT);
+  p.n_kt = cdiv(K, p.KT);
+  const int64_t n_tiles = cdiv(N, kPT);
+  int64_t G = cdiv(kBlocksPerSM * sms, B * p.n_ct * p.n_kt);
+  G = std::min(G, std::max<int64_t>(1, n_tiles / 2));
+  G = std::min(G, std::max<int64_t>(1, kPartialBytes / (B * C * K * int64_t(sizeof(acc_t)))));
+  p.pix = cdiv(n_tiles, G) * kPT;
+  p.G = cdiv(N, p.pix);  // no empty group
+  TORCH_CHECK(p.G * p.n_ct * p.n_kt <= std::numeric_limits<int32_t>::max(),
+              "fastctx.semantic_pool: too many blocks for one launch (C=", C, ", K=", K, ", N=", N, ")");
+  return p;
+}
+
+// out [B, C, K] (acc_t) = the segmented sum of x [B, C, H, W] weighted by w [B, H, W] (or by 1
+// when w is undefined).
+template <typename scalar_t, typename acc_t, class Launch>
+void run_segsum(const Launch& launch, const at::Tensor& x, const at::Tensor& labels,
+                const at::Tensor& w, const at::Tensor& out) {
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2) * x.size(3), K = out.size(2);
+  if (B == 0 || C == 0 || N == 0) return;  // out is zeros
+  const SegsumPlan p = segsum_plan<acc_t>(B, C, N, K, launch.sms);
+  const at::Tensor part = p.G == 1 ? out : at::empty({B, p.G, C, K}, out.options());
+  const dim3 grid(static_cast<unsigned>(p.G * p.n_ct * p.n_kt), static_cast<unsigned>(B));
+  const size_t smem = static_cast<size_t>(segsum_smem<acc_t>(p.KT));
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t* lp = labels.const_data_ptr<int64_t>();
+  acc_t* pp = part.mutable_data_ptr<acc_t>();
+  if (w.defined()) {
+    launch(segsum_kernel<scalar_t, acc_t, true>, grid, dim3(kWarps * 32), smem, xp, lp,
+           w.const_data_ptr<acc_t>(), pp, C, N, K, p.KT, p.n_ct, p.n_kt, p.G, p.pix);
+  } else {
+    launch(segsum_kernel<scalar_t, acc_t, false>, grid, dim3(kWarps * 32), smem, xp, lp,
+           static_cast<const acc_t*>(nullptr), pp, C, N, K, p.KT, p.n_ct, p.n_kt, p.G, p.pix);
+  }
+  if (p.G > 1) {
+    launch(sum_groups_kernel<acc_t>, dim3(blocks_for(B * C * K)), dim3(kPix), size_t(0),
+           static_cast<const acc_t*>(pp), out.mutable_data_ptr<acc_t>(), B, p.G, C * K);
+  }
+}
+
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The ops' bodies after their argument checks (semantic_pool.cu), contract as in
+// csrc/ops/semantic_pool.cpp. Inputs of any strides (made contiguous here).
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(const Launch& launch,
+                                                               const at::Tensor& feats,
+                                                               const at::Tensor& logits) {
+  const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3),
+                K = logits.size(1), N = H * W;
+  const auto copts = feats.options().dtype(compute_dtype(feats.scalar_type())),
+             lopts = feats.options().dtype(at::kLong);
+  at::Tensor regions = at::zeros({B, C, K}, copts), counts = at::zeros({B, K}, lopts);
+  at::Tensor labels = at::empty({B, H, W}, lopts), w = at::empty({B, H, W}, copts);
+  if (B == 0 || N == 0) return {regions, counts, labels, w};
+  const at::Tensor f = feats.contiguous(), l = logits.contiguous();
+  const int64_t nb = cdiv(N, kPix);
+  TORCH_CHECK(nb <= std::numeric_limits<int32_t>::max(), "fastctx.semantic_pool (sp_fwd): map too large (N=", N, ")");
+  const at::Tensor best = at::empty({B, N}, copts), pmax = at::empty({B, nb, K}, copts),
+                   psum = at::empty({B, nb, K}, copts),
+                   pcnt = at::empty({B, nb, K}, copts.dtype(at::kInt)),
+                   m = at::empty({B, K}, copts), z = at::empty({B, K}, copts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "sp_fwd_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    launch(argmax_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(nb), static_cast<unsigned>(B)),
+           dim3(kPix), size_t(0), l.const_data_ptr<scalar_t>(), labels.mutable_data_ptr<int64_t>(),
+           best.mutable_data_ptr<acc_t>(), pmax.mutable_data_ptr<acc_t>(),
+           psum.mutable_data_ptr<acc_t>(), pcnt.mutable_data_ptr<int>(), N, K, nb);
+    launch(class_stats_kernel<acc_t>, dim3(blocks_for(B * K)), dim3(kPix), size_t(0),
+           pmax.const_data_ptr<acc_t>(), psum.const_data_ptr<acc_t>(), pcnt.const_data_ptr<int>(),
+           m.mutable_data_ptr<acc_t>(), z.mutable_data_ptr<acc_t>(),
+           counts.mutable_data_ptr<int64_t>(), B, K, nb);
+    launch(weights_kernel<acc_t>, dim3(blocks_for(B * N)), dim3(kPix), size_t(0),
+           labels.const_data_ptr<int64_t>(), best.const_data_ptr<acc_t>(),
+           m.const_data_ptr<acc_t>(), z.const_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>(), B, N,
+           K);
+    run_segsum<scalar_t, acc_t>(launch, f, labels, w, regions);
+  });
+  return {regions, counts, labels, w};
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor> bwd(const Launch& launch, const at::Tensor& dregions,
+                                       const at::Tensor& feats, const at::Tensor& labels,
+                                       const at::Tensor& w, const at::Tensor& regions) {
+  const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3),
+                K = regions.size(2), N = H * W;
+  at::Tensor dfeats = at::empty({B, C, H, W}, feats.options());
+  at::Tensor dlogits = at::empty({B, K, H, W}, feats.options());
+  if (B == 0 || N == 0) return {dfeats, dlogits};
+  const at::ScalarType ct = compute_dtype(feats.scalar_type());
+  const at::Tensor f = feats.contiguous(), dr = dregions.to(ct).contiguous(),
+                   rg = regions.to(ct).contiguous(), wc = w.to(ct).contiguous(),
+                   lab = labels.contiguous(), drr = at::empty({B, K}, dr.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "sp_bwd_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    launch(drr_kernel<acc_t>, dim3(blocks_for(B * K)), dim3(kPix), size_t(0),
+           dr.const_data_ptr<acc_t>(), rg.const_data_ptr<acc_t>(), drr.mutable_data_ptr<acc_t>(),
+           B, C, K);
+    launch(bwd_kernel<scalar_t, acc_t>, dim3(blocks_for(N), static_cast<unsigned>(B)), dim3(kPix),
+           size_t(0), f.const_data_ptr<scalar_t>(), dr.const_data_ptr<acc_t>(),
+           drr.const_data_ptr<acc_t>(), lab.const_data_ptr<int64_t>(), wc.const_data_ptr<acc_t>(),
+           dfeats.mutable_data_ptr<scalar_t>(), dlogits.mutable_data_ptr<scalar_t>(), C, N, K);
+  });
+  return {dfeats, dlogits};
+}
+
+template <class Launch>
+at::Tensor gather(const Launch& launch, const at::Tensor& regions, const at::Tensor& labels,
+                  at::ScalarType dtype) {
+  const int64_t B = regions.size(0), C = regions.size(1), K = regions.size(2);
+  const int64_t H = labels.size(1), W = labels.size(2), N = H * W;
+  at::Tensor out = at::empty({B, C, H, W}, regions.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(cdiv(C, kGC) <= 65535, "fastctx.semantic_pool (sp_gather): at most ", 65535 * kGC,
+              " channels on CUDA, got ", C);
+  const at::Tensor r = regions.to(dtype).contiguous(), lab = labels.contiguous();
+  const dim3 grid(blocks_for(N), static_cast<unsigned>(cdiv(C, kGC)), static_cast<unsigned>(B));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sp_gather_cuda", [&] {
+    launch(gather_kernel<scalar_t>, grid, dim3(kPix), size_t(0), r.const_data_ptr<scalar_t>(),
+           lab.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), C, N, K);
+  });
+  return out;
+}
+
+template <class Launch>
+at::Tensor scatter(const Launch& launch, const at::Tensor& dpooled, const at::Tensor& labels,
+                   int64_t K) {
+  const int64_t B = dpooled.size(0), C = dpooled.size(1);
+  at::Tensor out = at::zeros({B, C, K}, dpooled.options().dtype(compute_dtype(dpooled.scalar_type())));
+  if (out.numel() == 0 || dpooled.numel() == 0) return out;
+  const at::Tensor x = dpooled.contiguous(), lab = labels.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sp_scatter_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    run_segsum<scalar_t, acc_t>(launch, x, lab, at::Tensor(), out);
+  });
+  return out;
 }
 
 }  // namespace sp_gpu
