@@ -3,8 +3,8 @@
 # per lease is cheapest; it returns at most 8 files, so everything goes into OUT/results.tgz,
 # rewritten after each phase, and a command stopped at its limit keeps what finished):
 #   1. bench/gpu_check.sh: the CUDA / Triton parity tests, then the report's criss-cross,
-#      interlaced attention, ISA block and semantic pool cases (float16 and float32; the semantic
-#      pool's CUDA C++ kernels run there for the first time);
+#      interlaced attention, ISA block, semantic pool and spatial gather cases (float16 and
+#      float32; the CUDA C++ semantic pool and spatial gather run there for the first time);
 #   2. bench/line_sweep.py: the line engine's candidate configs side by side;
 #   3. fastctx bench --ops models_full: mmseg's Cityscapes-size training step (issue 6);
 #   4. bench/gpu_heads.sh: the toolbox heads before / after fastctx.swap, full size (issue 7).
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 pack() { tar czf "$OUT/results.tgz" -C "$W" .; }
 PARITY_SECONDS=100 CEILINGS=0 PROFILE_SECONDS=0 \
-  BENCH_ARGS="--ops criss_cross_attention,interlaced_attention,isa_block,semantic_pool" \
+  BENCH_ARGS="--ops criss_cross_attention,interlaced_attention,isa_block,semantic_pool,spatial_gather" \
   bash bench/gpu_check.sh "$W/check" 200
 pack
 timeout 110 python3 bench/line_sweep.py --seconds 95 --out "$W/sweep.json" 2>&1 | tee "$W/sweep.log"

@@ -80,9 +80,13 @@ CUDA_SLOWER_THAN_REFERENCE: dict[str, str] = {
 #: their parity tests run on the first GPU): ``backend=None`` never takes "cuda" for them. Name
 #: ``backend="cuda"`` to run them.
 CUDA_NOT_YET_RUN: dict[str, str] = {
-    op: "the CUDA C++ semantic pool compiles in CI and passes its tests there under a CPU emulation of "
-        "CUDA (tests/test_semantic_pool_cuda_emu.py), but has not run on a GPU yet (session 18 had none)"
-    for op in ("semantic_pool", "semantic_pool_regions")
+    op: f"the CUDA C++ {what} compiles in CI and passes its tests there under a CPU emulation of CUDA "
+        f"({test}), but has not run on a GPU yet (session 18 had none)"
+    for op, what, test in (
+        ("semantic_pool", "semantic pool", "tests/test_semantic_pool_cuda_emu.py"),
+        ("semantic_pool_regions", "semantic pool", "tests/test_semantic_pool_cuda_emu.py"),
+        ("spatial_gather", "spatial gather", "tests/test_spatial_gather_cuda_emu.py"),
+    )
 }
 
 

@@ -100,7 +100,7 @@ def test_reference_first_on_cuda_where_the_kernels_measured_slower(op):
     assert backends._choose(op, "cpu", torch.float32, None) == ("cpu" if _ext.available()[0] else "reference")
 
 
-@pytest.mark.parametrize("op", ["criss_cross_attention", "semantic_pool", "semantic_pool_regions"])
+@pytest.mark.parametrize("op", ["criss_cross_attention", "semantic_pool", "semantic_pool_regions", "spatial_gather"])
 def test_slower_or_unrun_cuda_kernels_never_chosen_automatically(monkeypatch, op):
     # without Triton, backend=None on CUDA tensors skips the CUDA C++ criss-cross kernels (measured
     # slower than the reference in every dtype) and the semantic pool's (not yet run on a GPU) for
@@ -120,8 +120,8 @@ def test_slower_or_unrun_cuda_kernels_never_chosen_automatically(monkeypatch, op
         assert backends._choose(op, "cuda", dtype, None) == "reference"
         assert backends._choose(op, "cuda", dtype, "cuda") == "cuda"
     # an op without an entry would take the CUDA kernels
+    monkeypatch.delitem(backends.CUDA_NOT_YET_RUN, "spatial_gather")
     assert "spatial_gather" not in backends.CUDA_SLOWER_THAN_REFERENCE
-    assert "spatial_gather" not in backends.CUDA_NOT_YET_RUN
     assert backends._choose("spatial_gather", "cuda", torch.float16, None) == "cuda"
 
 

@@ -11,33 +11,18 @@ tests/test_semantic_pool.py run the real kernels where a GPU is.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
 import python_ref
 from tests._utils import DTYPE_NAMES, assert_close
+from tests.cuda_emu.build import emu_module
 from tests.test_semantic_pool import NEG_INF, SPECIAL, _special
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.fail("a C++ compiler is needed to build the CUDA emulation")
-    from torch.utils.cpp_extension import load
-
-    return load(
-        name="fastctx_sp_cuda_emu",
-        sources=[os.path.join(ROOT, "tests", "cuda_emu", "semantic_pool_emu.cpp")],
-        extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "cuda_emu")],
-        extra_cflags=["-O1", "-pthread"],
-        extra_ldflags=["-pthread"],
-        build_directory=str(tmp_path_factory.mktemp("cuda_emu")),
-    )
+def emu():
+    return emu_module()
 
 
 def _run(emu, feats, logits, sms):

@@ -15,6 +15,8 @@ RUNS = [
     ("cpu", "cpu", (torch.float64, torch.float32, torch.float16, torch.bfloat16)),
     ("triton", DEV, (torch.float32, torch.float16, torch.bfloat16)),
 ]
+if CUDA:  # the CUDA C++ kernels (csrc/cuda/spatial_gather.cu): only where a GPU is
+    RUNS.append(("cuda", "cuda", (torch.float64, torch.float32, torch.float16, torch.bfloat16)))
 
 # (B, C, K, H, W)
 SHAPES = [(1, 3, 1, 1, 1), (2, 5, 19, 7, 5), (1, 13, 171, 5, 7), (2, 20, 7, 33, 65)]
@@ -177,6 +179,17 @@ def test_gradcheck_cpu_float64():
     assert torch.autograd.gradcheck(fn, (feats, logits), eps=1e-6, atol=1e-6)
     cl = (t.detach().contiguous(memory_format=torch.channels_last) for t in (feats, logits))
     assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_(True) for t in cl), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gradcheck_cuda_float64():
+    feats = torch.randn(2, 3, 3, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    logits = torch.randn(2, 4, 3, 4, dtype=torch.float64, device="cuda")
+    logits[0, 1, 1:, :] = float("-inf")  # a partly masked class
+    logits[1, 2] = float("-inf")  # an empty class
+    logits.requires_grad_(True)
+    fn = lambda f, lg: fastctx.spatial_gather(f, lg, 0.9, backend="cuda")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (feats, logits), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <math.h>
 
 // A kernel's dynamic shared memory (the CPU emulation of tests/cuda_emu defines its own).
@@ -26,6 +28,48 @@ __device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {
   return -static_cast<acc_t>(INFINITY);
+}
+
+// Threads per block of the simple per-element kernels.
+constexpr int kThreads = 256;
+// Dynamic shared memory a block may take without an opt-in.
+constexpr int64_t kSmemBudget = 48 * 1024;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks of kThreads for `threads` threads (a 1-D grid).
+inline unsigned blocks_for(int64_t threads) {
+  const int64_t n = cdiv(threads, kThreads);
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "fastctx: too many elements for one launch (",
+              threads, ")");
+  return static_cast<unsigned>(n);
+}
+
+// How many pixel groups a reduction over the pixels splits into (each group's blocks write
+// partials, then sum_groups_kernel adds them in group order: deterministic, no atomics): about 4
+// blocks per multiprocessor for `blocks_per_group` blocks a group, each group at least
+// `min_steps` of the `steps` pixel steps, and the partials (`partial_bytes` a group) at most
+// 16 MiB, written and read back once (that stays in L2).
+inline int64_t pixel_groups(int64_t blocks_per_group, int64_t steps, int64_t min_steps,
+                            int64_t partial_bytes, int64_t sms) {
+  int64_t G = cdiv(4 * sms, blocks_per_group);
+  G = std::min(G, std::max<int64_t>(1, steps / min_steps));
+  return std::min(G, std::max<int64_t>(1, (int64_t(16) << 20) / std::max<int64_t>(1, partial_bytes)));
+}
+
+// One thread per output element, B * CK of them: out[b, r] = sum over g (in order) of
+// part[b, g, r], converted to out_t.
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    sum_groups_kernel(const acc_t* __restrict__ part, out_t* __restrict__ out, int64_t B,
+                      int64_t G, int64_t CK) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= B * CK) return;
+  const int64_t b = i / CK, r = i - b * CK;
+  const acc_t* p = part + b * G * CK + r;
+  acc_t s = 0;
+  for (int64_t g = 0; g < G; ++g) s += p[g * CK];
+  out[i] = static_cast<out_t>(s);
 }
 
 // `name` of op `op_name` (stage `stage`, e.g. "sp_fwd") is a defined CUDA tensor of rank `dim`

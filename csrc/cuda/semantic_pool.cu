@@ -17,9 +17,9 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
-#include <utility>
 
 #include "common.cuh"
+#include "launch.cuh"
 #include "semantic_pool_kernels.cuh"
 
 namespace fastctx {
@@ -31,24 +31,6 @@ namespace {
 void check_grid_y(int64_t B, const char* stage) {
   TORCH_CHECK(B <= 65535, SP_OP " (", stage, "): at most 65535 images per call on CUDA, got ", B);
 }
-
-// The Launch of the host sequences (semantic_pool_kernels.cuh): kernels on the current stream.
-struct CudaLaunch {
-  cudaStream_t stream;
-  int sms;
-
-  CudaLaunch() : stream(c10::cuda::getCurrentCUDAStream()), sms(0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                          c10::cuda::current_device()));
-  }
-
-  template <typename... Params, typename... Args>
-  void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                  Args&&... args) const {
-    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 // labels: int64 [B, H, W] on the device of `ref`.
 void check_labels(const at::Tensor& labels, int64_t B, int64_t H, int64_t W, const char* stage,
@@ -78,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sp_fwd_cuda(const at:
               logits_in.sizes());
   check_grid_y(B, "sp_fwd");
   c10::cuda::CUDAGuard guard(feats_in.device());
-  return fwd(CudaLaunch(), feats_in, logits_in);
+  return fwd(gpu::CudaLaunch(), feats_in, logits_in);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -107,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> sp_bwd_cuda(const at::Tensor& dregions_in,
   check_labels(labels_in, B, H, W, "sp_bwd", feats_in, "feats");
   check_grid_y(B, "sp_bwd");
   c10::cuda::CUDAGuard guard(feats_in.device());
-  return bwd(CudaLaunch(), dregions_in, feats_in, labels_in, w_in, regions_in);
+  return bwd(gpu::CudaLaunch(), dregions_in, feats_in, labels_in, w_in, regions_in);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -126,7 +108,7 @@ at::Tensor sp_gather_cuda(const at::Tensor& regions_in, const at::Tensor& labels
   TORCH_CHECK(B * C * N == 0 || K > 0, SP_OP " (sp_gather): regions has no classes, got shape ",
               regions_in.sizes());
   c10::cuda::CUDAGuard guard(regions_in.device());
-  return gather(CudaLaunch(), regions_in, labels_in, dtype);
+  return gather(gpu::CudaLaunch(), regions_in, labels_in, dtype);
 }
 
 at::Tensor sp_scatter_cuda(const at::Tensor& dpooled_in, const at::Tensor& labels_in, int64_t K) {
@@ -137,7 +119,7 @@ at::Tensor sp_scatter_cuda(const at::Tensor& dpooled_in, const at::Tensor& label
                dpooled_in, "dpooled");
   check_grid_y(dpooled_in.size(0), "sp_scatter");
   c10::cuda::CUDAGuard guard(dpooled_in.device());
-  return scatter(CudaLaunch(), dpooled_in, labels_in, K);
+  return scatter(gpu::CudaLaunch(), dpooled_in, labels_in, K);
 }
 
 #undef SP_OP

@@ -65,7 +65,7 @@ using gpu::acc_exp;
 using gpu::acc_max;
 using gpu::neg_inf;
 
-constexpr int kPix = 256;  // threads (pixels) per block of the per-pixel kernels
+constexpr int kPix = gpu::kThreads;  // threads (pixels) per block of the per-pixel kernels
 constexpr int kCT = 32;    // channels per segmented-sum block: a warp's lanes
 constexpr int kPT = 128;   // pixels per staged tile of the segmented sum
 constexpr int kWarps = 8;  // warps per segmented-sum block
@@ -260,21 +260,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// One thread per output element, B * C * K of them: out[b, c, k] = sum over g of
-// part[b, g, c, k] (group order).
-template <typename acc_t>
-__global__ void __launch_bounds__(kPix)
-    sum_groups_kernel(const acc_t* __restrict__ part, acc_t* __restrict__ out, int64_t B,
-                      int64_t G, int64_t CK) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kPix + threadIdx.x;
-  if (i >= B * CK) return;
-  const int64_t b = i / CK, r = i - b * CK;
-  const acc_t* p = part + b * G * CK + r;
-  acc_t s = 0;
-  for (int64_t g = 0; g < G; ++g) s += p[g * CK];
-  out[i] = s;
-}
-
 // One thread per (image, class), B * K of them: drr[b, k] = sum over c (in order) of
 // dr[b, c, k] * r[b, c, k].
 template <typename acc_t>
@@ -343,21 +328,9 @@ __global__ void __launch_bounds__(kPix)
 // as launch(kernel, grid, block, shared_bytes, args...) and has `int sms` (multiprocessors).
 // Outputs and scratch are allocated on the inputs' device.
 
-constexpr int64_t kSmemBudget = 48 * 1024;  // dynamic shared memory without an opt-in
-// Pixel groups of the segmented sum: about kBlocksPerSM blocks per multiprocessor, each group at
-// least two tiles, and the groups' partials at most kPartialBytes (written and read back once;
-// that size stays in L2).
-constexpr int64_t kBlocksPerSM = 4;
-constexpr int64_t kPartialBytes = int64_t(16) << 20;
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline unsigned blocks_for(int64_t threads) {
-  const int64_t n = cdiv(threads, kPix);
-  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(),
-              "fastctx.semantic_pool: too many elements for one launch (", threads, ")");
-  return static_cast<unsigned>(n);
-}
+using gpu::blocks_for;
+using gpu::cdiv;
+using gpu::kSmemBudget;
 
 struct SegsumPlan {
   int64_t KT, n_ct, n_kt, G, pix;  // classes per class tile, tiles, pixel groups, group length
@@ -374,10 +347,8 @@ SegsumPlan segsum_plan(int64_t B, int64_t C, int64_t N, int64_t K, int64_t sms) 
   p.n_ct = cdiv(C, kCT);
   p.n_kt = cdiv(K, p.KT);
   const int64_t n_tiles = cdiv(N, kPT);
-  int64_t G = cdiv(kBlocksPerSM * sms, B * p.n_ct * p.n_kt);
-  G = std::min(G, std::max<int64_t>(1, n_tiles / 2));
-  G = std::min(G, std::max<int64_t>(1, kPartialBytes / (B * C * K * int64_t(sizeof(acc_t)))));
-  p.pix = cdiv(n_tiles, G) * kPT;
+  p.G = gpu::pixel_groups(B * p.n_ct * p.n_kt, n_tiles, 2, B * C * K * int64_t(sizeof(acc_t)), sms);
+  p.pix = cdiv(n_tiles, p.G) * kPT;
   p.G = cdiv(N, p.pix);  // no empty group
   TORCH_CHECK(p.G * p.n_ct * p.n_kt <= std::numeric_limits<int32_t>::max(),
               "fastctx.semantic_pool: too many blocks for one launch (C=", C, ", K=", K, ", N=", N, ")");
@@ -406,8 +377,8 @@ void run_segsum(const Launch& launch, const at::Tensor& x, const at::Tensor& lab
            static_cast<const acc_t*>(nullptr), pp, C, N, K, p.KT, p.n_ct, p.n_kt, p.G, p.pix);
   }
   if (p.G > 1) {
-    launch(sum_groups_kernel<acc_t>, dim3(blocks_for(B * C * K)), dim3(kPix), size_t(0),
-           static_cast<const acc_t*>(pp), out.mutable_data_ptr<acc_t>(), B, p.G, C * K);
+    launch(gpu::sum_groups_kernel<acc_t, acc_t>, dim3(blocks_for(B * C * K)), dim3(gpu::kThreads),
+           size_t(0), static_cast<const acc_t*>(pp), out.mutable_data_ptr<acc_t>(), B, p.G, C * K);
   }
 }
 

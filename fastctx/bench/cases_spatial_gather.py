@@ -40,7 +40,7 @@ def spatial_gather_cases(quick: bool) -> list[Case]:
 
         cand = {
             name: (lambda f, lg, name=name: fastctx.spatial_gather(f, lg, scale, backend=name))
-            for name in ("reference", "cpu", "triton")
+            for name in ("reference", "cpu", "triton", "cuda")
         }
         cand["softmax+bmm"] = lambda f, lg: _softmax_bmm(f, lg, scale)
         cand["read-once"] = _read_once
@@ -53,7 +53,7 @@ def spatial_gather_cases(quick: bool) -> list[Case]:
                 make_inputs=make,
                 truth=lambda f, lg: python_ref.spatial_gather(f, lg, scale),
                 candidates=cand,
-                backends=("reference", "cpu", "triton"),
+                backends=("reference", "cpu", "triton", "cuda"),
                 reference="reference",
                 strongest="softmax+bmm",
                 timing_only=("read-once",),
@@ -61,6 +61,7 @@ def spatial_gather_cases(quick: bool) -> list[Case]:
                     Target(f"cpu faster than the reference, fwd+bwd, {name}", "cpu", "reference", "fwd+bwd", "speed", 1.0, "cpu", (torch.float32,)),
                     Target(f"cpu below the reference's peak memory, fwd+bwd, {name}", "cpu", "reference", "fwd+bwd", "memory", 1.0, "cpu", (torch.float32,), strict=True),
                     Target(f"triton fwd within 1.5x of reading feats and logits once, {name}", "triton", "read-once", "fwd", "speed", 1 / 1.5, "cuda", (torch.float32, torch.float16)),
+                    Target(f"cuda fwd within 1.5x of reading feats and logits once, {name}", "cuda", "read-once", "fwd", "speed", 1 / 1.5, "cuda", (torch.float32, torch.float16)),
                 ],
             )
         )

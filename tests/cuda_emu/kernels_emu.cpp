@@ -1,16 +1,18 @@
-// The CUDA semantic pool (csrc/cuda/semantic_pool_kernels.cuh: its kernels and launch sequences,
-// unchanged) run on CPU tensors under the emulation of emu.h; built by
-// tests/test_semantic_pool_cuda_emu.py. The argument checks of csrc/cuda/semantic_pool.cu are
-// not part of it (they are the CPU kernels' checks, tested there).
+// The CUDA kernels and launch sequences of csrc/cuda/*_kernels.cuh (unchanged) run on CPU tensors
+// under the emulation of emu.h; built by tests/cuda_emu/build.py. The argument checks of the .cu
+// launchers are not part of it (they mirror the CPU kernels' checks, tested there).
 #include <torch/extension.h>
 
 #include "emu.h"
 
 #include "cuda/semantic_pool_kernels.cuh"
+#include "cuda/spatial_gather_kernels.cuh"
 
 namespace sp = fastctx::sp_gpu;
+namespace sg = fastctx::sg_gpu;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // semantic pool
   m.def("sp_fwd", [](const at::Tensor& feats, const at::Tensor& logits, int sms) {
     return sp::fwd(emu::Launch{sms}, feats, logits);
   });
@@ -28,5 +30,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const sp::SegsumPlan p = dbl ? sp::segsum_plan<double>(B, C, N, K, sms)
                                  : sp::segsum_plan<float>(B, C, N, K, sms);
     return std::make_tuple(p.KT, p.n_ct, p.n_kt, p.G, p.pix);
+  });
+  // spatial gather
+  m.def("sg_fwd", [](const at::Tensor& feats, const at::Tensor& logits, double scale, int sms) {
+    return sg::fwd(emu::Launch{sms}, feats, logits, scale);
+  });
+  m.def("sg_bwd", [](const at::Tensor& dregions, const at::Tensor& feats, const at::Tensor& logits,
+                     const at::Tensor& regions, const at::Tensor& lse, double scale) {
+    return sg::bwd(emu::Launch{1}, dregions, feats, logits, regions, lse, scale);
+  });
+  m.def("sg_fwd_plan", [](int64_t B, int64_t C, int64_t K, int64_t N, int64_t acc_bytes, int64_t sms) {
+    return sg::fwd_plan(B, C, K, N, acc_bytes, sms);
   });
 }
