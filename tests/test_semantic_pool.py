@@ -259,22 +259,6 @@ def test_cuda_many_classes_and_pixel_groups(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_is_deterministic():
-    feats = torch.randn(2, 40, 33, 65, device="cuda")
-    logits = torch.randn(2, 19, 33, 65, device="cuda")
-    results = []
-    for _ in range(3):
-        f, lg = feats.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-        regions, _, _ = fastctx.semantic_pool_regions(f, lg, backend="cuda")
-        pooled = fastctx.semantic_pool(f, lg, backend="cuda")
-        g = torch.autograd.grad(regions.sum() + (pooled * pooled).sum(), (f, lg))
-        results.append((regions, pooled, *g))
-    for r in results[1:]:
-        for a, b in zip(results[0], r):
-            assert torch.equal(a, b)
-
-
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_compiled_ops_check_their_inputs():
     regions, labels = _r(1, 4, 3).cuda(), torch.zeros(1, 5, 6, dtype=torch.int64, device="cuda")
     with pytest.raises(RuntimeError, match="labels must be int64"):
@@ -315,19 +299,21 @@ def test_cpu_is_deterministic_across_threads():
             assert torch.equal(a, b)
 
 
-def test_triton_is_deterministic():
-    _need("triton")
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))])
+def test_gpu_backends_are_deterministic(backend):
+    _need(backend)
     feats = torch.randn(2, 20, 17, 23, device=DEV)
     logits = torch.randn(2, 19, 17, 23, device=DEV)
     results = []
-    for _ in range(2):
+    for _ in range(3):
         f, lg = feats.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-        regions, _, _ = fastctx.semantic_pool_regions(f, lg, backend="triton")
-        pooled = fastctx.semantic_pool(f, lg, backend="triton")
+        regions, _, _ = fastctx.semantic_pool_regions(f, lg, backend=backend)
+        pooled = fastctx.semantic_pool(f, lg, backend=backend)
         g = torch.autograd.grad(regions.sum() + (pooled * pooled).sum(), (f, lg))
         results.append((regions, pooled, *g))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

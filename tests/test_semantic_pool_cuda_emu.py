@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import python_ref
-from tests._utils import DTYPE_NAMES, assert_close
+from tests._utils import DTYPE_NAMES
 from tests.cuda_emu.build import emu_module
-from tests.test_semantic_pool import NEG_INF, SPECIAL, _special
+from tests.test_semantic_pool import NEG_INF, SPECIAL, _compare, _special
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +45,6 @@ def _run(emu, feats, logits, sms):
     g64 = torch.autograd.grad((r64 * dr.double()).sum() + (p64 * dp.double()).sum(), (f64, l64))
     got = (regions.to(feats.dtype), counts, labels, pooled, dfeats, dlogits)
     return got, (r64, c64, lab64, p64, *g64)
-
-
-def _compare(got, want, dtype):
-    regions, counts, labels, pooled, df, dl = got
-    r64, c64, lab64, p64, df64, dl64 = want
-    assert pooled.dtype == dtype and df.dtype == dtype and dl.dtype == dtype
-    assert torch.equal(labels, lab64), "labels"
-    assert torch.equal(counts, c64), "counts"
-    assert_close(regions, r64, dtype, "regions")
-    assert_close(pooled, p64, dtype, "pooled")
-    assert_close(df, df64, dtype, "dfeats")
-    assert_close(dl, dl64, dtype, "dlogits")
-    for t in (regions, pooled, df, dl):
-        assert torch.isfinite(t).all()
 
 
 # (B, C, K, H, W, sms): sms, the multiprocessor count the launch plan assumes, sets the number of

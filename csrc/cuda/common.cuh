@@ -72,6 +72,21 @@ __global__ void __launch_bounds__(kThreads)
   out[i] = static_cast<out_t>(s);
 }
 
+// One thread per (image, k), B * K of them: out[b, k] = sum over c (in order) of
+// x[b, c, k] * y[b, c, k] (the backward's <dR[:, k], R[:, k]> of the pooling ops).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    channel_dot_kernel(const acc_t* __restrict__ x, const acc_t* __restrict__ y,
+                       acc_t* __restrict__ out, int64_t B, int64_t C, int64_t K) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= B * K) return;
+  const int64_t b = i / K, k = i - b * K;
+  const int64_t base = b * C * K + k;
+  acc_t s = 0;
+  for (int64_t c = 0; c < C; ++c) s += x[base + c * K] * y[base + c * K];
+  out[i] = s;
+}
+
 // `name` of op `op_name` (stage `stage`, e.g. "sp_fwd") is a defined CUDA tensor of rank `dim`
 // (layout `shape`, for the message) on the device of `ref` (called `ref_name`), with its dtype
 // when `same_dtype`.

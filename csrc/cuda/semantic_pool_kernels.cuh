@@ -29,7 +29,7 @@
 //
 // Backward, one thread per pixel (coalesced along the pixels, no reduction over pixels):
 //   dfeats[c, n] = w_n dr[c, l_n];  dlogits[k, n] = [k == l_n] w_n (<dr[:, l_n], f_n> - drr[l_n]),
-// drr[k] = <dr[:, k], regions[:, k]> (drr_kernel, per (image, class), channels in order).
+// drr[k] = <dr[:, k], regions[:, k]> (gpu::channel_dot_kernel, per (image, class)).
 //
 // Labels outside [0, K) (only a direct caller of the compiled ops can pass them: the forward
 // writes the labels the other ops read) select nothing: the gather writes 0, the segmented sums
@@ -260,21 +260,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// One thread per (image, class), B * K of them: drr[b, k] = sum over c (in order) of
-// dr[b, c, k] * r[b, c, k].
-template <typename acc_t>
-__global__ void __launch_bounds__(kPix)
-    drr_kernel(const acc_t* __restrict__ dr, const acc_t* __restrict__ r, acc_t* __restrict__ drr,
-               int64_t B, int64_t C, int64_t K) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kPix + threadIdx.x;
-  if (i >= B * K) return;
-  const int64_t b = i / K, k = i - b * K;
-  const int64_t base = b * C * K + k;
-  acc_t s = 0;
-  for (int64_t c = 0; c < C; ++c) s += dr[base + c * K] * r[base + c * K];
-  drr[i] = s;
-}
-
 // Grid (cdiv(N, kPix), B), one thread per pixel: dfeats [B, C, N], dlogits [B, K, N].
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kPix)
@@ -440,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor> bwd(const Launch& launch, const at::Tensor& d
                    lab = labels.contiguous(), drr = at::empty({B, K}, dr.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "sp_bwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    launch(drr_kernel<acc_t>, dim3(blocks_for(B * K)), dim3(kPix), size_t(0),
+    launch(gpu::channel_dot_kernel<acc_t>, dim3(blocks_for(B * K)), dim3(kPix), size_t(0),
            dr.const_data_ptr<acc_t>(), rg.const_data_ptr<acc_t>(), drr.mutable_data_ptr<acc_t>(),
            B, C, K);
     launch(bwd_kernel<scalar_t, acc_t>, dim3(blocks_for(N), static_cast<unsigned>(B)), dim3(kPix),

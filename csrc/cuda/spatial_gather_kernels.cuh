@@ -18,7 +18,7 @@
 //                  accumulators in registers;
 //   gpu::sum_groups_kernel  the groups' partials summed in group order, in the feats' dtype.
 // Backward (dR = dL/dregions, D[k] = <dR[:, k], regions[:, k]>):
-//   d_kernel        D per (image, class);
+//   gpu::channel_dot_kernel  D per (image, class);
 //   dlogits_kernel  one thread per pixel and 32 classes: G[k] = <dR[:, k], feats[:, n]> over all
 //                   channels (dR staged 32 channels at a time), dlogits = scale p (G - D);
 //   dfeats_kernel   one thread per pixel and 64 channels: dfeats[c, n] = sum_k p[k, n] dR[c, k]
@@ -166,21 +166,6 @@ __global__ void __launch_bounds__(kThreads)
       if (c < C && k < K) out[c * K + k] = acc[i][jj];
     }
   }
-}
-
-// One thread per (image, class), B * K of them: D[b, k] = sum over c (in order) of
-// dR[b, c, k] * R[b, c, k].
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    d_kernel(const acc_t* __restrict__ dr, const acc_t* __restrict__ r, acc_t* __restrict__ d,
-             int64_t B, int64_t C, int64_t K) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= B * K) return;
-  const int64_t b = i / K, k = i - b * K;
-  const int64_t base = b * C * K + k;
-  acc_t s = 0;
-  for (int64_t c = 0; c < C; ++c) s += dr[base + c * K] * r[base + c * K];
-  d[i] = s;
 }
 
 // Grid (cdiv(N, kThreads), cdiv(K, kKR), B), one thread per pixel and kKR classes k0 + j:
@@ -340,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> bwd(const Launch& launch, const at::Tensor& d
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "sg_bwd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     const acc_t sc = static_cast<acc_t>(scale);
-    launch(d_kernel<acc_t>, dim3(blocks_for(B * K)), dim3(kThreads), size_t(0),
+    launch(gpu::channel_dot_kernel<acc_t>, dim3(blocks_for(B * K)), dim3(kThreads), size_t(0),
            dr.const_data_ptr<acc_t>(), r.const_data_ptr<acc_t>(), d.mutable_data_ptr<acc_t>(), B,
            C, K);
     launch(dlogits_kernel<scalar_t, acc_t>,
