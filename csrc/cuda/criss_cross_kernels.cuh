@@ -35,8 +35,17 @@
 // - dk and dv could share one walk over the partners (p is needed by both).
 #pragma once
 
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <math.h>
+#include <tuple>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -351,6 +360,135 @@ __global__ void __launch_bounds__(kThreads)
       if (c0 + c < Cv) dvo[(c0 + c) * HW] = static_cast<scalar_t>(acc[c]);
     }
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Host side: launch shapes and sequences, shared by the CUDA launchers (criss_cross.cu) and the
+// CPU emulation of tests/cuda_emu (a Launch: launch(kernel, grid, block, shared_bytes, args...)
+// and `int sms`). Inputs of any strides (made NCHW-contiguous here: the only copy, a no-op for
+// NCHW input); outputs NCHW-contiguous in the input dtype, lse (and D) in acc_t.
+
+// Register-chunk widths: VC channels of v / out / dout, QC channels of q / k per pass over the
+// partners. QC = 64 keeps CCNet's Cqk = 64 in one pass (dA over Cv is computed once); small
+// Cqk (the odd test sizes) take the 16-wide variant so as not to predicate 48 dead lanes, and so
+// does float64 always (64 doubles would not fit the register file: ptxas spills).
+constexpr int kVC = 32;
+constexpr int kQCSmall = 16;
+constexpr int kQCLarge = 64;
+
+inline at::ScalarType lse_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Thread-per-pixel launch shape shared by the forward, dq, dk and dv kernels: blockDim.x threads
+// over a tile of j (a multiple of 32, at most kThreads), blockDim.y = kThreads / blockDim.x rows
+// (b, i) per block so that narrow maps still fill the block; a 1-D grid of row groups x j tiles.
+struct PixelLaunch {
+  dim3 grid, block;
+  int64_t n_jtiles;
+};
+
+// grid.y spreads `chunks` independent channel chunks (forward, dv) over blocks: just enough
+// y-blocks to give about kBlocksPerSM blocks per multiprocessor, at most one per chunk.
+constexpr int64_t kBlocksPerSM = 8;
+
+inline PixelLaunch pixel_launch(int64_t B, int64_t H, int64_t W, int sms, int64_t chunks = 1) {
+  const int64_t tj = W >= kThreads ? kThreads : (W + 31) / 32 * 32;
+  const int64_t rows = kThreads / tj;
+  const int64_t n_jtiles = (W + tj - 1) / tj;
+  const int64_t blocks = (B * H + rows - 1) / rows * n_jtiles;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "fastctx.criss_cross_attention: map too large for one launch (B=", B, ", H=", H, ", W=", W, ")");
+  int64_t gy = 1;
+  if (chunks > 1) {
+    const int64_t want = (kBlocksPerSM * sms + blocks - 1) / blocks;
+    gy = std::max<int64_t>(1, std::min<int64_t>({want, chunks, 65535}));
+  }
+  return {dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(gy)),
+          dim3(static_cast<unsigned>(tj), static_cast<unsigned>(rows)), n_jtiles};
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor> fwd(const Launch& launch, const at::Tensor& q_in,
+                                       const at::Tensor& k_in, const at::Tensor& v_in,
+                                       double scale) {
+  const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
+  const int64_t Cv = v_in.size(1);
+  auto out = at::empty({B, Cv, H, W}, v_in.options());
+  auto lse = at::empty({B, H, W}, q_in.options().dtype(lse_dtype(q_in.scalar_type())));
+  if (B * H * W == 0) return {out, lse};  // nothing to compute; no launch
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  // At least one y-block even when Cv == 0: the forward also writes lse.
+  const PixelLaunch L = pixel_launch(B, H, W, launch.sms, (Cv + kVC - 1) / kVC);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
+                                  q.scalar_type(), "cc_fwd_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    launch(cc_fwd_kernel<scalar_t, acc_t, kTile, kVC>, L.grid, L.block, size_t(0),
+           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+           out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(), B, Cqk, Cv, H, W,
+           L.n_jtiles, static_cast<acc_t>(scale));
+  });
+  return {out, lse};
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const Launch& launch, const at::Tensor& dout_in,
+                                                   const at::Tensor& q_in, const at::Tensor& k_in,
+                                                   const at::Tensor& v_in, const at::Tensor& out_in,
+                                                   const at::Tensor& lse_in, double scale) {
+  const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
+  const int64_t Cv = v_in.size(1);
+  auto dq = at::empty({B, Cqk, H, W}, q_in.options());
+  auto dk = at::empty({B, Cqk, H, W}, k_in.options());
+  auto dv = at::empty({B, Cv, H, W}, v_in.options());
+  if (B * H * W == 0) return {dq, dk, dv};  // nothing to compute; no launch
+  const at::Tensor dout = dout_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous(),
+                   v = v_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  auto delta = at::empty({B, H, W}, lse.options());
+  const PixelLaunch L = pixel_launch(B, H, W, launch.sms);                        // dq, dk
+  const PixelLaunch Lv = pixel_launch(B, H, W, launch.sms, (Cv + kVC - 1) / kVC);  // dv
+  const int64_t HW = H * W;
+  const int64_t delta_blocks = std::min<int64_t>((B * HW + kThreads - 1) / kThreads, 1 << 20);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
+                                  q.scalar_type(), "cc_bwd_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    const acc_t sc = static_cast<acc_t>(scale);
+    const scalar_t* dout_p = dout.const_data_ptr<scalar_t>();
+    const scalar_t* q_p = q.const_data_ptr<scalar_t>();
+    const scalar_t* k_p = k.const_data_ptr<scalar_t>();
+    const scalar_t* v_p = v.const_data_ptr<scalar_t>();
+    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    acc_t* delta_p = delta.mutable_data_ptr<acc_t>();
+
+    // Kernel 0: D = <dout, out> per pixel (0 when Cv == 0).
+    launch(cc_bwd_delta_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(delta_blocks)),
+           dim3(kThreads), size_t(0), dout_p, out.const_data_ptr<scalar_t>(), delta_p, B, Cv, HW);
+
+    // Kernels 1 and 2: dq per query, dk per key (gathered from the queries that see it).
+    auto launch_dq_dk = [&](auto qc) {
+      constexpr int QC = decltype(qc)::value;
+      launch(cc_bwd_dq_kernel<scalar_t, acc_t, kTile, QC>, L.grid, L.block, size_t(0), dout_p, q_p,
+             k_p, v_p, lse_p, static_cast<const acc_t*>(delta_p), dq.mutable_data_ptr<scalar_t>(),
+             B, Cqk, Cv, H, W, L.n_jtiles, sc);
+      launch(cc_bwd_dk_kernel<scalar_t, acc_t, kTile, QC>, L.grid, L.block, size_t(0), dout_p, q_p,
+             k_p, v_p, lse_p, static_cast<const acc_t*>(delta_p), dk.mutable_data_ptr<scalar_t>(),
+             B, Cqk, Cv, H, W, L.n_jtiles, sc);
+    };
+    // float64 (gradcheck, not speed) takes the narrow chunk for any Cqk.
+    constexpr int qc_wide = std::is_same_v<acc_t, double> ? kQCSmall : kQCLarge;
+    if (Cqk > 0 && Cqk <= kQCSmall) {
+      launch_dq_dk(std::integral_constant<int, kQCSmall>{});
+    } else if (Cqk > kQCSmall) {
+      launch_dq_dk(std::integral_constant<int, qc_wide>{});
+    }
+    if (Cv > 0) {
+      // Kernel 3: dv per key.
+      launch(cc_bwd_dv_kernel<scalar_t, acc_t, kTile, kVC>, Lv.grid, Lv.block, size_t(0), dout_p,
+             q_p, k_p, lse_p, dv.mutable_data_ptr<scalar_t>(), B, Cqk, Cv, H, W, Lv.n_jtiles, sc);
+    }
+  });
+  return {dq, dk, dv};
 }
 
 }  // namespace cc

@@ -5,13 +5,22 @@
 
 #include "emu.h"
 
+#include "cuda/criss_cross_kernels.cuh"
 #include "cuda/semantic_pool_kernels.cuh"
 #include "cuda/spatial_gather_kernels.cuh"
 
+namespace cc = fastctx::cc;
 namespace sp = fastctx::sp_gpu;
 namespace sg = fastctx::sg_gpu;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // criss-cross attention
+  m.def("cc_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, int sms) {
+    return cc::fwd(emu::Launch{sms}, q, k, v, scale);
+  });
+  m.def("cc_bwd", [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
+                     int sms) { return cc::bwd(emu::Launch{sms}, dout, q, k, v, out, lse, scale); });
   // semantic pool
   m.def("sp_fwd", [](const at::Tensor& feats, const at::Tensor& logits, int sms) {
     return sp::fwd(emu::Launch{sms}, feats, logits);
