@@ -86,6 +86,7 @@ CUDA_NOT_YET_RUN: dict[str, str] = {
         ("semantic_pool", "semantic pool", "tests/test_semantic_pool_cuda_emu.py"),
         ("semantic_pool_regions", "semantic pool", "tests/test_semantic_pool_cuda_emu.py"),
         ("spatial_gather", "spatial gather", "tests/test_spatial_gather_cuda_emu.py"),
+        ("region_attention", "region attention", "tests/test_region_attention_cuda_emu.py"),
     )
 }
 

@@ -100,7 +100,7 @@ def test_reference_first_on_cuda_where_the_kernels_measured_slower(op):
     assert backends._choose(op, "cpu", torch.float32, None) == ("cpu" if _ext.available()[0] else "reference")
 
 
-@pytest.mark.parametrize("op", ["criss_cross_attention", "semantic_pool", "semantic_pool_regions", "spatial_gather"])
+@pytest.mark.parametrize("op", ["criss_cross_attention", "semantic_pool", "semantic_pool_regions", "spatial_gather", "region_attention"])
 def test_slower_or_unrun_cuda_kernels_never_chosen_automatically(monkeypatch, op):
     # without Triton, backend=None on CUDA tensors skips the CUDA C++ criss-cross kernels (measured
     # slower than the reference in every dtype) and the semantic pool's (not yet run on a GPU) for

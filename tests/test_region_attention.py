@@ -15,6 +15,8 @@ RUNS = [
     ("cpu", "cpu", (torch.float64, torch.float32, torch.float16, torch.bfloat16)),
     ("triton", DEV, (torch.float32, torch.float16, torch.bfloat16)),
 ]
+if CUDA:  # the CUDA C++ kernels (csrc/cuda/region_attention.cu): only where a GPU is
+    RUNS.append(("cuda", "cuda", (torch.float64, torch.float32, torch.float16, torch.bfloat16)))
 
 # (B, Cqk, Cv, H, W, S)
 SHAPES = [(1, 3, 5, 1, 1, 1), (2, 3, 13, 7, 5, 19), (2, 20, 24, 13, 9, 40), (1, 13, 3, 5, 7, 171)]
@@ -146,6 +148,18 @@ def test_gradcheck_cpu_float64(S):
     assert torch.autograd.gradcheck(fn, (q, k, v, bias), eps=1e-6, atol=1e-6)
     q_cl = q.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     assert torch.autograd.gradcheck(fn, (q_cl, k, v, bias), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gradcheck_cuda_float64():
+    q = torch.randn(2, 3, 4, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    k = torch.randn(2, 3, 40, dtype=torch.float64, device="cuda", requires_grad=True)
+    v = torch.randn(2, 4, 40, dtype=torch.float64, device="cuda", requires_grad=True)
+    bias = torch.randn(2, 40, dtype=torch.float64, device="cuda")
+    bias[:, 1] = float("-inf")
+    bias.requires_grad_(True)
+    fn = lambda q, k, v, b: fastctx.region_attention(q, k, v, 0.9, b, backend="cuda")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("S", [19, 40])

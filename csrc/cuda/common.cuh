@@ -30,6 +30,26 @@ __device__ __forceinline__ acc_t neg_inf() {
   return -static_cast<acc_t>(INFINITY);
 }
 
+// (m, s) <- the log-sum-exp pair of (m, s) and (m2, s2): s * exp(m) + s2 * exp(m2) = s' exp(m').
+template <typename acc_t>
+__device__ __forceinline__ void lse_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
+  if (m2 == neg_inf<acc_t>()) return;
+  if (m == neg_inf<acc_t>()) {
+    m = m2;
+    s = s2;
+    return;
+  }
+  const acc_t mx = acc_max(m, m2);
+  s = s * acc_exp(m - mx) + s2 * acc_exp(m2 - mx);
+  m = mx;
+}
+
+// exp(x - lse): a softmax weight, 0 when lse = -inf (everything masked: no finite logit).
+template <typename acc_t>
+__device__ __forceinline__ acc_t prob(acc_t scaled_logit, acc_t lk) {
+  return lk == neg_inf<acc_t>() ? acc_t(0) : acc_exp(scaled_logit - lk);
+}
+
 // Threads per block of the simple per-element kernels.
 constexpr int kThreads = 256;
 // Dynamic shared memory a block may take without an opt-in.
@@ -57,19 +77,38 @@ inline int64_t pixel_groups(int64_t blocks_per_group, int64_t steps, int64_t min
   return std::min(G, std::max<int64_t>(1, (int64_t(16) << 20) / std::max<int64_t>(1, partial_bytes)));
 }
 
-// One thread per output element, B * CK of them: out[b, r] = sum over g (in order) of
-// part[b, g, r], converted to out_t.
+// One thread per output element, B * CK of them: out[b, r] = alpha * (sum over g (in order) of
+// part[b, g, r]), converted to out_t.
 template <typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kThreads)
     sum_groups_kernel(const acc_t* __restrict__ part, out_t* __restrict__ out, int64_t B,
-                      int64_t G, int64_t CK) {
+                      int64_t G, int64_t CK, acc_t alpha) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= B * CK) return;
   const int64_t b = i / CK, r = i - b * CK;
   const acc_t* p = part + b * G * CK + r;
   acc_t s = 0;
   for (int64_t g = 0; g < G; ++g) s += p[g * CK];
-  out[i] = static_cast<out_t>(s);
+  out[i] = static_cast<out_t>(alpha * s);
+}
+
+// D[b, n] = <dout[b, :, n], out[b, :, n]> over C channels, one thread per pixel (a grid-stride
+// loop over the B * N pixels, any 1-D launch).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pixel_dot_kernel(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ out,
+                     acc_t* __restrict__ delta, int64_t B, int64_t C, int64_t N) {
+  const int64_t n = B * N;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < n;
+       p += stride) {
+    const int64_t b = p / N;
+    const int64_t off = b * C * N + (p - b * N);
+    acc_t d = acc_t(0);
+    for (int64_t c = 0; c < C; ++c)
+      d += static_cast<acc_t>(dout[off + c * N]) * static_cast<acc_t>(out[off + c * N]);
+    delta[p] = d;
+  }
 }
 
 // One thread per (image, k), B * K of them: out[b, k] = sum over c (in order) of

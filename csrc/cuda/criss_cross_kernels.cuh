@@ -217,23 +217,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, kernel 0: D[b, i, j] = <dout[b, :, i, j], out[b, :, i, j]>. One thread per pixel.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    cc_bwd_delta_kernel(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ out,
-                        acc_t* __restrict__ delta, int64_t B, int64_t Cv, int64_t HW) {
-  const int64_t n = B * HW;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < n;
-       p += stride) {
-    const int64_t b = p / HW;
-    const int64_t off = b * Cv * HW + (p - b * HW);
-    acc_t d = acc_t(0);
-    for (int64_t c = 0; c < Cv; ++c)
-      d += static_cast<acc_t>(dout[off + c * HW]) * static_cast<acc_t>(out[off + c * HW]);
-    delta[p] = d;
-  }
-}
+// Backward, kernel 0: D = <dout, out> per pixel: gpu::pixel_dot_kernel (common.cuh).
 
 // Backward, kernel 1: dq. Thread = query (i, j); its partners are its keys. Per QC-chunk of Cqk:
 //   p = exp(scale * <q, k_pos> - lse), dA = <dout, v_pos>, dE = p * (dA - D),
@@ -462,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const Launch& launch, const a
     acc_t* delta_p = delta.mutable_data_ptr<acc_t>();
 
     // Kernel 0: D = <dout, out> per pixel (0 when Cv == 0).
-    launch(cc_bwd_delta_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(delta_blocks)),
+    launch(gpu::pixel_dot_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(delta_blocks)),
            dim3(kThreads), size_t(0), dout_p, out.const_data_ptr<scalar_t>(), delta_p, B, Cv, HW);
 
     // Kernels 1 and 2: dq per query, dk per key (gathered from the queries that see it).

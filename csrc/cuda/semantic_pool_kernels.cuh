@@ -363,7 +363,8 @@ void run_segsum(const Launch& launch, const at::Tensor& x, const at::Tensor& lab
   }
   if (p.G > 1) {
     launch(gpu::sum_groups_kernel<acc_t, acc_t>, dim3(blocks_for(B * C * K)), dim3(gpu::kThreads),
-           size_t(0), static_cast<const acc_t*>(pp), out.mutable_data_ptr<acc_t>(), B, p.G, C * K);
+           size_t(0), static_cast<const acc_t*>(pp), out.mutable_data_ptr<acc_t>(), B, p.G, C * K,
+           acc_t(1));
   }
 }
 

@@ -12,7 +12,7 @@
 // Forward:
 //   lse_kernel     one block per (class, image): an online max / sum of exponentials per thread
 //                  over the pixels, then a fixed tree over the block's threads;
-//   fwd_kernel     regions = feats [C x N] @ p^T [N x K], a block per (128 channels, 32 classes,
+//   xyt_kernel     regions = feats [C x N] @ p^T [N x K], a block per (128 channels, 32 classes,
 //                  pixel group): it stages 32 pixels of feats and of p in shared memory at a time;
 //                  lane l of warp w owns channels l + 32 i and classes 4 w + j (i, j < 4), 16
 //                  accumulators in registers;
@@ -51,7 +51,9 @@ using gpu::acc_max;
 using gpu::blocks_for;
 using gpu::cdiv;
 using gpu::kThreads;
+using gpu::lse_merge;
 using gpu::neg_inf;
+using gpu::prob;
 
 constexpr int kCT = 128;  // forward: channels per block (4 per lane)
 constexpr int kKT = 32;   // forward: classes per block (4 per warp)
@@ -59,20 +61,6 @@ constexpr int kNT = 32;   // forward: pixels per staged step
 constexpr int kKR = 32;   // dlogits: classes per thread (registers)
 constexpr int kCR = 64;   // dfeats: channels per thread (registers)
 constexpr int kStage = 32;  // backward: channels (dlogits) / classes (dfeats) of dR per stage
-
-// (m, s) <- the log-sum-exp pair of (m, s) and (m2, s2): s * exp(m) + s2 * exp(m2) = s' exp(m').
-template <typename acc_t>
-__device__ __forceinline__ void lse_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
-  if (m2 == neg_inf<acc_t>()) return;
-  if (m == neg_inf<acc_t>()) {
-    m = m2;
-    s = s2;
-    return;
-  }
-  const acc_t mx = acc_max(m, m2);
-  s = s * acc_exp(m - mx) + s2 * acc_exp(m2 - mx);
-  m = mx;
-}
 
 // Grid (K, B), kThreads threads: lse [B, K] of scale * logits over the pixels.
 template <typename scalar_t, typename acc_t>
@@ -101,19 +89,16 @@ __global__ void __launch_bounds__(kThreads)
   if (t == 0) lse[b * K + k] = sm[0] == neg_inf<acc_t>() ? sm[0] : sm[0] + acc_log(ss[0]);
 }
 
-// p[k, n] for a class with log-sum-exp lk (0 when lk = -inf: the class has no finite logit).
-template <typename acc_t>
-__device__ __forceinline__ acc_t prob(acc_t scaled_logit, acc_t lk) {
-  return lk == neg_inf<acc_t>() ? acc_t(0) : acc_exp(scaled_logit - lk);
-}
-
 // Grid (G * n_ct * n_kt, B), kThreads threads. part [B, G, C, K]: group g's sum over its pixels
-// of feats[c, n] p[k, n]. Groups are `pix` pixels long (a multiple of kNT).
-template <typename scalar_t, typename acc_t>
+// of feats[c, n] y[k, n], with y = p (FROM_LOGITS: from logits and lse) or read from y
+// [B, K, N] (region attention's backward: dk and dv). Groups are `pix` pixels long (a multiple
+// of kNT).
+template <typename scalar_t, typename acc_t, bool FROM_LOGITS>
 __global__ void __launch_bounds__(kThreads)
-    fwd_kernel(const scalar_t* __restrict__ feats, const scalar_t* __restrict__ logits,
-               const acc_t* __restrict__ lse, acc_t* __restrict__ part, int64_t C, int64_t K,
-               int64_t N, int64_t n_ct, int64_t n_kt, int64_t G, int64_t pix, acc_t scale) {
+    xyt_kernel(const scalar_t* __restrict__ feats, const scalar_t* __restrict__ logits,
+               const acc_t* __restrict__ lse, const acc_t* __restrict__ y,
+               acc_t* __restrict__ part, int64_t C, int64_t K, int64_t N, int64_t n_ct,
+               int64_t n_kt, int64_t G, int64_t pix, acc_t scale) {
   __shared__ acc_t fs[kCT][kNT + 1];  // [channel][pixel]
   __shared__ acc_t ps[kNT][kKT + 1];  // [pixel][class]
   __shared__ acc_t ls[kKT];
@@ -122,14 +107,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t k0 = kt * kKT, c0 = ct * kCT;
   const int64_t g0 = g * pix, g1 = (g0 + pix < N ? g0 + pix : N);
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  if (t < kKT) ls[t] = k0 + t < K ? lse[b * K + k0 + t] : neg_inf<acc_t>();
+  if (FROM_LOGITS && t < kKT) ls[t] = k0 + t < K ? lse[b * K + k0 + t] : neg_inf<acc_t>();
   acc_t acc[4][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0;
   const scalar_t* fb = feats + (b * C + c0) * N;
-  const scalar_t* lb = logits + (b * K + k0) * N;
+  const scalar_t* lb = FROM_LOGITS ? logits + (b * K + k0) * N : nullptr;
+  const acc_t* yb = FROM_LOGITS ? nullptr : y + (b * K + k0) * N;
   for (int64_t n0 = g0; n0 < g1; n0 += kNT) {
     const int np = static_cast<int>(g1 - n0 < kNT ? g1 - n0 : kNT);
     __syncthreads();  // the previous step's reads are done (and ls is visible)
@@ -139,9 +125,15 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int i = t; i < kKT * kNT; i += kThreads) {
       const int r = i / kNT, j = i - r * kNT;
-      ps[j][r] = (k0 + r < K && j < np)
-                     ? prob(scale * static_cast<acc_t>(lb[r * N + n0 + j]), ls[r])
-                     : acc_t(0);
+      acc_t yv = 0;
+      if (k0 + r < K && j < np) {
+        if constexpr (FROM_LOGITS) {
+          yv = prob(scale * static_cast<acc_t>(lb[r * N + n0 + j]), ls[r]);
+        } else {
+          yv = yb[r * N + n0 + j];
+        }
+      }
+      ps[j][r] = yv;
     }
     __syncthreads();
     for (int j = 0; j < np; ++j) {
@@ -295,13 +287,13 @@ std::tuple<at::Tensor, at::Tensor> fwd(const Launch& launch, const at::Tensor& f
     launch(lse_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(K), static_cast<unsigned>(B)),
            dim3(kThreads), size_t(0), l.const_data_ptr<scalar_t>(), lse.mutable_data_ptr<acc_t>(),
            N, K, sc);
-    launch(fwd_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(G * n_ct * n_kt), static_cast<unsigned>(B)),
+    launch(xyt_kernel<scalar_t, acc_t, true>, dim3(static_cast<unsigned>(G * n_ct * n_kt), static_cast<unsigned>(B)),
            dim3(kThreads), size_t(0), f.const_data_ptr<scalar_t>(), l.const_data_ptr<scalar_t>(),
-           static_cast<const acc_t*>(lse.const_data_ptr<acc_t>()), part.mutable_data_ptr<acc_t>(),
-           C, K, N, n_ct, n_kt, G, pix, sc);
+           static_cast<const acc_t*>(lse.const_data_ptr<acc_t>()), static_cast<const acc_t*>(nullptr),
+           part.mutable_data_ptr<acc_t>(), C, K, N, n_ct, n_kt, G, pix, sc);
     launch(gpu::sum_groups_kernel<acc_t, scalar_t>, dim3(blocks_for(B * C * K)), dim3(kThreads),
            size_t(0), static_cast<const acc_t*>(part.const_data_ptr<acc_t>()),
-           out.mutable_data_ptr<scalar_t>(), B, G, C * K);
+           out.mutable_data_ptr<scalar_t>(), B, G, C * K, acc_t(1));
   });
   return {out, lse};
 }

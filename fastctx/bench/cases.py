@@ -128,7 +128,7 @@ def region_attention_cases(quick: bool) -> list[Case]:
 
         cand = {
             name: (lambda q, k, v, name=name, scale=scale: fastctx.region_attention(q, k, v, scale, backend=name))
-            for name in ("reference", "cpu", "triton")
+            for name in ("reference", "cpu", "triton", "cuda")
         }
         cand["sdpa"] = lambda q, k, v, scale=scale: sdpa_region_attention(q, k, v, scale)
         name = f"B{B}-C{C}-S{S}-{H}x{W}"
@@ -140,7 +140,7 @@ def region_attention_cases(quick: bool) -> list[Case]:
                 make_inputs=make,
                 truth=lambda q, k, v, scale=scale: python_ref.region_attention(q, k, v, scale),
                 candidates=cand,
-                backends=("reference", "cpu", "triton"),
+                backends=("reference", "cpu", "triton", "cuda"),
                 reference="reference",
                 strongest="sdpa",
                 targets=[
@@ -148,7 +148,8 @@ def region_attention_cases(quick: bool) -> list[Case]:
                     Target(f"cpu below the reference's peak memory, fwd+bwd, {name}", "cpu", "reference", "fwd+bwd", "memory", 1.0, "cpu", (torch.float32,), strict=True),
                 ]
                 + (
-                    [Target(f"triton at least 2x faster than SDPA, fwd+bwd, {name}", "triton", "sdpa", "fwd+bwd", "speed", 2.0, "cuda", (torch.float16,))]
+                    [Target(f"{b} at least 2x faster than SDPA, fwd+bwd, {name}", b, "sdpa", "fwd+bwd", "speed", 2.0, "cuda", (torch.float16,))
+                     for b in ("triton", "cuda")]
                     if (H, W) == (128, 256)
                     else []
                 ),

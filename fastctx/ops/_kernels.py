@@ -29,11 +29,11 @@ def kernels(op: str, backend: str, compiled: tuple[str, str], triton: tuple[str,
 
 def keep_weights(backend: str, *inputs: torch.Tensor) -> bool:
     """Whether an attention forward keeps its softmax weights for the backward (region_attention,
-    interlaced_attention): the compiled kernels do, when a backward can follow, and their backward
-    reads them instead of recomputing them (the reference's autograd keeps them too); Triton's
-    backward recomputes them from the log-sum-exp. region_attention adds a condition on the number
-    of keys (``fastctx.ops.ocr.ra_keep_weights``)."""
-    return backend != "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    interlaced_attention): the CPU kernels do, when a backward can follow, and their backward
+    reads them instead of recomputing them (the reference's autograd keeps them too); the Triton
+    and CUDA backwards recompute them. region_attention adds a condition on the number of keys
+    (``fastctx.ops.ocr.ra_keep_weights``)."""
+    return backend == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 class FusedOp:

@@ -92,7 +92,7 @@ def _(q, k, v, bh, bw, long_mode, scale, backend, keep_p):
     B, _, H, W = q.shape
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     L = (H // bh) * (W // bw) if long_mode else bh * bw
-    p_shape = (B, H * W // L, L, L) if keep_p and backend != "triton" else (0,)
+    p_shape = (B, H * W // L, L, L) if keep_p and backend == "cpu" else (0,)
     return (v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=stat_dtype),
             q.new_empty(p_shape, dtype=stat_dtype))
 

@@ -179,8 +179,8 @@ def _ra_kernels(backend: str):
     return kernels("region_attention", backend, ("ra_fwd", "ra_bwd"), ("fastctx.triton.region_attention", "ra_fwd", "ra_bwd"))
 
 
-# Outputs (out, lse, p): p [B, S, H*W] holds the weights when keep_p is set for a compiled
-# backend, else it is empty (the backward recomputes them from lse). Every backend's host
+# Outputs (out, lse, p): p [B, S, H*W] holds the weights when keep_p is set for the cpu
+# backend, else it is empty (the backward recomputes them). Every backend's host
 # functions take the compiled ops' schema (csrc/ops/region_attention.cpp).
 @fused_op("fastctx::region_attention_fwd")
 def _ra_fwd(
@@ -193,7 +193,7 @@ def _ra_fwd(
 def _(q, k, v, bias, scale, backend, keep_p):
     B, _, H, W = q.shape
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    p_shape = (B, k.shape[2], H * W) if keep_p and backend != "triton" else (0,)
+    p_shape = (B, k.shape[2], H * W) if keep_p and backend == "cpu" else (0,)
     return (v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=stat_dtype),
             q.new_empty(p_shape, dtype=stat_dtype))
 

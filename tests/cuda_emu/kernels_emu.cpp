@@ -6,10 +6,12 @@
 #include "emu.h"
 
 #include "cuda/criss_cross_kernels.cuh"
+#include "cuda/region_attention_kernels.cuh"
 #include "cuda/semantic_pool_kernels.cuh"
 #include "cuda/spatial_gather_kernels.cuh"
 
 namespace cc = fastctx::cc;
+namespace ra = fastctx::ra_gpu;
 namespace sp = fastctx::sp_gpu;
 namespace sg = fastctx::sg_gpu;
 
@@ -21,6 +23,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cc_bwd", [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale,
                      int sms) { return cc::bwd(emu::Launch{sms}, dout, q, k, v, out, lse, scale); });
+  // region attention
+  m.def("ra_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& bias, double scale) {
+    return ra::fwd(emu::Launch{1}, q, k, v, bias, scale);
+  });
+  m.def("ra_bwd", [](const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
+                     double scale, int sms) {
+    return ra::bwd(emu::Launch{sms}, dout, q, k, v, bias, out, scale);
+  });
   // semantic pool
   m.def("sp_fwd", [](const at::Tensor& feats, const at::Tensor& logits, int sms) {
     return sp::fwd(emu::Launch{sms}, feats, logits);
