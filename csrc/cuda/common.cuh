@@ -126,6 +126,60 @@ __global__ void __launch_bounds__(kThreads)
   out[i] = s;
 }
 
+// The per-pixel streaming loops of the pooling and attention backwards: a thread owns pixel n
+// and J (or CR) outputs in registers; a block-wide operand is staged in shared memory `ST` rows
+// at a time. Every thread of the block calls them (they hold barriers); `live` threads (n < N)
+// compute.
+//
+// acc[j] += sum over c < C (in order) of x[c * N] * m[c * S + j], j < sn: x points at the thread's
+// pixel of channel 0, m at column 0 of a [C, S] operand (ms: [ST][J] shared).
+template <int J, int ST, typename acc_t, typename xt, typename mt>
+__device__ __forceinline__ void stream_dots(const xt* __restrict__ x, const mt* __restrict__ m,
+                                            int64_t C, int64_t S, int64_t N, int sn, bool live,
+                                            acc_t (*ms)[J], acc_t (&acc)[J]) {
+  const int t = threadIdx.x;
+  for (int64_t c0 = 0; c0 < C; c0 += ST) {
+    const int cn = static_cast<int>(C - c0 < ST ? C - c0 : ST);
+    __syncthreads();  // the previous stage's reads are done
+    for (int i = t; i < ST * J; i += blockDim.x) {
+      const int cc = i / J, j = i - cc * J;
+      ms[cc][j] = (cc < cn && j < sn) ? static_cast<acc_t>(m[(c0 + cc) * S + j]) : acc_t(0);
+    }
+    __syncthreads();
+    if (live) {
+      for (int cc = 0; cc < cn; ++cc) {
+        const acc_t xv = static_cast<acc_t>(x[(c0 + cc) * N]);
+#pragma unroll
+        for (int j = 0; j < J; ++j) acc[j] += xv * ms[cc][j];
+      }
+    }
+  }
+}
+
+// acc[i] += sum over s < S (in order) of a(s) * w[i * S + s], i < cn: w points at row 0 of a
+// [cn, S] operand, a(s) is the thread's weight of column s (ws: [ST][CR] shared).
+template <int CR, int ST, typename acc_t, typename wt, typename A>
+__device__ __forceinline__ void stream_mix(const wt* __restrict__ w, int64_t S, int cn, bool live,
+                                           const A& a, acc_t (*ws)[CR], acc_t (&acc)[CR]) {
+  const int t = threadIdx.x;
+  for (int64_t s0 = 0; s0 < S; s0 += ST) {
+    const int sn = static_cast<int>(S - s0 < ST ? S - s0 : ST);
+    __syncthreads();
+    for (int i = t; i < ST * CR; i += blockDim.x) {
+      const int j = i / CR, ci = i - j * CR;
+      ws[j][ci] = (j < sn && ci < cn) ? static_cast<acc_t>(w[ci * S + s0 + j]) : acc_t(0);
+    }
+    __syncthreads();
+    if (live) {
+      for (int j = 0; j < sn; ++j) {
+        const acc_t av = a(s0 + j);
+#pragma unroll
+        for (int i = 0; i < CR; ++i) acc[i] += av * ws[j][i];
+      }
+    }
+  }
+}
+
 // `name` of op `op_name` (stage `stage`, e.g. "sp_fwd") is a defined CUDA tensor of rank `dim`
 // (layout `shape`, for the message) on the device of `ref` (called `ref_name`), with its dtype
 // when `same_dtype`.

@@ -74,28 +74,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.z, s0 = static_cast<int64_t>(blockIdx.y) * kST;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool live = n < N;  // every thread takes part in the barriers
-  const int t = threadIdx.x;
   const int sn = static_cast<int>(S - s0 < kST ? S - s0 : kST);
   acc_t acc[kST];
 #pragma unroll
   for (int j = 0; j < kST; ++j) acc[j] = 0;
-  const scalar_t* xp = x + b * C * N + n;
-  for (int64_t c0 = 0; c0 < C; c0 += kCS) {
-    const int cn = static_cast<int>(C - c0 < kCS ? C - c0 : kCS);
-    __syncthreads();  // the previous stage's reads are done
-    for (int i = t; i < kCS * kST; i += kThreads) {
-      const int cc = i / kST, j = i - cc * kST;
-      ms[cc][j] = (cc < cn && j < sn) ? static_cast<acc_t>(m[(b * C + c0 + cc) * S + s0 + j]) : acc_t(0);
-    }
-    __syncthreads();
-    if (live) {
-      for (int cc = 0; cc < cn; ++cc) {
-        const acc_t xv = static_cast<acc_t>(xp[(c0 + cc) * N]);
-#pragma unroll
-        for (int j = 0; j < kST; ++j) acc[j] += xv * ms[cc][j];
-      }
-    }
-  }
+  gpu::stream_dots<kST, kCS, acc_t>(x + b * C * N + n, m + b * C * S + s0, C, S, N, sn, live, ms, acc);
   if (!live) return;
 #pragma unroll
   for (int j = 0; j < kST; ++j) {
@@ -137,28 +120,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.z, c0 = static_cast<int64_t>(blockIdx.y) * kCR;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool live = n < N;
-  const int t = threadIdx.x;
   const int cn = static_cast<int>(C - c0 < kCR ? C - c0 : kCR);
   acc_t acc[kCR];
 #pragma unroll
   for (int i = 0; i < kCR; ++i) acc[i] = 0;
   const acc_t* ap = a + b * S * N + n;
-  for (int64_t s0 = 0; s0 < S; s0 += kST) {
-    const int sn = static_cast<int>(S - s0 < kST ? S - s0 : kST);
-    __syncthreads();
-    for (int i = t; i < kST * kCR; i += kThreads) {
-      const int j = i / kCR, ci = i - j * kCR;
-      ws[j][ci] = (j < sn && ci < cn) ? static_cast<acc_t>(w[(b * C + c0 + ci) * S + s0 + j]) : acc_t(0);
-    }
-    __syncthreads();
-    if (live) {
-      for (int j = 0; j < sn; ++j) {
-        const acc_t av = ap[(s0 + j) * N];
-#pragma unroll
-        for (int i = 0; i < kCR; ++i) acc[i] += av * ws[j][i];
-      }
-    }
-  }
+  gpu::stream_mix<kCR, kST, acc_t>(w + (b * C + c0) * S, S, cn, live,
+                                   [ap, N](int64_t s) { return ap[s * N]; }, ws, acc);
   if (!live) return;
   scalar_t* out = y + (b * C + c0) * N + n;
 #pragma unroll

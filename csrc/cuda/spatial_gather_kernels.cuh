@@ -172,28 +172,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.z, k0 = static_cast<int64_t>(blockIdx.y) * kKR;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool live = n < N;  // every thread takes part in the barriers
-  const int t = threadIdx.x;
   const int kn = static_cast<int>(K - k0 < kKR ? K - k0 : kKR);
   acc_t gk[kKR];
 #pragma unroll
   for (int j = 0; j < kKR; ++j) gk[j] = 0;
-  const scalar_t* f = feats + b * C * N + n;
-  for (int64_t c0 = 0; c0 < C; c0 += kStage) {
-    const int cn = static_cast<int>(C - c0 < kStage ? C - c0 : kStage);
-    __syncthreads();  // the previous stage's reads are done
-    for (int i = t; i < kStage * kKR; i += kThreads) {
-      const int cc = i / kKR, j = i - cc * kKR;
-      drs[cc][j] = (cc < cn && j < kn) ? dr[(b * C + c0 + cc) * K + k0 + j] : acc_t(0);
-    }
-    __syncthreads();
-    if (live) {
-      for (int cc = 0; cc < cn; ++cc) {
-        const acc_t fv = static_cast<acc_t>(f[(c0 + cc) * N]);
-#pragma unroll
-        for (int j = 0; j < kKR; ++j) gk[j] += drs[cc][j] * fv;
-      }
-    }
-  }
+  gpu::stream_dots<kKR, kStage, acc_t>(feats + b * C * N + n, dr + b * C * K + k0, C, K, N, kn, live, drs, gk);
   if (!live) return;
 #pragma unroll
   for (int j = 0; j < kKR; ++j) {
@@ -213,33 +196,19 @@ __global__ void __launch_bounds__(kThreads)
                   const acc_t* __restrict__ lse, scalar_t* __restrict__ dfeats, int64_t C,
                   int64_t K, int64_t N, acc_t scale) {
   __shared__ acc_t drs[kStage][kCR];  // dR[c0 + i, k0 + kk]
-  __shared__ acc_t ls[kStage];
   const int64_t b = blockIdx.z, c0 = static_cast<int64_t>(blockIdx.y) * kCR;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool live = n < N;
-  const int t = threadIdx.x;
   const int cn = static_cast<int>(C - c0 < kCR ? C - c0 : kCR);
   acc_t acc[kCR];
 #pragma unroll
   for (int i = 0; i < kCR; ++i) acc[i] = 0;
   const scalar_t* l = logits + b * K * N + n;
-  for (int64_t k0 = 0; k0 < K; k0 += kStage) {
-    const int kn = static_cast<int>(K - k0 < kStage ? K - k0 : kStage);
-    __syncthreads();
-    for (int i = t; i < kStage * kCR; i += kThreads) {
-      const int kk = i / kCR, ci = i - kk * kCR;
-      drs[kk][ci] = (kk < kn && ci < cn) ? dr[(b * C + c0 + ci) * K + k0 + kk] : acc_t(0);
-    }
-    if (t < kStage) ls[t] = t < kn ? lse[b * K + k0 + t] : neg_inf<acc_t>();
-    __syncthreads();
-    if (live) {
-      for (int kk = 0; kk < kn; ++kk) {
-        const acc_t p = prob(scale * static_cast<acc_t>(l[(k0 + kk) * N]), ls[kk]);
-#pragma unroll
-        for (int i = 0; i < kCR; ++i) acc[i] += p * drs[kk][i];
-      }
-    }
-  }
+  const acc_t* lb = lse + b * K;
+  gpu::stream_mix<kCR, kStage, acc_t>(
+      dr + (b * C + c0) * K, K, cn, live,
+      [l, lb, N, scale](int64_t k) { return prob(scale * static_cast<acc_t>(l[k * N]), lb[k]); }, drs,
+      acc);
   if (!live) return;
   scalar_t* out = dfeats + (b * C + c0) * N + n;
 #pragma unroll
