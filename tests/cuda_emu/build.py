@@ -1,12 +1,12 @@
 """Builds tests/cuda_emu/kernels_emu.cpp (the CUDA device code of csrc/cuda under the CPU emulation
-of emu.h) once per test session, into a temporary folder."""
+of emu.h) once per test session, into build/cuda_emu (git-ignored; torch's loader rebuilds only
+when a source or a flag changed)."""
 
 from __future__ import annotations
 
 import functools
 import os
 import shutil
-import tempfile
 
 import pytest
 
@@ -18,7 +18,8 @@ HERE = os.path.join(ROOT, "tests", "cuda_emu")
 def _build():
     from torch.utils.cpp_extension import load
 
-    build = tempfile.mkdtemp(prefix="fastctx_cuda_emu_")
+    build = os.path.join(ROOT, "build", "cuda_emu")
+    os.makedirs(build, exist_ok=True)
     return load(
         name="fastctx_cuda_emu",
         sources=[os.path.join(HERE, "kernels_emu.cpp")],
