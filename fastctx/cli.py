@@ -34,6 +34,7 @@ def _info(_: argparse.Namespace) -> int:
     from fastctx import _ext
     from fastctx.backends import (
         _OPS,
+        CUDA_NOT_YET_RUN,
         CUDA_SLOWER_THAN_REFERENCE,
         BackendUnavailableError,
         choose_backend,
@@ -54,8 +55,9 @@ def _info(_: argparse.Namespace) -> int:
                 auto = f"nothing: {e}"
             slower = reference_first(op, dev, x.dtype)
             print(f"  {op}: backend=None takes {auto}" + (f" (the kernels measured slower on an H200: {slower})" if slower else ""))
-            if dev == "cuda" and op in CUDA_SLOWER_THAN_REFERENCE:
-                print(f"    (never 'cuda' automatically: {CUDA_SLOWER_THAN_REFERENCE[op]})")
+            never = CUDA_SLOWER_THAN_REFERENCE.get(op) or CUDA_NOT_YET_RUN.get(op)
+            if dev == "cuda" and never:
+                print(f"    (never 'cuda' automatically: {never})")
             for name, reason in fastctx.explain(op, x).items():
                 print(f"    {name:10s} {reason}")
     return 0
