@@ -1,4 +1,4 @@
-// What every CPU launcher shares: the compute dtype, the one input copy, argument checks,
+// What every CPU launcher shares (besides ../ops/checks.h): the one input copy, argument checks,
 // zeroed per-thread scratch, the run-time AVX2 test, the work loop over independent items and
 // GEMMs on raw pointers.
 // The vector helpers used inside the kernels are in vec.h.
@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+
+#include "../ops/checks.h"
 
 #include <algorithm>
 #include <atomic>
@@ -77,11 +79,6 @@ void gemm(const Mat<T>& C, const Mat<T>& A, const Mat<T>& B, T beta) {
     dgemm_(&ta, &tb, &m, &n, &k, &one, B.p, &lda, A.p, &ldb, &beta, C.p, &ldc);
 }
 
-// float32 for float16 / bfloat16 / float32 inputs, float64 for float64.
-inline at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // A fresh big output (out, dq, dv, ...) is written once, by the kernels; on Linux its first touch
 // costs a page fault per 4 KiB page (the allocator hands such blocks back to the system when they
 // are freed, so every call faults them in again), which measured as much time as the arithmetic
@@ -142,38 +139,17 @@ inline at::Tensor prepare_or_nhwc(const at::Tensor& t, at::ScalarType ct, bool& 
   return nhwc ? t : prepare(t, ct);
 }
 
-// `name` of op `op_name` (stage `stage`, e.g. "ra_fwd") is a defined CPU tensor of rank `dim`
-// (layout `shape`, for the message) with the device and dtype of `ref` (called `ref_name`).
+// check_tensor of ../ops/checks.h on the CPU.
 inline void check_tensor(const char* op_name, const char* stage, const at::Tensor& t,
                          const char* name, int64_t dim, const char* shape, const at::Tensor& ref,
                          const char* ref_name = "q") {
-  TORCH_CHECK(t.defined(), op_name, " (", stage, "): ", name, " is undefined");
-  TORCH_CHECK(t.device() == ref.device(), op_name, " (", stage, "): ", name, " is on ",
-              t.device(), " but ", ref_name, " is on ", ref.device());
-  TORCH_CHECK(t.device().is_cpu(), op_name, " (", stage, "): ", name,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, op_name, " (", stage, "): ", name, " must be ", dim, "-D ", shape,
-              ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op_name, " (", stage, "): ", name,
-              " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+  fastctx::check_tensor(at::kCPU, op_name, stage, t, name, dim, shape, ref, ref_name);
 }
 
 // The same without a reference: `name` is a defined CPU tensor of rank `dim`.
 inline void check_tensor(const char* op_name, const char* stage, const at::Tensor& t,
                          const char* name, int64_t dim, const char* shape) {
   check_tensor(op_name, stage, t, name, dim, shape, t, name);
-}
-
-// float16, bfloat16, float32 or float64.
-inline bool is_float(at::ScalarType st) {
-  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
-}
-
-// t is float16, bfloat16, float32 or float64.
-inline void check_float(const char* op_name, const char* stage, const at::Tensor& t,
-                        const char* name) {
-  TORCH_CHECK(is_float(t.scalar_type()), op_name, " (", stage, "): ", name,
-              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
 }
 
 // Whether the AVX2 + FMA build of a kernel may run here. The kernels are compiled twice (see

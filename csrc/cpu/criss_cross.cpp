@@ -47,6 +47,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../ops/criss_cross.h"
 #include "common.h"
 
 #include <algorithm>
@@ -76,7 +77,6 @@ namespace fastctx {
 namespace cc_cpu {
 namespace {
 
-using cpu::compute_dtype;
 using cpu::gemm;
 using cpu::Mat;
 using cpu::mat;
@@ -182,26 +182,14 @@ inline void check_blas_strides(int64_t HW, int64_t WLd, int64_t H, int64_t W) {
               " map is too large for them");
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  cpu::check_tensor(CC_OP, op, q, "q", 4, "[B, Cqk, H, W]", q);
-  cpu::check_float(CC_OP, op, q, "q");
-  cpu::check_tensor(CC_OP, op, k, "k", 4, "[B, Cqk, H, W]", q);
-  cpu::check_tensor(CC_OP, op, v, "v", 4, "[B, Cv, H, W]", q);
-  TORCH_CHECK(k.sizes() == q.sizes(), CC_OP " (", op, "): q and k must have the same shape, got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3),
-              CC_OP " (", op, "): v must match q in batch and spatial size, got q ", q.sizes(),
-              " and v ", v.sizes());
-}
-
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                               const at::Tensor& v_in, double scale) {
-  check_qkv(q_in, k_in, v_in, "cc_fwd");
+  cc_checks::qkv(at::kCPU, q_in, k_in, v_in, "cc_fwd");
   const int64_t B = q_in.size(0), H = q_in.size(2), W = q_in.size(3);
   const int64_t Cv = v_in.size(1);
   int64_t Cqk = q_in.size(1);
-  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  const at::ScalarType dt = q_in.scalar_type(), ct = acc_dtype(dt);
   auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
   if (B == 0 || H == 0 || W == 0) return {at::empty({B, Cv, H, W}, v_in.options()), lse};
 
@@ -276,24 +264,10 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cpu(const at::Tensor& q_in, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
-  check_qkv(q_in, k_in, v_in, "cc_bwd");
-  cpu::check_tensor(CC_OP, "cc_bwd", dout_in, "dout", 4, "[B, Cv, H, W]", q_in);
-  cpu::check_tensor(CC_OP, "cc_bwd", out_in, "out", 4, "[B, Cv, H, W]", q_in);
-  TORCH_CHECK(dout_in.sizes() == v_in.sizes(), CC_OP " (cc_bwd): dout must have the shape of v ",
-              v_in.sizes(), ", got ", dout_in.sizes());
-  TORCH_CHECK(out_in.sizes() == v_in.sizes(), CC_OP " (cc_bwd): out must have the shape of v ",
-              v_in.sizes(), ", got ", out_in.sizes());
+  cc_checks::bwd(at::kCPU, dout_in, q_in, k_in, v_in, out_in, lse_in);
   const int64_t B = q_in.size(0), H = q_in.size(2), W = q_in.size(3);
   int64_t Cqk = q_in.size(1), Cv = v_in.size(1);
-  TORCH_CHECK(lse_in.defined() && lse_in.device() == q_in.device(),
-              CC_OP " (cc_bwd): lse must be a tensor on ", q_in.device());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
-                  lse_in.size(2) == W,
-              CC_OP " (cc_bwd): lse must have shape [B, H, W] = [", B, ", ", H, ", ", W,
-              "], got ", lse_in.sizes());
-  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
-  TORCH_CHECK(lse_in.scalar_type() == ct, CC_OP " (cc_bwd): lse must have dtype ", ct, " for ",
-              dt, " inputs, got ", lse_in.scalar_type());
+  const at::ScalarType dt = q_in.scalar_type(), ct = acc_dtype(dt);
 
   auto dq = cpu::empty_output({B, Cqk, H, W}, q_in.options());
   auto dk = cpu::empty_output({B, Cqk, H, W}, k_in.options());

@@ -94,7 +94,6 @@ namespace {
 
 #define ISA_OP "fastctx.interlaced_attention"
 
-using cpu::compute_dtype;
 using cpu::use_avx2;
 
 template <class T>
@@ -465,7 +464,7 @@ void check_tensor(const at::Tensor& t, const char* op, const char* name, const a
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t bh,
                   int64_t bw, const char* op) {
   check_tensor(q, op, "q", q);
-  cpu::check_float(ISA_OP, op, q, "q");
+  check_float(ISA_OP, op, q, "q");
   check_tensor(k, op, "k", q);
   check_tensor(v, op, "v", q);
   TORCH_CHECK(k.sizes() == q.sizes(), ISA_OP " (", op, "): q and k must have the same shape, got q ",
@@ -530,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_fwd_cpu(const at::Tensor& q_i
   check_inputs(q_in, k_in, v_in, bh, bw, "isa_fwd");
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t Cv = v_in.size(1);
-  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  const at::ScalarType dt = q_in.scalar_type(), ct = acc_dtype(dt);
   auto out = cpu::empty_output({B, Cv, H, W}, q_in.options());
   auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
   const std::pair<int64_t, int64_t> lg = groups_of(H, W, bh, bw, long_mode);
@@ -608,7 +607,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> isa_bwd_cpu(
   check_like(out_in, "out", v_in, q_in);
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t Cv = v_in.size(1);
-  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  const at::ScalarType dt = q_in.scalar_type(), ct = acc_dtype(dt);
   (void)lse_in;
   const std::pair<int64_t, int64_t> lg = groups_of(H, W, bh, bw, long_mode);
   const int64_t L = lg.first, G = lg.second;

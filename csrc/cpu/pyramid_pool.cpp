@@ -168,7 +168,7 @@ class PlanData {
 void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
                   const char* shape) {
   cpu::check_tensor(PP_OP, op, t, name, dim, shape);
-  cpu::check_float(PP_OP, op, t, name);
+  check_float(PP_OP, op, t, name);
 }
 
 // Planes per parallel_for grain: about 64 Ki pixels.
@@ -234,7 +234,7 @@ at::Tensor pp_bwd_cpu(const at::Tensor& dout_in, at::IntArrayRef scales, int64_t
   auto dx = cpu::empty_output({B, C, H, W}, dout_in.options());
   if (B * C == 0) return dx;
   const at::ScalarType dt = dout_in.scalar_type();
-  const at::ScalarType ct = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType ct = acc_dtype(dt);
   const at::Tensor dout = dout_in.to(ct).contiguous();  // [B, C, S]: small
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "pp_bwd_cpu", [&] {

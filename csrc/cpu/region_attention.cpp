@@ -34,6 +34,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../ops/region_attention.h"
 #include "common.h"
 
 #include <algorithm>
@@ -70,7 +71,6 @@ namespace fastctx {
 namespace ra_cpu {
 namespace {
 
-using cpu::compute_dtype;
 using cpu::prepare;
 using cpu::use_avx2;
 
@@ -95,24 +95,6 @@ void bwd_task(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t0, int64_t
   isa_base::bwd_task<T>(a, g, b, t0, t1, scratch, part);
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& bias, const char* op) {
-  cpu::check_tensor(RA_OP, op, q, "q", 4, "[B, Cqk, H, W]", q);
-  cpu::check_float(RA_OP, op, q, "q");
-  cpu::check_tensor(RA_OP, op, k, "k", 3, "[B, Cqk, S]", q);
-  cpu::check_tensor(RA_OP, op, v, "v", 3, "[B, Cv, S]", q);
-  cpu::check_tensor(RA_OP, op, bias, "bias", 2, "[B, S]", q);
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1),
-              RA_OP " (", op, "): k must be [B, Cqk, S] with B and Cqk of q, got q ", q.sizes(),
-              " and k ", k.sizes());
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(2) == k.size(2),
-              RA_OP " (", op, "): v must be [B, Cv, S] with B and S of k, got k ", k.sizes(),
-              " and v ", v.sizes());
-  TORCH_CHECK(bias.size(0) == k.size(0) && bias.size(1) == k.size(2),
-              RA_OP " (", op, "): bias must be [B, S] = [", k.size(0), ", ", k.size(2),
-              "], got ", bias.sizes());
-}
-
 // [B, C, S] -> [B, S, C] contiguous (small: no pixel axis).
 at::Tensor transposed(const at::Tensor& t) { return t.transpose(1, 2).contiguous(); }
 
@@ -122,10 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in
                                                           const at::Tensor& v_in,
                                                           const at::Tensor& bias_in, double scale,
                                                           bool keep_p) {
-  check_inputs(q_in, k_in, v_in, bias_in, "ra_fwd");
+  ra_checks::inputs(at::kCPU, q_in, k_in, v_in, bias_in, "ra_fwd");
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t S = k_in.size(2), Cv = v_in.size(1), N = H * W;
-  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  const at::ScalarType dt = q_in.scalar_type(), ct = acc_dtype(dt);
   auto lse = at::empty({B, H, W}, q_in.options().dtype(ct));
   auto out = cpu::empty_output({B, Cv, H, W}, q_in.options());
   auto p = keep_p ? cpu::empty_output({B, S, N}, q_in.options().dtype(ct))
@@ -160,18 +142,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& bias_in, const at::Tensor& out_in,
     const at::Tensor& lse_in, const at::Tensor& p_in, double scale) {
-  check_inputs(q_in, k_in, v_in, bias_in, "ra_bwd");
-  cpu::check_tensor(RA_OP, "ra_bwd", dout_in, "dout", 4, "[B, Cv, H, W]", q_in);
-  cpu::check_tensor(RA_OP, "ra_bwd", out_in, "out", 4, "[B, Cv, H, W]", q_in);
+  ra_checks::inputs(at::kCPU, q_in, k_in, v_in, bias_in, "ra_bwd");
+  ra_checks::outputs(at::kCPU, dout_in, out_in, q_in, v_in);
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t S = k_in.size(2), Cv = v_in.size(1), N = H * W;
-  const std::array<int64_t, 4> oshape{B, Cv, H, W};
-  const at::IntArrayRef osizes(oshape);
-  TORCH_CHECK(dout_in.sizes() == osizes,
-              RA_OP " (ra_bwd): dout must be [B, Cv, H, W] = ", osizes, ", got ", dout_in.sizes());
-  TORCH_CHECK(out_in.sizes() == osizes,
-              RA_OP " (ra_bwd): out must be [B, Cv, H, W] = ", osizes, ", got ", out_in.sizes());
-  const at::ScalarType dt = q_in.scalar_type(), ct = compute_dtype(dt);
+  const at::ScalarType dt = q_in.scalar_type(), ct = acc_dtype(dt);
   // p: the weights the forward kept, or empty: then they are recomputed from lse.
   TORCH_CHECK(p_in.defined() && p_in.device() == q_in.device(),
               RA_OP " (ra_bwd): p must be a tensor on ", q_in.device());

@@ -34,6 +34,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../ops/semantic_pool.h"
 #include "common.h"
 
 #include <algorithm>
@@ -63,7 +64,6 @@ namespace {
 
 #define SP_OP "fastctx.semantic_pool"
 
-using cpu::compute_dtype;
 using cpu::prepare;
 using cpu::prepare_or_nhwc;
 using cpu::use_avx2;
@@ -122,25 +122,6 @@ void bwd_block_nhwc(const T* f, const T* dr, const T* drT, const T* drr, const i
   isa_base::bwd_block_nhwc<T>(f, dr, drT, drr, lab, w, N, C, K, np, dot, df, dl);
 }
 
-void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
-                  const char* shape) {
-  cpu::check_tensor(SP_OP, op, t, name, dim, shape);
-}
-
-void check_float(const at::Tensor& t, const char* op, const char* name) {
-  cpu::check_float(SP_OP, op, t, name);
-}
-
-// labels: int64 [B, H, W] (the values are checked by check_label_range).
-void check_labels(const at::Tensor& labels, int64_t B, int64_t H, int64_t W, const char* op) {
-  check_tensor(labels, op, "labels", 3, "[B, H, W]");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, SP_OP " (", op, "): labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(labels.size(0) == B && labels.size(1) == H && labels.size(2) == W,
-              SP_OP " (", op, "): labels must be [B, H, W] = [", B, ", ", H, ", ", W, "], got ",
-              labels.sizes());
-}
-
 void check_label_range(const int64_t* lab, int64_t n, int64_t K, const char* op) {
   bool bad = false;
   for (int64_t i = 0; i < n; ++i) bad |= static_cast<uint64_t>(lab[i]) >= static_cast<uint64_t>(K);
@@ -178,18 +159,10 @@ void segsum(const T* x, bool nhwc, const int64_t* lab, const T* w, int64_t B, in
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sp_fwd_cpu(const at::Tensor& feats_in,
                                                                       const at::Tensor& logits_in) {
-  check_tensor(feats_in, "sp_fwd", "feats", 4, "[B, C, H, W]");
-  check_float(feats_in, "sp_fwd", "feats");
-  cpu::check_tensor(SP_OP, "sp_fwd", logits_in, "logits", 4, "[B, K, H, W]", feats_in, "feats");
-  TORCH_CHECK(logits_in.size(0) == feats_in.size(0) && logits_in.size(2) == feats_in.size(2) &&
-                  logits_in.size(3) == feats_in.size(3),
-              SP_OP " (sp_fwd): feats and logits must agree in batch and spatial size, got feats ",
-              feats_in.sizes(), " and logits ", logits_in.sizes());
+  sp_checks::fwd(at::kCPU, feats_in, logits_in);
   const int64_t B = feats_in.size(0), C = feats_in.size(1), H = feats_in.size(2),
                 W = feats_in.size(3), K = logits_in.size(1), N = H * W;
-  TORCH_CHECK(K > 0, SP_OP " (sp_fwd): logits needs at least one class, got shape ",
-              logits_in.sizes());
-  const at::ScalarType ct = compute_dtype(feats_in.scalar_type());
+  const at::ScalarType ct = acc_dtype(feats_in.scalar_type());
   const auto copts = feats_in.options().dtype(ct), lopts = feats_in.options().dtype(at::kLong);
   at::Tensor regions = at::zeros({B, C, K}, copts), counts = at::zeros({B, K}, lopts);
   at::Tensor labels = at::empty({B, H, W}, lopts), w = at::empty({B, H, W}, copts);
@@ -291,26 +264,10 @@ std::tuple<at::Tensor, at::Tensor> sp_bwd_cpu(const at::Tensor& dregions_in,
                                               const at::Tensor& feats_in,
                                               const at::Tensor& labels_in, const at::Tensor& w_in,
                                               const at::Tensor& regions_in) {
-  check_tensor(feats_in, "sp_bwd", "feats", 4, "[B, C, H, W]");
-  check_float(feats_in, "sp_bwd", "feats");
-  check_tensor(dregions_in, "sp_bwd", "dregions", 3, "[B, C, K]");
-  check_tensor(regions_in, "sp_bwd", "regions", 3, "[B, C, K]");
-  check_tensor(w_in, "sp_bwd", "w", 3, "[B, H, W]");
-  check_float(dregions_in, "sp_bwd", "dregions");
-  check_float(regions_in, "sp_bwd", "regions");
-  check_float(w_in, "sp_bwd", "w");
+  sp_checks::bwd(at::kCPU, dregions_in, feats_in, labels_in, w_in, regions_in);
   const int64_t B = feats_in.size(0), C = feats_in.size(1), H = feats_in.size(2),
                 W = feats_in.size(3), K = regions_in.size(2), N = H * W;
-  TORCH_CHECK(regions_in.size(0) == B && regions_in.size(1) == C && K > 0,
-              SP_OP " (sp_bwd): regions must be [B, C, K] with B, C of feats ", feats_in.sizes(),
-              " and K >= 1, got ", regions_in.sizes());
-  TORCH_CHECK(dregions_in.sizes() == regions_in.sizes(), SP_OP " (sp_bwd): dregions must be ",
-              regions_in.sizes(), ", got ", dregions_in.sizes());
-  TORCH_CHECK(w_in.size(0) == B && w_in.size(1) == H && w_in.size(2) == W,
-              SP_OP " (sp_bwd): w must be [B, H, W] = [", B, ", ", H, ", ", W, "], got ",
-              w_in.sizes());
-  check_labels(labels_in, B, H, W, "sp_bwd");
-  const at::ScalarType dt = feats_in.scalar_type(), ct = compute_dtype(dt);
+  const at::ScalarType dt = feats_in.scalar_type(), ct = acc_dtype(dt);
   const auto copts = feats_in.options().dtype(ct);
   at::Tensor dfeats = cpu::empty_output({B, C, H, W}, feats_in.options());
   at::Tensor dlogits = cpu::empty_output({B, K, H, W}, feats_in.options());
@@ -365,17 +322,11 @@ std::tuple<at::Tensor, at::Tensor> sp_bwd_cpu(const at::Tensor& dregions_in,
 // ---------------------------------------------------------------------------------------------
 at::Tensor sp_gather_cpu(const at::Tensor& regions_in, const at::Tensor& labels_in,
                          at::ScalarType dtype) {
-  check_tensor(regions_in, "sp_gather", "regions", 3, "[B, C, K]");
-  check_float(regions_in, "sp_gather", "regions");
-  TORCH_CHECK(cpu::is_float(dtype), SP_OP " (sp_gather): dtype must be a floating-point type, got ",
-              dtype);
+  sp_checks::gather(at::kCPU, regions_in, labels_in, dtype);
   const int64_t B = regions_in.size(0), C = regions_in.size(1), K = regions_in.size(2);
-  check_tensor(labels_in, "sp_gather", "labels", 3, "[B, H, W]");
   const int64_t H = labels_in.size(1), W = labels_in.size(2), N = H * W;
-  check_labels(labels_in, B, H, W, "sp_gather");
   at::Tensor out = cpu::empty_output({B, C, H, W}, regions_in.options().dtype(dtype));
   if (out.numel() == 0) return out;
-  TORCH_CHECK(K > 0, SP_OP " (sp_gather): regions has no classes, got shape ", regions_in.sizes());
   const at::Tensor r = prepare(regions_in, dtype), lab = labels_in.contiguous();
   const int64_t* LAB = lab.const_data_ptr<int64_t>();
   check_label_range(LAB, B * N, K, "sp_gather");
@@ -395,13 +346,10 @@ at::Tensor sp_gather_cpu(const at::Tensor& regions_in, const at::Tensor& labels_
 }
 
 at::Tensor sp_scatter_cpu(const at::Tensor& dpooled_in, const at::Tensor& labels_in, int64_t K) {
-  check_tensor(dpooled_in, "sp_scatter", "dpooled", 4, "[B, C, H, W]");
-  check_float(dpooled_in, "sp_scatter", "dpooled");
-  TORCH_CHECK(K > 0, SP_OP " (sp_scatter): K must be positive, got ", K);
-  check_labels(labels_in, dpooled_in.size(0), dpooled_in.size(2), dpooled_in.size(3), "sp_scatter");
+  sp_checks::scatter(at::kCPU, dpooled_in, labels_in, K);
   const int64_t B = dpooled_in.size(0), C = dpooled_in.size(1),
                 N = dpooled_in.size(2) * dpooled_in.size(3);
-  const at::ScalarType ct = compute_dtype(dpooled_in.scalar_type());
+  const at::ScalarType ct = acc_dtype(dpooled_in.scalar_type());
   at::Tensor out = at::zeros({B, C, K}, dpooled_in.options().dtype(ct));
   if (B == 0 || C == 0 || N == 0) return out;
   bool nhwc = false;

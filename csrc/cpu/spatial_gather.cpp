@@ -24,6 +24,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../ops/spatial_gather.h"
 #include "common.h"
 
 #include <algorithm>
@@ -58,11 +59,8 @@ namespace fastctx {
 namespace sg_cpu {
 namespace {
 
-using cpu::compute_dtype;
 using cpu::prepare;
 using cpu::use_avx2;
-
-#define SG_OP "fastctx.spatial_gather"
 
 template <class T>
 void fwd_task(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t c, T* scratch, T* part) {
@@ -80,34 +78,13 @@ void bwd_block(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scra
   isa_base::bwd_block<T>(a, g, b, t, scratch);
 }
 
-void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
-                  const char* shape, const at::Tensor& feats) {
-  cpu::check_tensor(SG_OP, op, t, name, dim, shape, feats, "feats");
-}
-
-void check_inputs(const at::Tensor& feats, const at::Tensor& logits, double scale,
-                  const char* op) {
-  check_tensor(feats, op, "feats", 4, "[B, C, H, W]", feats);
-  cpu::check_float(SG_OP, op, feats, "feats");
-  check_tensor(logits, op, "logits", 4, "[B, K, H, W]", feats);
-  TORCH_CHECK(logits.size(0) == feats.size(0) && logits.size(2) == feats.size(2) &&
-                  logits.size(3) == feats.size(3),
-              SG_OP " (", op, "): feats and logits must agree in batch and spatial size, got "
-              "feats ", feats.sizes(), " and logits ", logits.sizes());
-  TORCH_CHECK(feats.numel() > 0 && logits.numel() > 0, SG_OP " (", op,
-              "): feats and logits must not be empty, got feats ", feats.sizes(), " and logits ",
-              logits.sizes());
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, SG_OP " (", op,
-              "): scale must be positive and finite, got ", scale);
-}
-
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> sg_fwd_cpu(const at::Tensor& feats_in,
                                               const at::Tensor& logits_in, double scale) {
-  check_inputs(feats_in, logits_in, scale, "sg_fwd");
+  sg_checks::inputs(at::kCPU, feats_in, logits_in, scale, "sg_fwd");
   const int64_t B = feats_in.size(0), C = feats_in.size(1), K = logits_in.size(1);
   const int64_t N = feats_in.size(2) * feats_in.size(3);
-  const at::ScalarType dt = feats_in.scalar_type(), ct = compute_dtype(dt);
+  const at::ScalarType dt = feats_in.scalar_type(), ct = acc_dtype(dt);
   const auto copts = feats_in.options().dtype(ct);
   auto lse = at::empty({B, K}, copts);
   auto out = at::empty({B, C, K}, feats_in.options());
@@ -179,23 +156,10 @@ std::tuple<at::Tensor, at::Tensor> sg_bwd_cpu(const at::Tensor& dout_in,
                                               const at::Tensor& logits_in,
                                               const at::Tensor& out_in, const at::Tensor& lse_in,
                                               double scale) {
-  check_inputs(feats_in, logits_in, scale, "sg_bwd");
+  sg_checks::bwd(at::kCPU, dout_in, feats_in, logits_in, out_in, lse_in, scale);
   const int64_t B = feats_in.size(0), C = feats_in.size(1), K = logits_in.size(1);
   const int64_t N = feats_in.size(2) * feats_in.size(3);
-  check_tensor(dout_in, "sg_bwd", "dregions", 3, "[B, C, K]", feats_in);
-  check_tensor(out_in, "sg_bwd", "regions", 3, "[B, C, K]", feats_in);
-  for (const at::Tensor* t : {&dout_in, &out_in})
-    TORCH_CHECK(t->size(0) == B && t->size(1) == C && t->size(2) == K,
-                SG_OP " (sg_bwd): dregions and regions must be [B, C, K] = [", B, ", ", C, ", ",
-                K, "], got ", t->sizes());
-  const at::ScalarType dt = feats_in.scalar_type(), ct = compute_dtype(dt);
-  TORCH_CHECK(lse_in.defined() && lse_in.device() == feats_in.device(),
-              SG_OP " (sg_bwd): lse must be a tensor on ", feats_in.device());
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == B && lse_in.size(1) == K,
-              SG_OP " (sg_bwd): lse must have shape [B, K] = [", B, ", ", K, "], got ",
-              lse_in.sizes());
-  TORCH_CHECK(lse_in.scalar_type() == ct, SG_OP " (sg_bwd): lse must have dtype ", ct, " for ",
-              dt, " inputs, got ", lse_in.scalar_type());
+  const at::ScalarType dt = feats_in.scalar_type(), ct = acc_dtype(dt);
 
   const auto copts = feats_in.options().dtype(ct);
   auto dfeats = cpu::empty_output(feats_in.sizes(), feats_in.options());

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../ops/criss_cross.h"
 #include "common.cuh"
 #include "launch.cuh"
 #include "criss_cross_kernels.cuh"
@@ -30,28 +31,10 @@ namespace fastctx {
 namespace cc {
 namespace {
 
-#define CC_OP "fastctx.criss_cross_attention"
-
-void check_cuda_4d(const at::Tensor& t, const char* op, const char* name, const char* shape,
-                   const at::Tensor& ref) {
-  gpu::check_tensor(CC_OP, op, t, name, 4, shape, ref, "q");
-}
-
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  check_cuda_4d(q, op, "q", "[B, Cqk, H, W]", q);
-  check_cuda_4d(k, op, "k", "[B, Cqk, H, W]", q);
-  check_cuda_4d(v, op, "v", "[B, Cv, H, W]", q);
-  TORCH_CHECK(k.sizes() == q.sizes(), CC_OP " (", op, "): q and k must have the same shape, got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3),
-              CC_OP " (", op, "): v must match q in batch and spatial size, got q ", q.sizes(),
-              " and v ", v.sizes());
-}
-
 // ---------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> cc_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                const at::Tensor& v_in, double scale) {
-  check_qkv(q_in, k_in, v_in, "cc_fwd");
+  cc_checks::qkv(at::kCUDA, q_in, k_in, v_in, "cc_fwd");
   c10::cuda::CUDAGuard guard(q_in.device());
   return fwd(gpu::CudaLaunch(), q_in, k_in, v_in, scale);
 }
@@ -60,29 +43,11 @@ std::tuple<at::Tensor, at::Tensor> cc_fwd_cuda(const at::Tensor& q_in, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, double scale) {
-  check_qkv(q_in, k_in, v_in, "cc_bwd");
-  check_cuda_4d(dout_in, "cc_bwd", "dout", "[B, Cv, H, W]", q_in);
-  check_cuda_4d(out_in, "cc_bwd", "out", "[B, Cv, H, W]", q_in);
-  TORCH_CHECK(dout_in.sizes() == v_in.sizes(), CC_OP " (cc_bwd): dout must have the shape of v ",
-              v_in.sizes(), ", got ", dout_in.sizes());
-  TORCH_CHECK(out_in.sizes() == v_in.sizes(), CC_OP " (cc_bwd): out must have the shape of v ",
-              v_in.sizes(), ", got ", out_in.sizes());
-  const int64_t B = q_in.size(0), H = q_in.size(2), W = q_in.size(3);
-  TORCH_CHECK(lse_in.defined() && lse_in.is_cuda() && lse_in.device() == q_in.device(),
-              CC_OP " (cc_bwd): lse must be a CUDA tensor on ", q_in.device());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
-                  lse_in.size(2) == W,
-              CC_OP " (cc_bwd): lse must have shape [B, H, W] = [", B, ", ", H, ", ", W,
-              "], got ", lse_in.sizes());
-  const at::ScalarType acc_dtype = lse_dtype(q_in.scalar_type());
-  TORCH_CHECK(lse_in.scalar_type() == acc_dtype, CC_OP " (cc_bwd): lse must have dtype ",
-              acc_dtype, " for ", q_in.scalar_type(), " inputs, got ", lse_in.scalar_type());
-
+  cc_checks::bwd(at::kCUDA, dout_in, q_in, k_in, v_in, out_in, lse_in);
   c10::cuda::CUDAGuard guard(q_in.device());
   return bwd(gpu::CudaLaunch(), dout_in, q_in, k_in, v_in, out_in, lse_in, scale);
 }
 
-#undef CC_OP
 
 }  // namespace
 }  // namespace cc

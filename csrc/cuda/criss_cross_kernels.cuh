@@ -361,10 +361,6 @@ constexpr int kVC = 32;
 constexpr int kQCSmall = 16;
 constexpr int kQCLarge = 64;
 
-inline at::ScalarType lse_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Thread-per-pixel launch shape shared by the forward, dq, dk and dv kernels: blockDim.x threads
 // over a tile of j (a multiple of 32, at most kThreads), blockDim.y = kThreads / blockDim.x rows
 // (b, i) per block so that narrow maps still fill the block; a 1-D grid of row groups x j tiles.
@@ -400,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const Launch& launch, const at::Tensor& q
   const int64_t B = q_in.size(0), Cqk = q_in.size(1), H = q_in.size(2), W = q_in.size(3);
   const int64_t Cv = v_in.size(1);
   auto out = at::empty({B, Cv, H, W}, v_in.options());
-  auto lse = at::empty({B, H, W}, q_in.options().dtype(lse_dtype(q_in.scalar_type())));
+  auto lse = at::empty({B, H, W}, q_in.options().dtype(acc_dtype(q_in.scalar_type())));
   if (B * H * W == 0) return {out, lse};  // nothing to compute; no launch
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   // At least one y-block even when Cv == 0: the forward also writes lse.

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../ops/region_attention.h"
 #include "common.cuh"
 #include "launch.cuh"
 #include "region_attention_kernels.cuh"
@@ -20,19 +21,11 @@ namespace {
 
 #define RA_OP "fastctx.region_attention"
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& bias, double scale, const char* op) {
-  gpu::check_tensor(RA_OP, op, q, "q", 4, "[B, Cqk, H, W]", q, "q");
-  gpu::check_float(RA_OP, op, q, "q");
-  gpu::check_tensor(RA_OP, op, k, "k", 3, "[B, Cqk, S]", q, "q");
-  gpu::check_tensor(RA_OP, op, v, "v", 3, "[B, Cv, S]", q, "q");
-  gpu::check_tensor(RA_OP, op, bias, "bias", 2, "[B, S]", q, "q");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1), RA_OP " (", op,
-              "): q and k must agree in batch and channels, got q ", q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(2) == k.size(2), RA_OP " (", op,
-              "): v must match k in batch and number of keys, got k ", k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK(bias.size(0) == k.size(0) && bias.size(1) == k.size(2), RA_OP " (", op,
-              "): bias must be [B, S] = [", k.size(0), ", ", k.size(2), "], got ", bias.sizes());
+// What only the CUDA kernels need: a key and a channel at least (the CPU kernels take empty
+// ones), a finite scale.
+void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& bias, double scale, const char* op) {
+  ra_checks::inputs(at::kCUDA, q, k, v, bias, op);
   TORCH_CHECK(k.size(2) > 0 && q.size(1) > 0 && v.size(1) > 0, RA_OP " (", op,
               "): needs at least one key and one channel, got q ", q.sizes(), ", k ", k.sizes(),
               " and v ", v.sizes());
@@ -42,7 +35,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, const at::Tensor& bias,
                                                            double scale, bool /*keep_p*/) {
-  check_inputs(q, k, v, bias, scale, "ra_fwd");
+  check_cuda_inputs(q, k, v, bias, scale, "ra_fwd");
   c10::cuda::CUDAGuard guard(q.device());
   return fwd(gpu::CudaLaunch(), q, k, v, bias, scale);
 }
@@ -51,13 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& bias, const at::Tensor& out, const at::Tensor& /*lse*/,
     const at::Tensor& /*p*/, double scale) {
-  check_inputs(q, k, v, bias, scale, "ra_bwd");
-  const std::vector<int64_t> shape{q.size(0), v.size(1), q.size(2), q.size(3)};
-  gpu::check_tensor(RA_OP, "ra_bwd", dout, "dout", 4, "[B, Cv, H, W]", q, "q");
-  gpu::check_tensor(RA_OP, "ra_bwd", out, "out", 4, "[B, Cv, H, W]", q, "q");
-  TORCH_CHECK(dout.sizes() == at::IntArrayRef(shape) && out.sizes() == at::IntArrayRef(shape),
-              RA_OP " (ra_bwd): dout and out must be [B, Cv, H, W] = ", at::IntArrayRef(shape),
-              ", got ", dout.sizes(), " and ", out.sizes());
+  check_cuda_inputs(q, k, v, bias, scale, "ra_bwd");
+  ra_checks::outputs(at::kCUDA, dout, out, q, v);
   c10::cuda::CUDAGuard guard(q.device());
   return bwd(gpu::CudaLaunch(), dout, q, k, v, bias, out, scale);
 }

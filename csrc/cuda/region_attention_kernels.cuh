@@ -159,10 +159,6 @@ __global__ void __launch_bounds__(kThreads)
 // emulation of tests/cuda_emu (a Launch: launch(kernel, grid, block, shared_bytes, args...) and
 // `int sms`). Outputs and scratch are allocated on the inputs' device.
 
-inline at::ScalarType stat_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline void check_grid(int64_t B, int64_t S, int64_t C, const char* stage) {
   TORCH_CHECK(B <= 65535 && cdiv(S, kST) <= 65535 && cdiv(C, kCR) <= 65535 && S <= 65535,
               "fastctx.region_attention (", stage, "): too many images, keys or channels for one "
@@ -191,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const Launch& launch, const a
                                                    const at::Tensor& bias_in, double scale) {
   const int64_t B = q_in.size(0), H = q_in.size(2), W = q_in.size(3), N = H * W;
   const int64_t S = k_in.size(2), Cv = v_in.size(1);
-  const auto sopts = q_in.options().dtype(stat_dtype(q_in.scalar_type()));
+  const auto sopts = q_in.options().dtype(acc_dtype(q_in.scalar_type()));
   at::Tensor out = at::empty({B, Cv, H, W}, v_in.options()), lse = at::empty({B, H, W}, sopts);
   if (B * N == 0) return {out, lse, at::empty({0}, sopts)};
   check_grid(B, S, std::max(Cv, q_in.size(1)), "ra_fwd");
@@ -241,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     return {at::zeros_like(q_in, at::MemoryFormat::Contiguous), at::zeros_like(k_in, at::MemoryFormat::Contiguous),
             at::zeros_like(v_in, at::MemoryFormat::Contiguous), at::zeros_like(bias_in, at::MemoryFormat::Contiguous)};
   check_grid(B, S, std::max(Cv, Cqk), "ra_bwd");
-  const auto sopts = q_in.options().dtype(stat_dtype(q_in.scalar_type()));
+  const auto sopts = q_in.options().dtype(acc_dtype(q_in.scalar_type()));
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
                    bias = bias_in.contiguous(), dout = dout_in.contiguous(),
                    out = out_in.contiguous();

@@ -368,10 +368,6 @@ void run_segsum(const Launch& launch, const at::Tensor& x, const at::Tensor& lab
   }
 }
 
-inline at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The ops' bodies after their argument checks (semantic_pool.cu), contract as in
 // csrc/ops/semantic_pool.cpp. Inputs of any strides (made contiguous here).
 template <class Launch>
@@ -380,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(const Launch& lau
                                                                const at::Tensor& logits) {
   const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3),
                 K = logits.size(1), N = H * W;
-  const auto copts = feats.options().dtype(compute_dtype(feats.scalar_type())),
+  const auto copts = feats.options().dtype(acc_dtype(feats.scalar_type())),
              lopts = feats.options().dtype(at::kLong);
   at::Tensor regions = at::zeros({B, C, K}, copts), counts = at::zeros({B, K}, lopts);
   at::Tensor labels = at::empty({B, H, W}, lopts), w = at::empty({B, H, W}, copts);
@@ -420,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> bwd(const Launch& launch, const at::Tensor& d
   at::Tensor dfeats = at::empty({B, C, H, W}, feats.options());
   at::Tensor dlogits = at::empty({B, K, H, W}, feats.options());
   if (B == 0 || N == 0) return {dfeats, dlogits};
-  const at::ScalarType ct = compute_dtype(feats.scalar_type());
+  const at::ScalarType ct = acc_dtype(feats.scalar_type());
   const at::Tensor f = feats.contiguous(), dr = dregions.to(ct).contiguous(),
                    rg = regions.to(ct).contiguous(), wc = w.to(ct).contiguous(),
                    lab = labels.contiguous(), drr = at::empty({B, K}, dr.options());
@@ -459,7 +455,7 @@ template <class Launch>
 at::Tensor scatter(const Launch& launch, const at::Tensor& dpooled, const at::Tensor& labels,
                    int64_t K) {
   const int64_t B = dpooled.size(0), C = dpooled.size(1);
-  at::Tensor out = at::zeros({B, C, K}, dpooled.options().dtype(compute_dtype(dpooled.scalar_type())));
+  at::Tensor out = at::zeros({B, C, K}, dpooled.options().dtype(acc_dtype(dpooled.scalar_type())));
   if (out.numel() == 0 || dpooled.numel() == 0) return out;
   const at::Tensor x = dpooled.contiguous(), lab = labels.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sp_scatter_cuda", [&] {

@@ -11,10 +11,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <tuple>
 
+#include "../ops/spatial_gather.h"
 #include "common.cuh"
 #include "launch.cuh"
 #include "spatial_gather_kernels.cuh"
@@ -25,27 +25,17 @@ namespace {
 
 #define SG_OP "fastctx.spatial_gather"
 
-void check_inputs(const at::Tensor& feats, const at::Tensor& logits, double scale, const char* op) {
-  gpu::check_tensor(SG_OP, op, feats, "feats", 4, "[B, C, H, W]", feats, "feats");
-  gpu::check_float(SG_OP, op, feats, "feats");
-  gpu::check_tensor(SG_OP, op, logits, "logits", 4, "[B, K, H, W]", feats, "feats");
-  TORCH_CHECK(logits.size(0) == feats.size(0) && logits.size(2) == feats.size(2) &&
-                  logits.size(3) == feats.size(3),
-              SG_OP " (", op, "): feats and logits must agree in batch and spatial size, got "
-              "feats ", feats.sizes(), " and logits ", logits.sizes());
-  TORCH_CHECK(feats.numel() > 0 && logits.numel() > 0, SG_OP " (", op,
-              "): feats and logits must not be empty, got feats ", feats.sizes(), " and logits ",
-              logits.sizes());
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, SG_OP " (", op,
-              "): scale must be positive and finite, got ", scale);
-  TORCH_CHECK(feats.size(0) <= 65535 && logits.size(1) <= 65535, SG_OP " (", op,
+// The CUDA-only limit: the kernels put the images and the classes on grid axes y and z.
+void check_limits(const at::Tensor& feats, const at::Tensor& logits, const char* stage) {
+  TORCH_CHECK(feats.size(0) <= 65535 && logits.size(1) <= 65535, SG_OP " (", stage,
               "): at most 65535 images and classes on CUDA, got feats ", feats.sizes(),
               " and logits ", logits.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> sg_fwd_cuda(const at::Tensor& feats, const at::Tensor& logits,
                                                double scale) {
-  check_inputs(feats, logits, scale, "sg_fwd");
+  sg_checks::inputs(at::kCUDA, feats, logits, scale, "sg_fwd");
+  check_limits(feats, logits, "sg_fwd");
   c10::cuda::CUDAGuard guard(feats.device());
   return fwd(gpu::CudaLaunch(), feats, logits, scale);
 }
@@ -53,20 +43,8 @@ std::tuple<at::Tensor, at::Tensor> sg_fwd_cuda(const at::Tensor& feats, const at
 std::tuple<at::Tensor, at::Tensor> sg_bwd_cuda(const at::Tensor& dregions, const at::Tensor& feats,
                                                const at::Tensor& logits, const at::Tensor& regions,
                                                const at::Tensor& lse, double scale) {
-  check_inputs(feats, logits, scale, "sg_bwd");
-  const int64_t B = feats.size(0), C = feats.size(1), K = logits.size(1);
-  gpu::check_tensor(SG_OP, "sg_bwd", dregions, "dregions", 3, "[B, C, K]", feats, "feats");
-  gpu::check_tensor(SG_OP, "sg_bwd", regions, "regions", 3, "[B, C, K]", feats, "feats");
-  for (const at::Tensor* t : {&dregions, &regions})
-    TORCH_CHECK(t->size(0) == B && t->size(1) == C && t->size(2) == K,
-                SG_OP " (sg_bwd): dregions and regions must be [B, C, K] = [", B, ", ", C, ", ",
-                K, "], got ", t->sizes());
-  const at::ScalarType ct = compute_dtype(feats.scalar_type());
-  gpu::check_tensor(SG_OP, "sg_bwd", lse, "lse", 2, "[B, K]", feats, "feats", false);
-  TORCH_CHECK(lse.size(0) == B && lse.size(1) == K, SG_OP " (sg_bwd): lse must have shape [B, K] = [",
-              B, ", ", K, "], got ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == ct, SG_OP " (sg_bwd): lse must have dtype ", ct, " for ",
-              feats.scalar_type(), " inputs, got ", lse.scalar_type());
+  sg_checks::bwd(at::kCUDA, dregions, feats, logits, regions, lse, scale);
+  check_limits(feats, logits, "sg_bwd");
   c10::cuda::CUDAGuard guard(feats.device());
   return bwd(gpu::CudaLaunch(), dregions, feats, logits, regions, lse, scale);
 }

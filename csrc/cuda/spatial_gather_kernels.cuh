@@ -221,10 +221,6 @@ __global__ void __launch_bounds__(kThreads)
 // emulation of tests/cuda_emu (a Launch: launch(kernel, grid, block, shared_bytes, args...) and
 // `int sms`). Outputs and scratch are allocated on the inputs' device.
 
-inline at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Pixel groups of the forward, and their length (a multiple of kNT).
 inline std::tuple<int64_t, int64_t> fwd_plan(int64_t B, int64_t C, int64_t K, int64_t N,
                                              int64_t acc_bytes, int64_t sms) {
@@ -241,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const Launch& launch, const at::Tensor& f
                                        const at::Tensor& logits, double scale) {
   const int64_t B = feats.size(0), C = feats.size(1), K = logits.size(1);
   const int64_t N = feats.size(2) * feats.size(3);
-  const auto copts = feats.options().dtype(compute_dtype(feats.scalar_type()));
+  const auto copts = feats.options().dtype(acc_dtype(feats.scalar_type()));
   at::Tensor lse = at::empty({B, K}, copts), out = at::empty({B, C, K}, feats.options());
   const at::Tensor f = feats.contiguous(), l = logits.contiguous();
   int64_t G = 0, pix = 0;
@@ -275,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> bwd(const Launch& launch, const at::Tensor& d
                                        double scale) {
   const int64_t B = feats.size(0), C = feats.size(1), K = logits.size(1);
   const int64_t N = feats.size(2) * feats.size(3);
-  const at::ScalarType ct = compute_dtype(feats.scalar_type());
+  const at::ScalarType ct = acc_dtype(feats.scalar_type());
   at::Tensor dfeats = at::empty(feats.sizes(), feats.options());
   at::Tensor dlogits = at::empty(logits.sizes(), logits.options());
   const at::Tensor f = feats.contiguous(), l = logits.contiguous(), dr = dregions.to(ct).contiguous(),
