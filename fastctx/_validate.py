@@ -15,6 +15,12 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate, and keep statistics such as lse, in: float64 for float64,
+    float32 for the rest (``acc_dtype`` of csrc/ops/checks.h)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 

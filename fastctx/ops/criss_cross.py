@@ -24,10 +24,6 @@ def _kernels(backend: str):
     return kernels(OP, backend, ("cc_fwd", "cc_bwd"), ("fastctx.triton.criss_cross", "cc_fwd", "cc_bwd"))
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @fused_op("fastctx::criss_cross_fwd")
 def _fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     fwd, _ = _kernels(backend)
@@ -38,7 +34,7 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> tuple[T
 def _(q, k, v, scale, backend):
     B, _, H, W = q.shape
     out = v.new_empty((B, v.shape[1], H, W))
-    lse = q.new_empty((B, H, W), dtype=_lse_dtype(q.dtype))
+    lse = q.new_empty((B, H, W), dtype=_validate.acc_dtype(q.dtype))
     return out, lse
 
 

@@ -90,7 +90,7 @@ def _isa_fwd(
 @_isa_fwd.register_fake
 def _(q, k, v, bh, bw, long_mode, scale, backend, keep_p):
     B, _, H, W = q.shape
-    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stat_dtype = _validate.acc_dtype(q.dtype)
     L = (H // bh) * (W // bw) if long_mode else bh * bw
     p_shape = (B, H * W // L, L, L) if keep_p and backend == "cpu" else (0,)
     return (v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=stat_dtype),

@@ -66,8 +66,7 @@ def _sg_fwd(feats: Tensor, logits: Tensor, scale: float, backend: str) -> tuple[
 def _(feats, logits, scale, backend):
     B, C = feats.shape[:2]
     K = logits.shape[1]
-    lse_dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
-    return feats.new_empty((B, C, K)), feats.new_empty((B, K), dtype=lse_dtype)
+    return feats.new_empty((B, C, K)), feats.new_empty((B, K), dtype=_validate.acc_dtype(feats.dtype))
 
 
 @fused_op("fastctx::spatial_gather_bwd")
@@ -192,7 +191,7 @@ def _ra_fwd(
 @_ra_fwd.register_fake
 def _(q, k, v, bias, scale, backend, keep_p):
     B, _, H, W = q.shape
-    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stat_dtype = _validate.acc_dtype(q.dtype)
     p_shape = (B, k.shape[2], H * W) if keep_p and backend == "cpu" else (0,)
     return (v.new_empty((B, v.shape[1], H, W)), q.new_empty((B, H, W), dtype=stat_dtype),
             q.new_empty(p_shape, dtype=stat_dtype))

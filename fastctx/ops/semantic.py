@@ -87,10 +87,6 @@ def semantic_pool_regions(
     return regions.to(feats.dtype), counts, labels
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------
 # regions: forward and backward
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +103,7 @@ def _sp_fwd(feats: Tensor, logits: Tensor, backend: str) -> tuple[Tensor, Tensor
 def _(feats, logits, backend):
     B, C, H, W = feats.shape
     K = logits.shape[1]
-    ct = _compute_dtype(feats.dtype)
+    ct = _validate.acc_dtype(feats.dtype)
     return (
         feats.new_empty((B, C, K), dtype=ct),
         feats.new_empty((B, K), dtype=torch.int64),
@@ -174,7 +170,7 @@ def _sp_scatter(dpooled: Tensor, labels: Tensor, K: int, backend: str) -> Tensor
 
 @_sp_scatter.register_fake
 def _(dpooled, labels, K, backend):
-    return dpooled.new_empty((dpooled.shape[0], dpooled.shape[1], K), dtype=_compute_dtype(dpooled.dtype))
+    return dpooled.new_empty((dpooled.shape[0], dpooled.shape[1], K), dtype=_validate.acc_dtype(dpooled.dtype))
 
 
 def _gather_setup_context(ctx, inputs, output):
@@ -187,7 +183,7 @@ def _gather_setup_context(ctx, inputs, output):
 def _gather_backward(ctx, dpooled):
     (labels,) = ctx.saved_tensors
     # as it comes (a channels-last model's is channels-last): the CPU kernel reads it in place,
-    # the Triton host function makes it contiguous
+    # the Triton host function and the CUDA launch sequence make it contiguous
     dregions = _sp_scatter(dpooled, labels, ctx.K, ctx.backend)
     return dregions.to(ctx.regions_dtype), None, None, None
 

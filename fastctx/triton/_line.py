@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastctx._validate import acc_dtype
 from fastctx.triton._common import F32_DOT, _mm, _tile_if, cdiv, dot_f32, next_pow2
 
 
@@ -527,7 +528,7 @@ def fwd_scratch(q, k, v, out, lse, scale: float, geometry: tuple[int, ...], grou
     B, Cqk, H, W = q.shape
     Cv = v.shape[1]
     G, L = geometry[:2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     s_s = torch.empty((B * G, L, L), dtype=acc, device=q.device)
     fwd(q, k, v, out, lse, out, lse, scale, geometry, grouped, exclude_diag, False, cfg, s_s)
     mm, opts = _consts(cfg_mm, q.dtype)

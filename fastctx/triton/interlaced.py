@@ -28,6 +28,7 @@ import functools
 
 import torch
 
+from fastctx._validate import acc_dtype
 from fastctx.triton import _line
 from fastctx.triton._common import bwd_delta, check_extent
 
@@ -90,8 +91,7 @@ def _fwd(q, k, v, bh: int, bw: int, long_mode: bool, scale: float, cfg: dict,
     if channels_last:
         q, k, v = _line.channels_last(q, k, v)
     out = torch.empty((B, Cv, H, W), dtype=q.dtype, device=q.device)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.empty((B, H, W), dtype=lse_dtype, device=q.device)
+    lse = torch.empty((B, H, W), dtype=acc_dtype(q.dtype), device=q.device)
     check_extent(_OP, out)
     geometry = _geometry(H, W, bh, bw, long_mode)
     if "fwd_mm" in cfg:  # the scores once per group, then softmax @ v as a product
