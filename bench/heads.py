@@ -29,6 +29,15 @@ head (OCR: the FCN auxiliary's and the OCR head's, concatenated; ssseg: the segm
 tests/toolboxes.py's ``ssseg_given_features`` does). fp32; peak memory as fastctx.bench.measure
 measures it.
 
+A second case per head, ``<head case>-swapped-modules``, times only the modules the swap replaced
+(every call the head makes to one of them, on the inputs the original head gives it there), the
+original modules against the swapped ones. The rest of a head is the same code in both
+candidates, so this is the part of the head's time the swap changes; at full size it takes
+milliseconds where the head takes seconds, and the head's own ratio is within its convolutions'
+noise when the replaced modules are a small part of it (the OCR heads). Where the swap replaces
+the whole head (sssegmentation's ISANet segmentor) the case is reported skipped: the head case is
+that measurement.
+
 Parity: each candidate's logits against the original head run in float64 (same weights), within
 the float32 row of fastctx.testing widened 10x as for the model cases (``out_rel_err`` in the
 JSON/CSV and the Markdown: max |diff| / max |truth|).
@@ -46,7 +55,8 @@ the quick ratios flatter the swap; the full-size run gives the figures. ``--size
 
 Targets, checked on CPU in fp32 (the issue's): every swapped head at least as fast as the original
 (fwd and fwd+bwd; the ISNet head at least 10x) and no swapped head above the original's peak
-memory (fwd and fwd+bwd).
+memory (fwd and fwd+bwd); and ours: the replaced modules, swapped, at least as fast as the
+originals (fwd and fwd+bwd).
 
 The toolboxes are not fastctx dependencies: they are imported through tests/toolboxes.py (which
 holds the stand-in ``mmcv._ext`` that importing mmseg needs); ``make test`` installs them.
@@ -290,9 +300,10 @@ def _train_mode(model: nn.Module) -> nn.Module:
 _LIVE: dict[str, dict] = {}
 
 
-def head_case(head: Head, size: tuple[int, int, int], narrow: int, backend: str | None = None) -> Case:
-    """``original`` and ``swapped`` candidates of ``head`` on ``B x C x H x W`` features; the
-    modules are built (and swapped) when the case first runs."""
+def head_cases(head: Head, size: tuple[int, int, int], narrow: int, backend: str | None = None) -> list[Case]:
+    """Two cases of ``head`` on ``B x C x H x W`` features, each with ``original`` and ``swapped``
+    candidates: the whole head, and the modules the swap replaced alone (:func:`_modules_case`).
+    The modules are built (and swapped) when the first case runs."""
     B, H, W = size
     name = f"{head.name}-B{B}-{H}x{W}" + (f"-width/{narrow}" if narrow > 1 else "")
     config = dict(head=head.name, **head.config(narrow), num_classes=NUM_CLASSES, B=B, H=H, W=W, narrow=narrow,
@@ -330,7 +341,8 @@ def head_case(head: Head, size: tuple[int, int, int], narrow: int, backend: str 
             config["swap_error"] = f"{type(why_not).__name__}: {why_not}"
         if swapped is not None and sorted(n for n, _ in swapped.named_parameters()) != sorted(names):
             raise RuntimeError(f"bench/heads.py: {head.name}: the swapped head's parameters differ from the original's")
-        return dict(original=original, swapped=swapped, why_not=why_not, names=names, copies={})
+        paths = [e.path for e in report.swapped] if swapped is not None else []
+        return dict(original=original, swapped=swapped, why_not=why_not, names=names, copies={}, paths=paths)
 
     def model(which: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
         st = state()
@@ -368,7 +380,7 @@ def head_case(head: Head, size: tuple[int, int, int], narrow: int, backend: str 
                    "memory", 1.0, "cpu", (torch.float32,)),
         ]
     cand = {"original": candidate("original"), "swapped": candidate("swapped")}
-    return HeadCase(
+    whole = HeadCase(
         op="heads",
         name=name,
         config=config,
@@ -380,6 +392,101 @@ def head_case(head: Head, size: tuple[int, int, int], narrow: int, backend: str 
         strongest="original",
         targets=targets,
         tol_scale=head.tol_scale,
+    )
+    return [whole, _modules_case(name, config, state, model, make)]
+
+
+def _modules_case(name: str, config: dict, state: Callable[[], dict], model: Callable, make_head_inputs: Callable) -> Case:
+    """The modules ``fastctx.swap`` replaced in a head, alone: every call the head's forward makes
+    to one of them, with the inputs it gets there (recorded once from the original head in float32
+    on the case's features), the original modules against the swapped ones, in training mode as
+    the head case. Everything else in a head is the same code in both candidates, so this is the
+    part of the head's time the swap changes, measured without the rest's noise (a full-size head
+    takes seconds a call on this CPU and its convolutions vary by several percent between calls;
+    the replaced modules take milliseconds)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    pconfig = dict(config, step=config["step"] + "; only the replaced modules, on the inputs the head gives them",
+                   truth="the original modules in float64", parity="the modules' outputs only")
+
+    def record() -> dict:
+        """calls: (path, treespec of (args, kwargs), leaves with the floating tensors as slot
+        numbers); inputs: the floating tensors (one slot for a tensor passed twice, e.g. ISA's
+        query and key); params: the names of the replaced modules' parameters."""
+        st = state()
+        pconfig["swapped"] = config["swapped"]
+        if "calls" in st:
+            return st
+        if not st["paths"]:
+            raise Skip(f"nothing swapped: {st['why_not']}")
+        if "model" in st["paths"]:
+            raise Skip("the swap replaced the whole head (model): the head case is this measurement")
+        original = copy.deepcopy(st["original"])  # recording runs a training-mode forward: BN statistics move
+        calls, inputs, slot_of = [], [], {}
+
+        def hook(path):
+            def pre(module, args, kwargs):
+                leaves, spec = tree_flatten((args, kwargs))
+                for i, t in enumerate(leaves):
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                        if id(t) not in slot_of:
+                            slot_of[id(t)] = len(inputs)
+                            inputs.append(t.detach().clone())
+                        leaves[i] = slot_of[id(t)]
+                    elif isinstance(t, torch.Tensor):
+                        leaves[i] = ("const", t.detach().clone())
+                calls.append((path, spec, leaves))
+            return pre
+
+        handles = [original.get_submodule(p).register_forward_pre_hook(hook(p), with_kwargs=True) for p in st["paths"]]
+        try:
+            with torch.no_grad():
+                original(make_head_inputs(torch.float32, torch.device("cpu"))[0])
+        finally:
+            for h in handles:
+                h.remove()
+        if not calls:
+            raise Skip(f"the head called none of the replaced modules ({', '.join(st['paths'])}) through its forward")
+        prefixes = tuple(p + "." for p in st["paths"])
+        st.update(calls=calls, inputs=inputs, params=[n for n in st["names"] if n.startswith(prefixes)])
+        pconfig["calls"] = [c[0] for c in calls]
+        return st
+
+    def make(dtype: torch.dtype, device: torch.device):
+        st = record()
+        params = dict(st["original"].named_parameters())
+        return (*(t.to(device, dtype) for t in st["inputs"]), *(params[n].detach().to(device, dtype) for n in st["params"]))
+
+    def candidate(which: str):
+        def fn(*args):
+            st = record()
+            n_in = len(st["inputs"])
+            xs, params = args[:n_in], dict(zip(st["params"], args[n_in:], strict=True))
+            m = model(which, xs[0].dtype, xs[0].device)
+            outs = []
+            for path, spec, leaves in st["calls"]:
+                filled = [xs[x] if isinstance(x, int) else (x[1].to(xs[0].device) if isinstance(x, tuple) else x) for x in leaves]
+                a, kw = tree_unflatten(filled, spec)
+                own = {n[len(path) + 1:]: p for n, p in params.items() if n.startswith(path + ".")}
+                out = functional_call(m.get_submodule(path), own, tuple(a), kw)
+                outs += [t.reshape(-1) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            return torch.cat(outs)
+        return fn
+
+    targets = [Target(f"the modules fastctx.swap replaced in {config['head']}, swapped, at least as fast as the originals, {mode}",
+                      "swapped", "original", mode, "speed", 1.0, "cpu", (torch.float32,)) for mode in ("fwd", "fwd+bwd")]
+    cand = {"original": candidate("original"), "swapped": candidate("swapped")}
+    return HeadCase(
+        op="heads",
+        name=f"{name}-swapped-modules",
+        config=pconfig,
+        make_inputs=make,
+        truth=cand["original"],
+        candidates=cand,
+        backends=(),
+        reference="original",
+        strongest="original",
+        targets=targets,
     )
 
 
@@ -440,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--size is BxHxW, got {args.size}")
     narrow = args.narrow or (QUICK_NARROW if args.quick else 1)
     import_toolboxes(heads)
-    cases = [head_case(HEADS[h], size, narrow, args.backend) for h in heads]
+    cases = [case for h in heads for case in head_cases(HEADS[h], size, narrow, args.backend)]
 
     def write_all(report: dict) -> tuple[dict, str]:
         paths = write(report, args.out)

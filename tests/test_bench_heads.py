@@ -80,7 +80,16 @@ def test_quick_report_of_toolbox_heads(heads, tmp_path, one_thread):
     # the Markdown: the candidates' table with ratios, the targets and the parity verdicts
     assert f"## heads {cc} fp32" in md and "| x ref (fwd+bwd) |" in md and "## Targets" in md
     assert f"| {cc} | swapped | **ok** |" in md and f"| {cc} | original | **ok** |" in md
-    assert csv.count(",original,") == 6 and csv.count(",swapped,") >= 4
+    assert csv.count(",original,") >= 9 and csv.count(",swapped,") >= 6
+    # the replaced modules alone: CCHead calls its criss-cross module twice (recurrence 2), each
+    # call replayed on the input the original head gave it; both candidates checked and timed
+    parts = cc + "-swapped-modules"
+    orig, fast = rows_of(report, parts, "original"), rows_of(report, parts, "swapped")
+    assert set(orig) == set(fast) == {"fwd", "bwd", "fwd+bwd"}
+    assert fast["fwd+bwd"]["status"] == "ok" and fast["fwd+bwd"]["out_rel_err"] < 1e-5
+    assert fast["fwd"]["config"]["calls"] == ["model.cca", "model.cca"]
+    assert fast["fwd"]["config"]["swapped"] == config["swapped"]
+    assert len([t for t in report["targets"] if t["case"] == parts]) == 2
 
 
 class Plain(nn.Module):
@@ -106,6 +115,9 @@ def test_nothing_swapped_is_skipped_not_timed(heads, tmp_path, monkeypatch):
     assert list(fast) == ["-"] and fast["-"]["median_ms"] is None
     assert fast["-"]["status"].startswith("skipped: nothing swapped: fastctx.swap recognises no module of fake-Plain")
     assert f"| {case} | swapped | **skipped: nothing swapped" in (tmp_path / "report.md").read_text()
+    for cand in ("original", "swapped"):  # nor the replaced modules alone: there are none
+        [row] = rows_of(report, case + "-swapped-modules", cand).values()
+        assert row["status"].startswith("skipped: nothing swapped") and row["median_ms"] is None
 
 
 def test_a_swapped_head_that_differs_fails_parity_loudly(heads, tmp_path, monkeypatch, capsys):

@@ -8,7 +8,8 @@ graph) and forward+backward, and each one's peak memory for forward and for forw
 Ratios are against the reference and the strongest plain-PyTorch formulation of the same run. A
 case's ``timing_only`` candidates (e.g. a bandwidth floor that only reads the inputs) are timed
 without the parity check. A candidate that raises
-:class:`fastctx.bench.measure.Skip` (too large for this machine) is recorded as ``skipped: ...``.
+:class:`fastctx.bench.measure.Skip` (too large for this machine) is recorded as ``skipped: ...``,
+and so is every candidate of a case whose ``make_inputs`` raises it.
 A case whose ``check_grads`` attribute is False (a ``Case`` subclass: whole models, where float32
 rounding of parameter gradients through a deep network exceeds the per-op tolerance) has its
 output checked against the truth and its gradients only computed; one with a ``yardstick``
@@ -107,7 +108,11 @@ def _row(case: Case, dtype: torch.dtype, device: torch.device, cand: str, mode: 
 def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, log: Callable[[str], None]) -> list[dict]:
     min_time = 0.2 if quick else 1.0
     min_reps = 3 if quick else 5
-    base = case.make_inputs(dtype, device)
+    try:
+        base = case.make_inputs(dtype, device)
+    except Skip as e:  # no inputs for this case here (e.g. bench/heads.py: nothing swapped)
+        log(f"  skipped: {e}")
+        return [_row(case, dtype, device, cand, "-", status=f"skipped: {e}") for cand in case.candidates]
     inputs = tuple(t.detach().requires_grad_(True) for t in base)
     truth_out, truth_grads, dout = _truth(case, inputs, dtype)
     rows, timed = [], {}  # timed: the candidates that passed parity -> (fn, out_rel_err, timing_only)
