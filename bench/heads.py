@@ -379,21 +379,16 @@ def head_cases(head: Head, size: tuple[int, int, int], narrow: int, backend: str
             Target(f"swapped {head.name} peak memory at most the original's, {mode}", "swapped", "original", mode,
                    "memory", 1.0, "cpu", (torch.float32,)),
         ]
-    cand = {"original": candidate("original"), "swapped": candidate("swapped")}
-    whole = HeadCase(
-        op="heads",
-        name=name,
-        config=config,
-        make_inputs=make,
-        truth=cand["original"],
-        candidates=cand,
-        backends=(),
-        reference="original",
-        strongest="original",
-        targets=targets,
-        tol_scale=head.tol_scale,
-    )
+    whole = _original_vs_swapped(name, config, make, candidate, targets, head.tol_scale)
     return [whole, _modules_case(name, config, state, model, make)]
+
+
+def _original_vs_swapped(name: str, config: dict, make: Callable, candidate: Callable[[str], Callable],
+                         targets: list[Target], tol_scale: float = 10.0) -> HeadCase:
+    """A case of the ``original`` and ``swapped`` candidates, the original the reference and the truth."""
+    cand = {"original": candidate("original"), "swapped": candidate("swapped")}
+    return HeadCase(op="heads", name=name, config=config, make_inputs=make, truth=cand["original"], candidates=cand,
+                    backends=(), reference="original", strongest="original", targets=targets, tol_scale=tol_scale)
 
 
 def _modules_case(name: str, config: dict, state: Callable[[], dict], model: Callable, make_head_inputs: Callable) -> Case:
@@ -475,19 +470,7 @@ def _modules_case(name: str, config: dict, state: Callable[[], dict], model: Cal
 
     targets = [Target(f"the modules fastctx.swap replaced in {config['head']}, swapped, at least as fast as the originals, {mode}",
                       "swapped", "original", mode, "speed", 1.0, "cpu", (torch.float32,)) for mode in ("fwd", "fwd+bwd")]
-    cand = {"original": candidate("original"), "swapped": candidate("swapped")}
-    return HeadCase(
-        op="heads",
-        name=f"{name}-swapped-modules",
-        config=pconfig,
-        make_inputs=make,
-        truth=cand["original"],
-        candidates=cand,
-        backends=(),
-        reference="original",
-        strongest="original",
-        targets=targets,
-    )
+    return _original_vs_swapped(f"{name}-swapped-modules", pconfig, make, candidate, targets)
 
 
 # ---------------------------------------------------------------------------------------------
