@@ -1,5 +1,5 @@
 // What every CPU launcher shares (besides ../ops/checks.h): the one input copy, argument checks,
-// zeroed per-thread scratch, the run-time AVX2 test, the work loop over independent items and
+// zeroed per-thread scratch, the run-time AVX2 / AVX-512 tests, the work loop over independent items and
 // GEMMs on raw pointers.
 // The vector helpers used inside the kernels are in vec.h.
 #pragma once
@@ -163,6 +163,27 @@ inline bool use_avx2() {
   return false;
 #endif
 }
+
+// Whether an AVX-512 build of a kernel may run here (F, DQ, BW, VL), unless the environment
+// variable FASTCTX_CPU_AVX512 is 0 (read once; for A/B timing and tests of the AVX2 build).
+inline bool use_avx512() {
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = [] {
+    const char* env = std::getenv("FASTCTX_CPU_AVX512");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The vector bytes of the kernels that have an AVX-512 build (spatial gather, region
+// attention): 64 where use_avx512(), else 32 (AVX2, or the baseline build's 32-byte vector types).
+inline int64_t vec_bytes() { return use_avx512() ? 64 : 32; }
 
 // Per-thread scratch for at::parallel_for(0, nslots, 1, ...): the call that starts at `begin`
 // owns slot `begin` (the calls get disjoint ranges of [0, nslots)). One block of nslots slots

@@ -25,8 +25,12 @@
 // Parallelism: at::parallel_for, one worker per thread, claiming (image, pixel block) items in
 // the forward and tasks in the backward from a shared counter.
 //
-// Vector code: the kernels are compiled twice, for the baseline target and (x86-64 with GCC)
-// for AVX2 + FMA; __builtin_cpu_supports picks one at run time, so no -march flag is needed.
+// Vector code: the kernels are compiled for the baseline target and (x86-64 with GCC) for
+// AVX2 + FMA and (64-byte vectors, FASTCTX_*_VEC_BYTES) for AVX-512; the launcher takes the
+// AVX-512 build where the CPU has AVX-512F/DQ/BW/VL (cpu::use_avx512; FASTCTX_CPU_AVX512=0 turns
+// it off): on an Intel Xeon with AVX-512 (session 19) the AVX2 build lost to the reference, whose
+// products run on AVX-512 (0.67-0.96x at 64x128), the AVX-512 build won (1.14-2.17x).
+// __builtin_cpu_supports decides at run time, so no -march flag is needed.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -53,6 +57,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
+#define FASTCTX_RA_VEC_BYTES 32
 #define FASTCTX_RA_ISA isa_base
 #include "region_attention_kernels.h"
 #undef FASTCTX_RA_ISA
@@ -64,6 +69,17 @@
 #define FASTCTX_RA_ISA isa_avx2
 #include "region_attention_kernels.h"
 #undef FASTCTX_RA_ISA
+#pragma GCC pop_options
+#undef FASTCTX_RA_VEC_BYTES
+
+#define FASTCTX_RA_HAVE_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+#define FASTCTX_RA_VEC_BYTES 64
+#define FASTCTX_RA_ISA isa_avx512
+#include "region_attention_kernels.h"
+#undef FASTCTX_RA_ISA
+#undef FASTCTX_RA_VEC_BYTES
 #pragma GCC pop_options
 #endif
 
@@ -80,6 +96,9 @@ constexpr int64_t kPartialBytes = int64_t(32) << 20;  // backward: partial sums 
 
 template <class T>
 void fwd_block(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
+#ifdef FASTCTX_RA_HAVE_AVX512
+  if (g.vbytes == 64) return isa_avx512::fwd_block<T>(a, g, b, t, scratch);
+#endif
 #ifdef FASTCTX_RA_HAVE_AVX2
   if (use_avx2()) return isa_avx2::fwd_block<T>(a, g, b, t, scratch);
 #endif
@@ -89,6 +108,9 @@ void fwd_block(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scra
 template <class T>
 void bwd_task(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t0, int64_t t1, T* scratch,
               T* part) {
+#ifdef FASTCTX_RA_HAVE_AVX512
+  if (g.vbytes == 64) return isa_avx512::bwd_task<T>(a, g, b, t0, t1, scratch, part);
+#endif
 #ifdef FASTCTX_RA_HAVE_AVX2
   if (use_avx2()) return isa_avx2::bwd_task<T>(a, g, b, t0, t1, scratch, part);
 #endif
@@ -122,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ra_fwd_cpu(const at::Tensor& q_in
 
   AT_DISPATCH_FLOATING_TYPES(ct, "ra_fwd_cpu", [&] {
     using T = scalar_t;
-    const Geom g = make_geom<T>(N, S);
+    const Geom g = make_geom<T>(N, S, kNBW, cpu::vec_bytes());
     const FwdArgs<T> a{q.const_data_ptr<T>(),    kT.const_data_ptr<T>(),
                        v.const_data_ptr<T>(),    bias.const_data_ptr<T>(),
                        out_c.mutable_data_ptr<T>(), lse.mutable_data_ptr<T>(),
@@ -188,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ra_bwd_cpu(
 
     AT_DISPATCH_FLOATING_TYPES(ct, "ra_bwd_cpu", [&] {
       using T = scalar_t;
-      const Geom g = make_geom<T>(N, S, have_p ? kNBW : kNBWLean);
+      const Geom g = make_geom<T>(N, S, have_p ? kNBW : kNBWLean, cpu::vec_bytes());
       const BwdArgs<T> a{dout.const_data_ptr<T>(),
                          q.const_data_ptr<T>(),
                          k.const_data_ptr<T>(),

@@ -3,9 +3,10 @@
 // backward math: shared/docs/OPERATORS.md section 4 (region_attention).
 //
 // NO INCLUDE GUARD, on purpose: region_attention.cpp includes this file once per instruction set,
-// each time with FASTCTX_RA_ISA naming a namespace (and, for AVX2, under
-// `#pragma GCC target("avx2,fma")`), so every kernel below is compiled once for the baseline
-// target and once for AVX2 + FMA; the launcher picks one at run time with a CPU feature test
+// each time with FASTCTX_RA_ISA naming a namespace and FASTCTX_RA_VEC_BYTES its vector width (and,
+// for AVX2 and AVX-512, under `#pragma GCC target(...)`), so every kernel below is compiled for the
+// baseline target, AVX2 + FMA and AVX-512 (64-byte vectors); the launcher picks one at run time
+// (Geom::vbytes) with a CPU feature test
 // (as criss_cross_kernels.h does, and for the same reason: GCC's target_clones dispatcher tests
 // the CPU model and never picks the AVX2 clone on AMD parts). Only the entry points at the bottom
 // are called from outside a namespace; they take no vector-typed arguments.
@@ -53,6 +54,9 @@
 #ifndef FASTCTX_RA_ISA
 #error "region_attention_kernels.h: define FASTCTX_RA_ISA (a namespace name) before including"
 #endif
+#ifndef FASTCTX_RA_VEC_BYTES
+#error "region_attention_kernels.h: define FASTCTX_RA_VEC_BYTES (32 or 64) before including"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -82,12 +86,13 @@ constexpr int64_t kKS = 256;       // GEMM: k per chunk when k runs over keys (o
 constexpr int64_t kTaskBlocks = 4; // backward: about this many blocks per task
 
 template <class T>
-constexpr int64_t vec_lanes() {
-  return 32 / static_cast<int64_t>(sizeof(T));
+constexpr int64_t vec_lanes(int64_t bytes = 32) {
+  return bytes / static_cast<int64_t>(sizeof(T));
 }
 
 // Pixel blocking of one image (the same for every image of a call).
 struct Geom {
+  int64_t vbytes;   // vector bytes of the instruction set that runs it (32: AVX2, 64: AVX-512)
   int64_t VL;       // vector lanes (1 when N < vec_lanes)
   int64_t NB;       // pixels of a full block
   int64_t NBcap;    // scratch columns of a block (NB + VL: room for a merged tail)
@@ -96,9 +101,10 @@ struct Geom {
 };
 
 template <class T>
-Geom make_geom(int64_t N, int64_t S, int64_t nbw = kNBW) {
+Geom make_geom(int64_t N, int64_t S, int64_t nbw = kNBW, int64_t vbytes = 32) {
   Geom g;
-  g.VL = N >= vec_lanes<T>() ? vec_lanes<T>() : 1;
+  g.vbytes = vbytes;
+  g.VL = N >= vec_lanes<T>(vbytes) ? vec_lanes<T>(vbytes) : 1;
   g.NB = nbw * g.VL;
   g.NBcap = g.NB + g.VL;
   g.nblocks = std::max<int64_t>(1, (N + g.NB - 1) / g.NB);
@@ -341,8 +347,8 @@ struct Kern : cpu::FASTCTX_RA_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
 // Entry points: pick the vector width of the geometry.
 template <class T>
 void fwd_block(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
-  if (g.VL == vec_lanes<T>())
-    Kern<T, vec_lanes<T>()>::fwd_block(a, g, b, t, scratch);
+  if (g.VL == vec_lanes<T>(FASTCTX_RA_VEC_BYTES))
+    Kern<T, vec_lanes<T>(FASTCTX_RA_VEC_BYTES)>::fwd_block(a, g, b, t, scratch);
   else
     Kern<T, 1>::fwd_block(a, g, b, t, scratch);
 }
@@ -350,8 +356,8 @@ void fwd_block(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scra
 template <class T>
 void bwd_task(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t0, int64_t t1, T* scratch,
               T* part) {
-  if (g.VL == vec_lanes<T>())
-    Kern<T, vec_lanes<T>()>::bwd_task(a, g, b, t0, t1, scratch, part);
+  if (g.VL == vec_lanes<T>(FASTCTX_RA_VEC_BYTES))
+    Kern<T, vec_lanes<T>(FASTCTX_RA_VEC_BYTES)>::bwd_task(a, g, b, t0, t1, scratch, part);
   else
     Kern<T, 1>::bwd_task(a, g, b, t0, t1, scratch, part);
 }

@@ -4,7 +4,8 @@
 //
 // NO INCLUDE GUARD, on purpose (the pattern of region_attention_kernels.h): spatial_gather.cpp
 // includes this file once per instruction set, each time with FASTCTX_SG_ISA naming a namespace
-// (and, for AVX2, under `#pragma GCC target("avx2,fma")`); the launcher picks one at run time.
+// (and, for AVX2 and AVX-512, under `#pragma GCC target(...)`) and FASTCTX_SG_VEC_BYTES its
+// vector width (32 or 64); the launcher picks one at run time (Geom::vbytes).
 //
 // Design (NCHW: per image, feats is a C x N matrix F and logits a K x N matrix L, pixel axis n
 // stride 1; R = regions[b] is C x K; channels-last feats or logits are read as they are and
@@ -36,6 +37,9 @@
 
 #ifndef FASTCTX_SG_ISA
 #error "spatial_gather_kernels.h: define FASTCTX_SG_ISA (a namespace name) before including"
+#endif
+#ifndef FASTCTX_SG_VEC_BYTES
+#error "spatial_gather_kernels.h: define FASTCTX_SG_VEC_BYTES (32 or 64) before including"
 #endif
 
 #include <algorithm>
@@ -69,12 +73,13 @@ constexpr int64_t kKC = 256;            // GEMM: reduction chunk over channels (
 constexpr int64_t kKS = 128;            // GEMM: reduction chunk over classes (dfeats)
 
 template <class T>
-constexpr int64_t vec_lanes() {
-  return 32 / static_cast<int64_t>(sizeof(T));
+constexpr int64_t vec_lanes(int64_t bytes = 32) {
+  return bytes / static_cast<int64_t>(sizeof(T));
 }
 
 // Blocking of one image (the same for every image of a call; it depends only on N and K).
 struct Geom {
+  int64_t vbytes;   // vector bytes of the instruction set that runs it (32: AVX2, 64: AVX-512)
   int64_t VL;       // vector lanes (1 when N < vec_lanes)
   int64_t NB;       // backward: pixels of a full block
   int64_t NBcap;    // backward: scratch columns of a block (NB + VL: room for a merged tail)
@@ -84,9 +89,10 @@ struct Geom {
 };
 
 template <class T>
-Geom make_geom(int64_t N, int64_t K) {
+Geom make_geom(int64_t N, int64_t K, int64_t vbytes = 32) {
   Geom g;
-  g.VL = N >= vec_lanes<T>() ? vec_lanes<T>() : 1;
+  g.vbytes = vbytes;
+  g.VL = N >= vec_lanes<T>(vbytes) ? vec_lanes<T>(vbytes) : 1;
   g.NB = kNBW * g.VL;
   g.NBcap = g.NB + g.VL;
   g.nblocks = std::max<int64_t>(1, (N + g.NB - 1) / g.NB);
@@ -317,16 +323,16 @@ struct Kern : cpu::FASTCTX_SG_ISA::RegGemm<T, VL, kMR, kNR, kMRmax> {
 // Entry points: pick the vector width of the geometry.
 template <class T>
 void fwd_task(const FwdArgs<T>& a, const Geom& g, int64_t b, int64_t c, T* scratch, T* part) {
-  if (g.VL == vec_lanes<T>())
-    Kern<T, vec_lanes<T>()>::fwd_task(a, g, b, c, scratch, part);
+  if (g.VL == vec_lanes<T>(FASTCTX_SG_VEC_BYTES))
+    Kern<T, vec_lanes<T>(FASTCTX_SG_VEC_BYTES)>::fwd_task(a, g, b, c, scratch, part);
   else
     Kern<T, 1>::fwd_task(a, g, b, c, scratch, part);
 }
 
 template <class T>
 void bwd_block(const BwdArgs<T>& a, const Geom& g, int64_t b, int64_t t, T* scratch) {
-  if (g.VL == vec_lanes<T>())
-    Kern<T, vec_lanes<T>()>::bwd_block(a, g, b, t, scratch);
+  if (g.VL == vec_lanes<T>(FASTCTX_SG_VEC_BYTES))
+    Kern<T, vec_lanes<T>(FASTCTX_SG_VEC_BYTES)>::bwd_block(a, g, b, t, scratch);
   else
     Kern<T, 1>::bwd_block(a, g, b, t, scratch);
 }
