@@ -80,7 +80,10 @@ def test_mmseg_isahead_swapped_matches(mmseg, size, channels, isa_channels, mode
         assert isinstance(fast, ISAHead) and fast.training == (mode == "train")
         assert type(fast.global_relation) is fastctx.nn.interlaced.ISASelfAttentionBlock
 
-    original, want = parity(orig, x, dout, 1, forward, [("", ISA, FAST_ISA)], f"ISAHead {size} {mode}", swapped)
+    # the swapped head runs its relations on the grouped maps itself (a float32 ReLU flip near 0,
+    # seen on an AVX-512 Xeon, is then excused like any other head's)
+    original, want = parity(orig, x, dout, 1, forward, [("", ISA, FAST_ISA)], f"ISAHead {size} {mode}", swapped,
+                            reshaped=("global_relation", "local_relation"))
     # the attention matters to these logits (so the comparison above could fail)
     bns = [rel.output_project.bn for rel in (original.global_relation, original.local_relation)]
     assert_matters([t for bn in bns for t in (bn.weight, bn.bias)], lambda: forward(original)(x.float()), want[0],
