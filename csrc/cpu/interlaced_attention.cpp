@@ -451,34 +451,16 @@ void unpack_band(const Map<T>& y, int64_t b, int64_t t, int64_t c0, int64_t cn, 
   }
 }
 
-void check_tensor(const at::Tensor& t, const char* op, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.defined(), ISA_OP " (", op, "): ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), ISA_OP " (", op, "): ", name,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == 4, ISA_OP " (", op, "): ", name, " must be 4-D [B, C, H, W], got shape ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), ISA_OP " (", op, "): ", name, " has dtype ",
-              t.scalar_type(), " but q has dtype ", q.scalar_type());
-}
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t bh,
                   int64_t bw, const char* op) {
-  check_tensor(q, op, "q", q);
-  check_float(ISA_OP, op, q, "q");
-  check_tensor(k, op, "k", q);
-  check_tensor(v, op, "v", q);
-  TORCH_CHECK(k.sizes() == q.sizes(), ISA_OP " (", op, "): q and k must have the same shape, got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3),
-              ISA_OP " (", op, "): v must match q in batch and spatial size, got q ", q.sizes(),
-              " and v ", v.sizes());
+  check_qkv_map(at::kCPU, ISA_OP, op, q, k, v);
   TORCH_CHECK(bh > 0 && bw > 0, ISA_OP " (", op, "): block must be positive, got ", bh, "x", bw);
   TORCH_CHECK(q.size(2) % bh == 0 && q.size(3) % bw == 0, ISA_OP " (", op, "): the map ",
               q.size(2), "x", q.size(3), " is not divisible by block ", bh, "x", bw);
 }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& v, const at::Tensor& q) {
-  check_tensor(t, "isa_bwd", name, q);
+  cpu::check_tensor(ISA_OP, "isa_bwd", t, name, 4, "[B, Cv, H, W]", q);
   TORCH_CHECK(t.sizes() == v.sizes(), ISA_OP " (isa_bwd): ", name, " must have the shape of v ",
               v.sizes(), ", got ", t.sizes());
 }

@@ -47,6 +47,21 @@ inline void check_tensor(c10::DeviceType dev, const char* op_name, const char* s
               ref.scalar_type());
 }
 
+// q, k [B, Cqk, H, W] (same shape) and v [B, Cv, H, W] of one map: floating, one device and dtype
+// (criss-cross and interlaced attention).
+inline void check_qkv_map(c10::DeviceType dev, const char* op_name, const char* stage,
+                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_tensor(dev, op_name, stage, q, "q", 4, "[B, Cqk, H, W]", q, "q");
+  check_float(op_name, stage, q, "q");
+  check_tensor(dev, op_name, stage, k, "k", 4, "[B, Cqk, H, W]", q, "q");
+  check_tensor(dev, op_name, stage, v, "v", 4, "[B, Cv, H, W]", q, "q");
+  TORCH_CHECK(k.sizes() == q.sizes(), op_name, " (", stage,
+              "): q and k must have the same shape, got q ", q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3), op_name,
+              " (", stage, "): v must match q in batch and spatial size, got q ", q.sizes(),
+              " and v ", v.sizes());
+}
+
 // A statistic the forward kept for the backward (lse): a tensor on the device of `ref`, of the
 // given sizes (layout `shape`, for the message), in the accumulation dtype of `ref`.
 inline void check_stat(c10::DeviceType dev, const char* op_name, const char* stage,

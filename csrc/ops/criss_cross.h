@@ -16,15 +16,7 @@ constexpr const char* kOp = "fastctx.criss_cross_attention";
 // q, k [B, Cqk, H, W] (same shape), v [B, Cv, H, W], floating, one device and dtype.
 inline void qkv(c10::DeviceType dev, const at::Tensor& q, const at::Tensor& k,
                 const at::Tensor& v, const char* stage) {
-  check_tensor(dev, kOp, stage, q, "q", 4, "[B, Cqk, H, W]", q, "q");
-  check_float(kOp, stage, q, "q");
-  check_tensor(dev, kOp, stage, k, "k", 4, "[B, Cqk, H, W]", q, "q");
-  check_tensor(dev, kOp, stage, v, "v", 4, "[B, Cv, H, W]", q, "q");
-  TORCH_CHECK(k.sizes() == q.sizes(), kOp, " (", stage, "): q and k must have the same shape, got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3), kOp,
-              " (", stage, "): v must match q in batch and spatial size, got q ", q.sizes(),
-              " and v ", v.sizes());
+  check_qkv_map(dev, kOp, stage, q, k, v);
 }
 
 // cc_bwd's arguments: q, k, v as above; dout and out of v's shape; lse [B, H, W] in the
