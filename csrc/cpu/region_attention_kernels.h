@@ -14,7 +14,8 @@
 // Design (NCHW: per image, q is a Cqk x N matrix whose pixel axis n is the stride-1 axis; k is
 // Cqk x S, v is Cv x S):
 // - A pixel block is NB = kNBW * VL consecutive pixels of one image (VL = vector lanes: 8 floats
-//   or 4 doubles; VL = 1 when N < 8 resp. 4). A last block of fewer than VL pixels is merged
+//   or 4 doubles; VL = 1 when N < 8 resp. 4; the AVX-512 build takes kNBW / 2 windows of 16
+//   floats or 8 doubles: the same pixels). A last block of fewer than VL pixels is merged
 //   into the one before it, so a block has nb in [VL, NB + VL) pixels (or N < VL with VL = 1).
 //   Its pixels are covered by ceil(nb / VL) windows of VL lanes; the last one is shifted left to
 //   end at the block's last pixel (it overlaps the window before it and recomputes those lanes
@@ -95,7 +96,7 @@ struct Geom {
   int64_t vbytes;   // vector bytes of the instruction set that runs it (32: AVX2, 64: AVX-512)
   int64_t VL;       // vector lanes (1 when N < vec_lanes)
   int64_t NB;       // pixels of a full block
-  int64_t NBcap;    // scratch columns of a block (NB + VL: room for a merged tail)
+  int64_t NBcap;    // scratch columns of a block (the largest block, rounded up to VL)
   int64_t nblocks;  // blocks per image
   int64_t Sp;       // S rounded up to VL (rows of the transposed scratch)
 };
@@ -105,10 +106,13 @@ Geom make_geom(int64_t N, int64_t S, int64_t nbw = kNBW, int64_t vbytes = 32) {
   Geom g;
   g.vbytes = vbytes;
   g.VL = N >= vec_lanes<T>(vbytes) ? vec_lanes<T>(vbytes) : 1;
-  g.NB = nbw * g.VL;
-  g.NBcap = g.NB + g.VL;
+  // nbw counts 32-byte windows: a wider build takes fewer, wider windows, so a block holds the
+  // same pixels in every build (the AVX-512 build's scratch is the AVX2 build's: twice the pixels
+  // per block put OCR's S = 19 fwd+bwd at 1.01x the reference's peak on 2 threads).
+  g.NB = std::max<int64_t>(1, nbw * 32 / vbytes) * g.VL;
   g.nblocks = std::max<int64_t>(1, (N + g.NB - 1) / g.NB);
   if (g.nblocks > 1 && N - (g.nblocks - 1) * g.NB < g.VL) --g.nblocks;  // merge a short tail
+  g.NBcap = (std::max(g.NB, N - (g.nblocks - 1) * g.NB) + g.VL - 1) / g.VL * g.VL;
   g.Sp = (S + g.VL - 1) / g.VL * g.VL;
   return g;
 }

@@ -82,7 +82,7 @@ struct Geom {
   int64_t vbytes;   // vector bytes of the instruction set that runs it (32: AVX2, 64: AVX-512)
   int64_t VL;       // vector lanes (1 when N < vec_lanes)
   int64_t NB;       // backward: pixels of a full block
-  int64_t NBcap;    // backward: scratch columns of a block (NB + VL: room for a merged tail)
+  int64_t NBcap;    // backward: scratch columns of a block (the largest, rounded up to VL)
   int64_t nblocks;  // backward: blocks per image
   int64_t Kp;       // K rounded up to VL (forward: columns of Pt and of the partial R)
   int64_t nchunk;   // forward: tasks (pixel chunks) per image
@@ -94,9 +94,9 @@ Geom make_geom(int64_t N, int64_t K, int64_t vbytes = 32) {
   g.vbytes = vbytes;
   g.VL = N >= vec_lanes<T>(vbytes) ? vec_lanes<T>(vbytes) : 1;
   g.NB = kNBW * g.VL;
-  g.NBcap = g.NB + g.VL;
   g.nblocks = std::max<int64_t>(1, (N + g.NB - 1) / g.NB);
   if (g.nblocks > 1 && N - (g.nblocks - 1) * g.NB < g.VL) --g.nblocks;  // merge a short tail
+  g.NBcap = (std::max(g.NB, N - (g.nblocks - 1) * g.NB) + g.VL - 1) / g.VL * g.VL;
   g.Kp = (K + g.VL - 1) / g.VL * g.VL;
   g.nchunk = std::min<int64_t>(kMaxChunks, std::max<int64_t>(1, N / kChunkPixels));
   return g;
