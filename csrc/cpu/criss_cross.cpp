@@ -55,10 +55,6 @@
 #include <limits>
 #include <tuple>
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector types in the baseline build
-#endif
-
 #define FASTCTX_CC_ISA isa_base
 #include "criss_cross_kernels.h"
 #undef FASTCTX_CC_ISA

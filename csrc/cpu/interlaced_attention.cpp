@@ -70,10 +70,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector types in the baseline build
-#endif
-
 #define FASTCTX_ISA_NS isa_base
 #include "interlaced_attention_kernels.h"
 #undef FASTCTX_ISA_NS

@@ -8,10 +8,6 @@
 
 #include "common.h"
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vector types in the baseline build
-#endif
-
 #define FASTCTX_LAYOUT_ISA isa_base
 #include "layout_kernels.h"
 #undef FASTCTX_LAYOUT_ISA

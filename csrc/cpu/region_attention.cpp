@@ -51,12 +51,6 @@
 #include <limits>
 #include <tuple>
 
-// 32-byte vector types in the baseline build: GCC notes the ABI of passing them without AVX.
-// (Not popped: GCC reports it at the end of the translation unit.)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 #define FASTCTX_RA_VEC_BYTES 32
 #define FASTCTX_RA_ISA isa_base
 #include "region_attention_kernels.h"

@@ -39,11 +39,6 @@
 #include <limits>
 #include <tuple>
 
-// 32-byte vector types in the baseline build: GCC notes the ABI of passing them without AVX.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 #define FASTCTX_SG_VEC_BYTES 32
 #define FASTCTX_SG_ISA isa_base
 #include "spatial_gather_kernels.h"
