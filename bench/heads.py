@@ -520,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--narrow", type=int, help="divide every width by this (default 1; --quick 8)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--backend", help="backend for the swapped modules (default: fastctx chooses per call)")
+    p.add_argument("--reps", type=int, help="timed calls per candidate and mode, at least (default 5; --quick 3): "
+                   "more where a head's seconds-long calls vary a lot between calls")
     args = p.parse_args(argv)
     heads = args.heads.split(",") if args.heads else list(HEADS)
     unknown = [h for h in heads if h not in HEADS]
@@ -541,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         return paths, md
 
     # written after each head too: a full run takes hours here, and one cut short keeps its heads
-    report = run(device=args.device, dtypes=(torch.float32,), quick=args.quick, cases=cases, progress=write_all)
+    report = run(device=args.device, dtypes=(torch.float32,), quick=args.quick, cases=cases, progress=write_all, reps=args.reps)
     paths, md = write_all(report)
     print()
     print(md)

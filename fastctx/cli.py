@@ -20,7 +20,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")] if args.dtypes else None
     report = bench.run(ops=args.ops.split(",") if args.ops else None, device=args.device, dtypes=dtypes, quick=args.quick,
-                       progress=lambda partial: bench.write(partial, args.out))  # kept if the run is cut short
+                       reps=args.reps, progress=lambda partial: bench.write(partial, args.out))  # kept if the run is cut short
     paths = bench.write(report, args.out)
     print()
     print(bench.markdown(report))
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None, model_factory: ModelFactory | None = Non
     b.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     b.add_argument("--dtypes", help="comma-separated of fp64,fp32,fp16,bf16 (default: fp32 on CPU, fp32,fp16 on CUDA)")
     b.add_argument("--out", default="fastctx-report", help="output folder (default: ./fastctx-report)")
+    b.add_argument("--reps", type=int, help="on CPU, timed calls per candidate and mode, at least (default 5; --quick 3)")
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="the compiled extension and why each backend runs or declines")
     i.set_defaults(fn=_info)

@@ -267,7 +267,7 @@ def test_a_run_cut_short_leaves_a_partial_report(monkeypatch, tmp_path):
     cases = [SimpleNamespace(op="toy", name=n, config={}, targets=[target], reference="reference",
                              strongest="reference") for n in ("first", "second")]
 
-    def run_case(case, dtype, device, quick, log):
+    def run_case(case, dtype, device, quick, log, reps=None):
         if case.name == "second":
             raise KeyboardInterrupt  # what a time limit's signal does part way through
         rows = [R._row(case, dtype, device, cand, mode, median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mib=1.0)
@@ -287,6 +287,44 @@ def test_a_run_cut_short_leaves_a_partial_report(monkeypatch, tmp_path):
     assert report["targets"][1]["detail"] == "not run"
     md = (tmp_path / "report.md").read_text()
     assert "Partial report: 1 of 2 cases" in md and "## toy first fp32" in md and "## toy second" not in md
+
+
+@pytest.mark.parametrize("argv, want", [([], 3), (["--reps", "7"], 7)])
+def test_reps_sets_the_timed_calls_of_every_candidate_and_mode(monkeypatch, tmp_path, argv, want):
+    """`fastctx bench --reps N`: on CPU every candidate gets at least N timed calls in each mode
+    (plus its warm-up, its parity run and its peak-memory calls), and the report says so."""
+    import json
+
+    import fastctx.bench.runner as R
+    from fastctx import cli
+
+    calls = {"a": 0, "b": 0}
+
+    def candidate(name):
+        def fn(x):
+            calls[name] += 1
+            return 2 * x
+        return fn
+
+    case = Case("toy", "tiny", {}, lambda dtype, device: (torch.ones(3, dtype=dtype, device=device),),
+                lambda x: 2 * x, {"a": candidate("a"), "b": candidate("b")}, (), reference="a", strongest="a")
+    asked = []
+
+    def timed(fns, device, min_time, min_reps):  # the runner's timing, min_reps recorded
+        asked.append(min_reps)
+        return side_by_side(fns, device, min_time, min_reps)
+
+    side_by_side = R.time_ms_side_by_side
+    monkeypatch.setattr(R, "time_ms_side_by_side", timed)
+    monkeypatch.setattr(R, "CASES", {"toy": lambda quick: [case]})
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--out", str(tmp_path), *argv]) == 0
+    assert asked == [want] * 3  # fwd, bwd, fwd+bwd
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["meta"]["timed_calls"] == f"at least {want} a candidate and mode, in turns"
+    assert f"at least {want} a candidate and mode" in (tmp_path / "report.md").read_text()
+    assert all(n >= 3 * want + 1 for n in calls.values()), calls
+    with pytest.raises(ValueError, match="reps must be at least 1, got 0"):
+        R.run(cases=[case], device="cpu", quick=True, reps=0, log=lambda s: None)
 
 
 def test_targets_memory_below_is_strict_and_ratios_do_not_round_onto_the_bound():

@@ -33,7 +33,9 @@ def markdown(report: dict) -> str:
         f"{meta['date']} · torch {meta['torch']} · CUDA {meta['cuda']} · triton {meta['triton']} · "
         f"fastctx {meta['fastctx']} ({meta['commit']}) · NaN checks {meta['nan_checks']}",
         "",
-        "Times are medians (20th-80th percentile in brackets) of one call, in ms; peak is the memory "
+        "Times are medians (20th-80th percentile in brackets) of one call, in ms"
+        + (f" ({meta['timed_calls']})" if meta.get("timed_calls") else "")
+        + "; peak is the memory "
         f"a call adds above its inputs, in MiB: {meta.get('peak_memory', 'see fastctx/bench/measure.py')}; "
         "ratios are against candidates of this same run. "
         "A candidate whose output or gradients disagree with the float64 reference is reported as "

@@ -105,9 +105,15 @@ def _row(case: Case, dtype: torch.dtype, device: torch.device, cand: str, mode: 
     }
 
 
-def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, log: Callable[[str], None]) -> list[dict]:
+def min_reps(quick: bool, reps: int | None = None) -> int:
+    """Timed calls per candidate and mode, at least (on CPU; CUDA times with triton's do_bench)."""
+    return reps if reps is not None else 3 if quick else 5
+
+
+def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, log: Callable[[str], None],
+             reps: int | None = None) -> list[dict]:
     min_time = 0.2 if quick else 1.0
-    min_reps = 3 if quick else 5
+    n_reps = min_reps(quick, reps)
     try:
         base = case.make_inputs(dtype, device)
     except Skip as e:  # no inputs for this case here (e.g. bench/heads.py: nothing swapped)
@@ -181,7 +187,7 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, quick: bool, 
     timings = {cand: {} for cand in timed}
     for mode, make in (("fwd", fwd), ("bwd", lambda fn: bwd(fn(*inputs))), ("fwd+bwd", full)):
         calls = {cand: make(fn) for cand, (fn, _, _) in timed.items()}  # bwd: each holds its graph
-        for cand, t in time_ms_side_by_side(calls, device, min_time, min_reps).items():
+        for cand, t in time_ms_side_by_side(calls, device, min_time, n_reps).items():
             timings[cand][mode] = t
         del calls
     for cand, (fn, err, timing_only) in timed.items():
@@ -279,13 +285,18 @@ def run(
     log: Callable[[str], None] = print,
     cases: Iterable[Case] | None = None,
     progress: Callable[[dict], None] | None = None,
+    reps: int | None = None,
 ) -> dict:
     """Run the report; returns ``{"meta": ..., "rows": [...], "targets": [...]}``. ``cases``, when
     given, are run instead of the registered ones (``ops`` is then ignored): cases built outside
     :data:`CASES`, e.g. bench/heads.py's toolbox heads. ``progress``, when given, is called with
     the report so far after each case and dtype (``meta["cases_run"]`` of ``meta["cases_total"]``;
     targets of the cases not run yet say "not run"), so a run cut short (a time limit on a lent
-    GPU) still leaves a report of what it measured."""
+    GPU) still leaves a report of what it measured. ``reps``: on CPU, time each candidate and
+    mode at least this many calls (default 5, ``quick`` 3): more for calls of seconds on a noisy
+    machine."""
+    if reps is not None and reps < 1:
+        raise ValueError(f"fastctx bench: reps must be at least 1, got {reps}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtypes is None:
         dtypes = (torch.float32, torch.float16) if dev.type == "cuda" else (torch.float32,)
@@ -315,7 +326,7 @@ def run(
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return _run(cases, dev, dtypes, quick, log, progress)
+        return _run(cases, dev, dtypes, quick, log, progress, reps)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         if saved is None:
@@ -325,15 +336,17 @@ def run(
 
 
 def _run(cases, dev: torch.device, dtypes, quick: bool, log: Callable[[str], None],
-         progress: Callable[[dict], None] | None) -> dict:
+         progress: Callable[[dict], None] | None, reps: int | None) -> dict:
     meta = metadata(dev)
+    if dev.type == "cpu":
+        meta["timed_calls"] = f"at least {min_reps(quick, reps)} a candidate and mode, in turns"
     log(f"fastctx bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})")
     rows, all_cases, dtypes = [], list(cases), list(dtypes)
     meta.update(cases_total=len(all_cases) * len(dtypes), cases_run=0)
     for case in all_cases:
         for dtype in dtypes:
             log(f"{case.op} {case.name} {DTYPE_NAMES[dtype]}")
-            rows += run_case(case, dtype, dev, quick, log)
+            rows += run_case(case, dtype, dev, quick, log, reps)
             meta["cases_run"] += 1
             if progress is not None:
                 progress({"meta": dict(meta), "rows": list(rows), "targets": check_targets(all_cases, rows, dev)})
